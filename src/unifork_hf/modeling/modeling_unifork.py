@@ -1,0 +1,808 @@
+"""UniFork: a Y-shaped decoder for unified image understanding and generation (arXiv 2506.17202).
+
+    text tokens + image tokens -> embeddings / image projector
+        -> shared layers 0..K-1
+        -> understanding layers K..L-1 -> understanding_norm -> lm_head          (text)
+        -> generation layers K..L-1    -> generation_norm    -> generation_head  (VQ codes)
+
+The decoder layers, rotary embedding and norm are the source LLM's own classes from transformers.
+"""
+
+import os
+import sys
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import AutoProcessor, GenerationMixin, PreTrainedModel
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.generation.logits_process import (
+    ClassifierFreeGuidanceLogitsProcessor,
+    LogitsProcessorList,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+from transformers.modeling_outputs import ModelOutput
+from transformers.modeling_utils import slice_logits_to_keep
+from transformers.models.auto.modeling_auto import MODEL_MAPPING
+
+from .configuration_unifork import UniForkConfig
+from .vq_unifork import UniForkVQImageTokenizer
+
+
+# Task ids of the per-sample selector `task`.
+UNDERSTANDING = 0
+GENERATION = 1
+TASKS = {"understanding": UNDERSTANDING, "generation": GENERATION}
+
+
+def llm_building_blocks(text_config):
+    """The decoder layer, RMSNorm and rotary-embedding classes of the LLM behind `text_config`.
+
+    They are looked up in the transformers module of the LLM's base model (e.g. `Qwen2Model` ->
+    `Qwen2DecoderLayer`, `Qwen2RMSNorm`, `Qwen2RotaryEmbedding`), so UniFork runs the LLM's own code.
+    """
+    model_type = getattr(text_config, "model_type", type(text_config).__name__)
+    try:
+        base_model_class = MODEL_MAPPING[type(text_config)]
+    except KeyError:
+        raise ValueError(f"text_config: transformers has no base model for config type {model_type!r}.") from None
+    module = sys.modules[base_model_class.__module__]
+    layer_names = [name for name in (base_model_class._no_split_modules or []) if name.endswith("DecoderLayer")]
+    prefix = layer_names[0].removesuffix("DecoderLayer") if layer_names else None
+    classes = [getattr(module, f"{prefix}{suffix}", None) for suffix in ("DecoderLayer", "RMSNorm", "RotaryEmbedding")]
+    if prefix is None or None in classes:
+        raise ValueError(
+            f"text_config: cannot fork a {model_type!r} LLM: UniFork needs a decoder-only LLM built from "
+            "`*DecoderLayer`, `*RMSNorm` and `*RotaryEmbedding` modules (Qwen2, Llama, Mistral, Qwen3, ...)."
+        )
+    return classes
+
+
+def task_ids(task, batch_size: int, device) -> torch.Tensor:
+    """Normalise a task selector (None, "understanding"/"generation", a list of them, or 0/1 ids) to `(B,)` ids."""
+    if task is None:
+        return torch.full((batch_size,), UNDERSTANDING, dtype=torch.long, device=device)
+    if isinstance(task, str):
+        task = [task] * batch_size
+    if isinstance(task, (list, tuple)):
+        unknown = [t for t in task if isinstance(t, str) and t not in TASKS]
+        if unknown:
+            raise ValueError(f"task must be 'understanding' or 'generation' (or 0/1), got {unknown[0]!r}.")
+        task = torch.tensor([TASKS.get(t, t) for t in task], device=device)
+    task = torch.as_tensor(task, device=device).long().reshape(-1)
+    if task.numel() == 1 and batch_size != 1:
+        task = task.expand(batch_size)
+    if task.shape[0] != batch_size:
+        raise ValueError(f"task must have one entry per sample ({batch_size}), got {task.shape[0]}.")
+    if ((task != UNDERSTANDING) & (task != GENERATION)).any():
+        raise ValueError(f"task ids must be {UNDERSTANDING} (understanding) or {GENERATION} (generation).")
+    return task
+
+
+def _select_rows(value, rows: torch.Tensor):
+    """Rows of a per-sample tensor (broadcast tensors with batch 1 and None pass through)."""
+    if value is None or not isinstance(value, torch.Tensor) or value.shape[0] == 1:
+        return value
+    return value.index_select(0, rows)
+
+
+@dataclass
+class UniForkModelOutputWithPast(ModelOutput):
+    """Output of [`UniForkModel`].
+
+    Args:
+        last_hidden_state: `(B, T, hidden)`; row b is the output of sample b's own branch, after its norm.
+        past_key_values: the cache (one path through the Y: shared layers + one branch).
+        hidden_states: with `output_hidden_states`, the embeddings then the output of every layer on
+            each sample's path (K shared + L-K branch layers), before the final norm.
+        task: `(B,)` task ids (0 understanding, 1 generation).
+        image_ids: `(num_images, num_image_tokens)` VQ codes of the input images, if any.
+    """
+
+    last_hidden_state: torch.FloatTensor | None = None
+    past_key_values: Cache | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    task: torch.LongTensor | None = None
+    image_ids: torch.LongTensor | None = None
+
+
+@dataclass
+class UniForkCausalLMOutputWithPast(ModelOutput):
+    """Output of [`UniForkForConditionalGeneration`].
+
+    Args:
+        loss: token-mean cross-entropy over all labelled tokens of both tasks.
+        loss_understanding / loss_generation: the same restricted to one task (None when absent).
+        logits: text logits `(B_und, T, vocab)` of the understanding samples, in batch order.
+        image_logits: image-code logits `(B_gen, T, codebook_size)` of the generation samples.
+    """
+
+    loss: torch.FloatTensor | None = None
+    loss_understanding: torch.FloatTensor | None = None
+    loss_generation: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    image_logits: torch.FloatTensor | None = None
+    past_key_values: Cache | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    task: torch.LongTensor | None = None
+    image_ids: torch.LongTensor | None = None
+
+
+class UniForkImageProjector(nn.Module):
+    """VQ code vector -> LLM embedding: Linear -> GELU -> Linear (the paper's MLP projector)."""
+
+    def __init__(self, config: UniForkConfig):
+        super().__init__()
+        self.linear_1 = nn.Linear(config.vq_config["vq_embed_dim"], config.projector_hidden_size)
+        self.act = ACT2FN[config.projector_hidden_act]
+        self.linear_2 = nn.Linear(config.projector_hidden_size, config.text_config.hidden_size)
+
+    def forward(self, code_vectors: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(self.act(self.linear_1(code_vectors)))
+
+
+class UniForkPreTrainedModel(PreTrainedModel):
+    config: UniForkConfig
+    base_model_prefix = "model"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["UniForkVQImageTokenizer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _can_compile_fullgraph = False
+    # The model returns per-task mean losses; Trainer must divide by gradient-accumulation steps.
+    accepts_loss_kwargs = False
+
+
+class UniForkModel(UniForkPreTrainedModel):
+    """The Y-shaped backbone: embeddings, image projector, shared layers, and the two branches."""
+
+    def __init__(self, config: UniForkConfig):
+        super().__init__(config)
+        # Hands the attention implementation down to `text_config`; without it the mask builder
+        # returns None and attention silently stops being causal.
+        config._attn_implementation = config._attn_implementation
+        text = config.text_config
+        decoder_layer, rms_norm, rotary_embedding = llm_building_blocks(text)
+        num_layers, k = text.num_hidden_layers, config.num_shared_layers
+        self.layer_types = list(getattr(text, "layer_types", None) or ["full_attention"] * num_layers)
+
+        self.embed_tokens = nn.Embedding(text.vocab_size, text.hidden_size, text.pad_token_id)
+        self.image_tokenizer = UniForkVQImageTokenizer(config.vq_config)
+        self.image_projector = UniForkImageProjector(config)
+        self.rotary_emb = rotary_embedding(config=text)
+        self.shared_layers = nn.ModuleList([decoder_layer(text, i) for i in range(k)])
+        # The branches reuse the layer indices K..L-1: a sample runs through exactly one branch, so
+        # a KV cache holds one path through the Y (L layers) and is sized like the source LLM's.
+        self.understanding_layers = nn.ModuleList([decoder_layer(text, i) for i in range(k, num_layers)])
+        self.understanding_norm = rms_norm(text.hidden_size, eps=text.rms_norm_eps)
+        self.generation_layers = nn.ModuleList([decoder_layer(text, i) for i in range(k, num_layers)])
+        self.generation_norm = rms_norm(text.hidden_size, eps=text.rms_norm_eps)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.embed_tokens = value
+
+    def embed_image_codes(self, image_ids: torch.LongTensor) -> torch.Tensor:
+        """VQ code ids `(..., n)` -> LLM input embeddings `(..., n, hidden)`."""
+        code_vectors = self.image_tokenizer.embed_codes(image_ids).to(self.image_projector.linear_1.weight.dtype)
+        return self.image_projector(code_vectors)
+
+    def _insert_images(self, input_ids, inputs_embeds, image_ids):
+        """Put the projected image codes at the image-placeholder positions of `input_ids`."""
+        if input_ids is None:
+            raise ValueError("Images (`pixel_values` or `image_ids`) need `input_ids` to locate the image tokens.")
+        if image_ids.ndim != 2 or image_ids.shape[1] != self.config.num_image_tokens:
+            raise ValueError(
+                f"image_ids must have shape (num_images, {self.config.num_image_tokens}), got {tuple(image_ids.shape)}."
+            )
+        is_image = input_ids == self.config.image_token_id
+        if int(is_image.sum()) != image_ids.numel():
+            raise ValueError(
+                f"input_ids hold {int(is_image.sum())} image tokens (id {self.config.image_token_id}) but "
+                f"{image_ids.shape[0]} image(s) x {self.config.num_image_tokens} tokens were given: the number of "
+                "image placeholders must match the number of images."
+            )
+        image_embeds = self.embed_image_codes(image_ids).to(inputs_embeds.dtype)
+        return inputs_embeds.masked_scatter(is_image.unsqueeze(-1), image_embeds)
+
+    def _causal_masks(self, inputs_embeds, attention_mask, past_key_values, position_ids):
+        if isinstance(attention_mask, dict):  # e.g. pre-built by `generate` for a static cache
+            return attention_mask
+        mask_kwargs = {
+            "config": self.config.text_config,
+            "inputs_embeds": inputs_embeds,
+            "attention_mask": attention_mask,
+            "past_key_values": past_key_values,
+            "position_ids": position_ids,
+        }
+        masks = {"full_attention": create_causal_mask(**mask_kwargs)}
+        if "sliding_attention" in self.layer_types:
+            masks["sliding_attention"] = create_sliding_window_causal_mask(**mask_kwargs)
+        return masks
+
+    def _run_layers(self, layers, first_index, hidden_states, masks, collect, **layer_kwargs):
+        for offset, layer in enumerate(layers):
+            mask = masks[self.layer_types[first_index + offset]]
+            hidden_states = layer(hidden_states, attention_mask=mask, **layer_kwargs)
+            if collect is not None:
+                collect.append(hidden_states)
+        return hidden_states
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        image_ids: torch.LongTensor | None = None,
+        task=None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        **kwargs,
+    ) -> UniForkModelOutputWithPast:
+        r"""
+        pixel_values (`(num_images, 3, H, W)`, in [-1, 1]): images, tokenized by the VQ.
+        image_ids (`(num_images, num_image_tokens)`): pre-tokenized images (VQ code ids); exclusive with pixel_values.
+        task: per-sample task selector: None (all understanding), "understanding"/"generation", a list
+            of those, or a `(B,)` tensor of 0 (understanding) / 1 (generation).
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+        if pixel_values is not None and image_ids is not None:
+            raise ValueError("Pass either pixel_values or image_ids, not both.")
+        if inputs_embeds is None:
+            if int(input_ids.max()) >= self.config.text_config.vocab_size or int(input_ids.min()) < 0:
+                raise ValueError(
+                    f"input_ids must be in 0..{self.config.text_config.vocab_size - 1}, got values up to "
+                    f"{int(input_ids.max())}."
+                )
+            inputs_embeds = self.embed_tokens(input_ids)
+        if pixel_values is not None:
+            image_ids = self.image_tokenizer.encode(pixel_values)
+        if image_ids is not None:
+            inputs_embeds = self._insert_images(input_ids, inputs_embeds, image_ids)
+
+        batch_size, seq_len = inputs_embeds.shape[:2]
+        task = task_ids(task, batch_size, inputs_embeds.device)
+        single_task = int(task[0]) if bool((task == task[0]).all()) else None
+
+        if use_cache is None:
+            use_cache = getattr(self.config.text_config, "use_cache", True) and not self.training
+            use_cache = use_cache and single_task is not None
+        if use_cache and single_task is None:
+            raise ValueError("A KV cache holds one path through the Y: use_cache needs a batch of a single task.")
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config.text_config)
+        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if past_key_values is not None and single_task is not None:
+            # A cache filled through one branch cannot be continued through the other.
+            cache_task = getattr(past_key_values, "unifork_task", None)
+            if past_length and cache_task is not None and cache_task != single_task:
+                raise ValueError("past_key_values was filled through the other branch of the Y; start a new cache.")
+            past_key_values.unifork_task = single_task
+        if image_ids is None and past_length == 0 and input_ids is not None:
+            if bool((input_ids == self.config.image_token_id).any()):
+                raise ValueError("input_ids contain image tokens but no pixel_values or image_ids were given.")
+        max_positions = getattr(self.config.text_config, "max_position_embeddings", None)
+        if max_positions is not None and past_length + seq_len > max_positions:
+            raise ValueError(
+                f"Sequence of {past_length + seq_len} tokens is longer than the model's "
+                f"max_position_embeddings ({max_positions})."
+            )
+
+        if position_ids is None:
+            if isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 2:
+                # Left padding: positions count real tokens only, as in `generate`.
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -seq_len:]
+            else:
+                position_ids = torch.arange(past_length, past_length + seq_len, device=inputs_embeds.device)[None]
+        masks = self._causal_masks(inputs_embeds, attention_mask, past_key_values, position_ids)
+        position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
+        layer_kwargs = {"past_key_values": past_key_values, "use_cache": use_cache, **kwargs}
+        collect = [inputs_embeds] if output_hidden_states else None
+
+        # The Y: every sample through the shared layers, then through its own task's branch only.
+        k = self.config.num_shared_layers
+        hidden_states = self._run_layers(
+            self.shared_layers, 0, inputs_embeds, masks, collect,
+            position_embeddings=position_embeddings, position_ids=position_ids, **layer_kwargs,
+        )  # fmt: skip
+        branches = {
+            UNDERSTANDING: (self.understanding_layers, self.understanding_norm),
+            GENERATION: (self.generation_layers, self.generation_norm),
+        }
+        if single_task is not None:
+            layers, norm = branches[single_task]
+            branch_hidden = self._run_layers(
+                layers, k, hidden_states, masks, collect,
+                position_embeddings=position_embeddings, position_ids=position_ids, **layer_kwargs,
+            )  # fmt: skip
+            last_hidden_state = norm(branch_hidden)
+        else:
+            last_hidden_state = torch.empty_like(hidden_states)
+            branch_collects = {}
+            for task_id, (layers, norm) in branches.items():
+                rows = (task == task_id).nonzero().squeeze(1)
+                branch_collects[task_id] = [] if collect is not None else None
+                branch_hidden = self._run_layers(
+                    layers, k, hidden_states.index_select(0, rows),
+                    {name: _select_rows(mask, rows) for name, mask in masks.items()},
+                    branch_collects[task_id],
+                    position_embeddings=tuple(_select_rows(t, rows) for t in position_embeddings),
+                    position_ids=_select_rows(position_ids, rows), **layer_kwargs,
+                )  # fmt: skip
+                last_hidden_state = last_hidden_state.index_copy(0, rows, norm(branch_hidden))
+            if collect is not None:
+                rows = {t: (task == t).nonzero().squeeze(1) for t in branches}
+                for per_task in zip(*(branch_collects[t] for t in branches)):
+                    merged = torch.empty_like(hidden_states)
+                    for task_id, states in zip(branches, per_task):
+                        merged = merged.index_copy(0, rows[task_id], states)
+                    collect.append(merged)
+
+        return UniForkModelOutputWithPast(
+            last_hidden_state=last_hidden_state,
+            past_key_values=past_key_values if use_cache else None,
+            hidden_states=tuple(collect) if collect is not None else None,
+            task=task,
+            image_ids=image_ids,
+        )
+
+
+class UniForkForConditionalGeneration(UniForkPreTrainedModel, GenerationMixin):
+    """UniFork with both heads: text generation through `generate`, image generation through `generate_image`.
+
+    Example:
+
+    ```python
+    >>> from unifork_hf import UniForkConfig, UniForkForConditionalGeneration
+    >>> model = UniForkForConditionalGeneration(UniForkConfig.from_preset("unifork-tiny"))
+    >>> len(model.model.shared_layers), len(model.model.understanding_layers), len(model.model.generation_layers)
+    (2, 2, 2)
+    ```
+    """
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: UniForkConfig):
+        super().__init__(config)
+        self.model = UniForkModel(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.generation_head = nn.Linear(config.text_config.hidden_size, config.codebook_size, bias=False)
+        self.processor = None  # attached by `from_pretrained` / `from_pretrained_llm`; needed for str prompts
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings):
+        self.lm_head = new_embeddings
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        image_ids: torch.LongTensor | None = None,
+        task=None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        output_hidden_states: bool | None = None,
+        **kwargs,
+    ) -> UniForkCausalLMOutputWithPast:
+        r"""
+        labels (`(B, T)`): next-token targets, -100 where no loss is wanted. Understanding samples:
+            text token ids. Generation samples: the loss covers the image positions whose label is not
+            -100, and the target there is that position's VQ code (so `labels = input_ids` works).
+        See [`UniForkModel.forward`] for the other arguments.
+
+        Example:
+
+        ```python
+        >>> import torch
+        >>> from unifork_hf import UniForkConfig, UniForkForConditionalGeneration
+        >>> model = UniForkForConditionalGeneration(UniForkConfig.from_preset("unifork-tiny"))
+        >>> ids = torch.randint(0, 500, (2, 8))
+        >>> out = model(input_ids=ids, task=["understanding", "generation"])
+        >>> out.logits.shape, out.image_logits.shape
+        (torch.Size([1, 8, 512]), torch.Size([1, 8, 64]))
+        ```
+        """
+        outputs = self.model(
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            image_ids=image_ids,
+            task=task,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+            **kwargs,
+        )
+        task = outputs.task
+        hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
+        und_rows = (task == UNDERSTANDING).nonzero().squeeze(1)
+        gen_rows = (task == GENERATION).nonzero().squeeze(1)
+        logits = self.lm_head(hidden_states.index_select(0, und_rows)) if len(und_rows) else None
+        image_logits = self.generation_head(hidden_states.index_select(0, gen_rows)) if len(gen_rows) else None
+
+        loss = loss_understanding = loss_generation = None
+        if labels is not None:
+            if labels.shape != outputs.last_hidden_state.shape[:2]:
+                raise ValueError(
+                    f"labels must have the shape of the input (batch, seq) = "
+                    f"{tuple(outputs.last_hidden_state.shape[:2])}, got {tuple(labels.shape)}."
+                )
+            if logits is not None and logits.shape[1] != labels.shape[1]:
+                raise ValueError("labels need logits at every position: leave logits_to_keep at 0 when training.")
+            totals, counts = [], []
+            if logits is not None:
+                und_labels = labels.index_select(0, und_rows)
+                bad = (und_labels != -100) & ((und_labels < 0) | (und_labels >= logits.shape[-1]))
+                if bad.any():
+                    raise ValueError(
+                        f"labels of understanding samples must be text ids in 0..{logits.shape[-1] - 1} or -100."
+                    )
+                total, count = _shifted_cross_entropy(logits, und_labels)
+                loss_understanding = total / count.clamp(min=1)
+                totals.append(total), counts.append(count)
+            if image_logits is not None:
+                gen_targets = self._image_targets(input_ids, outputs.image_ids, labels).index_select(0, gen_rows)
+                total, count = _shifted_cross_entropy(image_logits, gen_targets)
+                loss_generation = total / count.clamp(min=1)
+                totals.append(total), counts.append(count)
+            loss = sum(totals) / sum(counts).clamp(min=1)
+
+        return UniForkCausalLMOutputWithPast(
+            loss=loss,
+            loss_understanding=loss_understanding,
+            loss_generation=loss_generation,
+            logits=logits,
+            image_logits=image_logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            task=task,
+            image_ids=outputs.image_ids,
+        )
+
+    def _image_targets(self, input_ids, image_ids, labels):
+        """Per-position VQ-code targets: the image's code at labelled image positions, -100 elsewhere."""
+        targets = torch.full_like(labels, -100)
+        if image_ids is None:
+            return targets
+        is_image = input_ids == self.config.image_token_id
+        targets[is_image] = image_ids.reshape(-1).to(targets.dtype)
+        return targets.masked_fill(labels == -100, -100)
+
+    # ------------------------------------------------------------------ image generation
+
+    def _require_processor(self):
+        if self.processor is None:
+            raise ValueError(
+                "generate_image with text prompts needs a processor to tokenize them. Load a checkpoint that "
+                "contains one (model and processor saved to the same directory), or attach it: "
+                "`model.processor = UniForkProcessor.from_pretrained(path)` (or `AutoProcessor.from_pretrained`)."
+            )
+        return self.processor
+
+    @torch.no_grad()
+    def generate_image(
+        self,
+        prompt: str | list[str],
+        negative_prompt: str | list[str] | None = None,
+        guidance_scale: float = 5.0,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        num_images_per_prompt: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        output_type: str = "pil",
+        max_batch_size: int | None = None,
+        progress_bar: bool = True,
+    ):
+        """Generate images from text prompts with the generation branch, a KV cache and batched CFG.
+
+        Each step runs the conditional and the unconditional (empty or negative prompt) sequences as
+        one batch, mixes their logits as `uncond + guidance_scale * (cond - uncond)`, then samples
+        with temperature / top-k / top-p (transformers' logits processors).
+
+        Args:
+            prompt: one prompt or a list of prompts.
+            negative_prompt: what the unconditional sequence sees (default: an empty prompt).
+            guidance_scale: CFG scale; 1 disables guidance (no unconditional sequence is run).
+            num_images_per_prompt: images per prompt; images come out prompt by prompt.
+            generator: a `torch.Generator`, or one per image: with one per image, every image is the
+                same whatever else is in the batch.
+            output_type: `"pil"` (list of PIL images), `"pt"` (`(N, 3, H, W)` in [0, 1]) or `"tokens"`
+                (`(N, num_image_tokens)` VQ code ids).
+            max_batch_size: at most this many images per forward batch (before doubling for CFG).
+
+        Example:
+
+        ```python
+        >>> images = model.generate_image(["a red circle", "two blue squares"], num_images_per_prompt=2)
+        >>> len(images)
+        4
+        ```
+        """
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            raise TypeError(f"prompt must be a str or a non-empty list of str, got {prompt!r}.")
+        if negative_prompt is None or isinstance(negative_prompt, str):
+            negatives = [negative_prompt or ""] * len(prompts)
+        else:
+            negatives = list(negative_prompt)
+            if len(negatives) != len(prompts):
+                raise ValueError(f"negative_prompt has {len(negatives)} entries for {len(prompts)} prompts.")
+        if output_type not in ("pil", "pt", "tokens"):
+            raise ValueError(f"output_type must be 'pil', 'pt' or 'tokens', got {output_type!r}.")
+        if guidance_scale < 1:
+            raise ValueError(f"guidance_scale must be >= 1 (1 disables guidance), got {guidance_scale}.")
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}.")
+        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt must be a positive int, got {num_images_per_prompt!r}.")
+        processor = self._require_processor()
+
+        prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
+        negatives = [n for n in negatives for _ in range(num_images_per_prompt)]
+        if isinstance(generator, (list, tuple)) and len(generator) != len(prompts):
+            raise ValueError(f"generator is a list of {len(generator)}, but {len(prompts)} images are generated.")
+        warpers = [TemperatureLogitsWarper(temperature)] if temperature != 1.0 else []
+        if top_k is not None:
+            warpers.append(TopKLogitsWarper(top_k))
+        if top_p is not None:
+            warpers.append(TopPLogitsWarper(top_p))
+        guided = guidance_scale != 1
+        processors = LogitsProcessorList(
+            ([ClassifierFreeGuidanceLogitsProcessor(guidance_scale)] if guided else []) + warpers
+        )
+
+        batch = max_batch_size or len(prompts)
+        chunks = range(0, len(prompts), batch)
+        steps = tqdm(total=len(prompts) * self.config.num_image_tokens, desc="image tokens", disable=not progress_bar)
+        codes = []
+        for start in chunks:
+            stop = start + batch
+            texts = prompts[start:stop] + (negatives[start:stop] if guided else [])
+            inputs = processor.image_generation_inputs(texts, return_tensors="pt").to(self.device)
+            generators = generator[start:stop] if isinstance(generator, (list, tuple)) else generator
+            codes.append(self._sample_image_tokens(inputs.input_ids, inputs.attention_mask, processors, generators, steps))
+        steps.close()
+        codes = torch.cat(codes)
+        if output_type == "tokens":
+            return codes
+        images = (self.model.image_tokenizer.decode(codes).float() + 1) / 2
+        return images if output_type == "pt" else processor.to_pil(images)
+
+    def _sample_image_tokens(self, input_ids, attention_mask, processors, generator, progress):
+        """The decoding loop: prefill the prompts once, then one cached forward per image token."""
+        guided = any(isinstance(p, ClassifierFreeGuidanceLogitsProcessor) for p in processors)
+        num_images = input_ids.shape[0] // 2 if guided else input_ids.shape[0]
+        max_positions = getattr(self.config.text_config, "max_position_embeddings", None)
+        total = input_ids.shape[1] + self.config.num_image_tokens
+        if max_positions is not None and total > max_positions:
+            raise ValueError(
+                f"The prompt ({input_ids.shape[1]} tokens) plus {self.config.num_image_tokens} image tokens is longer "
+                f"than the model's max_position_embeddings ({max_positions}); shorten the prompt."
+            )
+        cache = DynamicCache(config=self.config.text_config)
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        step_inputs = {"input_ids": input_ids}
+        codes = input_ids.new_empty((num_images, 0))
+        for _ in range(self.config.num_image_tokens):
+            outputs = self(
+                **step_inputs,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                past_key_values=cache,
+                use_cache=True,
+                task=GENERATION,
+                logits_to_keep=1,
+            )
+            scores = processors(codes, outputs.image_logits[:, -1].float())
+            probs = scores.softmax(-1)
+            if isinstance(generator, (list, tuple)):
+                next_codes = torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, generator)])
+            else:
+                next_codes = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+            codes = torch.cat([codes, next_codes[:, None]], dim=1)
+            progress.update(num_images)
+
+            embeds = self.model.embed_image_codes(next_codes[:, None])
+            step_inputs = {"inputs_embeds": torch.cat([embeds, embeds]) if guided else embeds}
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones((attention_mask.shape[0], 1))], 1)
+            position_ids = position_ids[:, -1:] + 1
+        return codes
+
+    # ------------------------------------------------------------------ building from an LLM
+
+    @classmethod
+    def from_pretrained_llm(
+        cls,
+        llm,
+        vq_model,
+        tokenizer=None,
+        num_shared_layers: int | None = None,
+        **config_kwargs,
+    ) -> "UniForkForConditionalGeneration":
+        """Build a UniFork from a pretrained LLM and VQ tokenizer, the paper's way.
+
+        The LLM's embeddings, layers 0..K-1 (shared), layers K..L-1 with the final norm
+        (understanding branch) and LM head are loaded as they are; layers K..L-1 and the final norm
+        are copied once more into the generation branch. The image projector and the generation
+        head are new. The tokenizer gets the `<image>`, `<begin_of_image>` and `<end_of_image>`
+        tokens (and a pad token if it has none); the embeddings grow when the vocabulary must.
+        The processor is attached as `model.processor`; save both to one directory.
+
+        Args:
+            llm: a causal LM (`*ForCausalLM`) or the path/Hub id of one. A passed model has its
+                embeddings resized in place if the new tokens do not fit.
+            vq_model: a diffusers `VQModel` or the path/Hub id of one.
+            tokenizer: the LLM's tokenizer; loaded from `llm` when that is a path.
+            num_shared_layers: K, the fork point (default L // 2).
+            config_kwargs: further [`UniForkConfig`] fields (e.g. `image_size`).
+
+        Example:
+
+        ```python
+        >>> model = UniForkForConditionalGeneration.from_pretrained_llm("Qwen/Qwen2.5-0.5B", "path/to/vq")
+        >>> model.save_pretrained("unifork"); model.processor.save_pretrained("unifork")
+        ```
+        """
+        from diffusers import VQModel
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from .image_processing_unifork import UniForkImageProcessorPil
+        from .processing_unifork import UniForkProcessor
+
+        if isinstance(llm, (str, os.PathLike)):
+            tokenizer = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(llm)
+            llm = AutoModelForCausalLM.from_pretrained(llm)
+        if not isinstance(llm, PreTrainedModel):
+            raise TypeError(f"llm must be a transformers causal LM or a path to one, got {type(llm).__name__}.")
+        if tokenizer is None:
+            raise ValueError("Pass the LLM's `tokenizer` (it is only loaded automatically when `llm` is a path).")
+        if isinstance(vq_model, (str, os.PathLike)):
+            vq_model = VQModel.from_pretrained(vq_model)
+        if not isinstance(vq_model, VQModel):
+            raise TypeError(f"vq_model must be a diffusers VQModel or a path to one, got {type(vq_model).__name__}.")
+
+        special = ["<image>", "<begin_of_image>", "<end_of_image>"]
+        tokenizer.add_tokens(special, special_tokens=True)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else "<|pad|>"
+        tokenizer.padding_side = "left"  # batched generation continues every row from its last token
+        if len(tokenizer) > llm.config.get_text_config().vocab_size:
+            llm.resize_token_embeddings(len(tokenizer))
+
+        image_token_id, boi_token_id, eoi_token_id = tokenizer.convert_tokens_to_ids(special)
+        config = UniForkConfig(
+            text_config=llm.config.get_text_config().to_dict(),
+            vq_config=dict(vq_model.config),
+            num_shared_layers=num_shared_layers,
+            image_token_id=image_token_id,
+            boi_token_id=boi_token_id,
+            eoi_token_id=eoi_token_id,
+            **config_kwargs,
+        )
+        model = cls(config)
+        k = config.num_shared_layers
+        state = {}
+        for name, tensor in llm.state_dict().items():
+            if name.startswith("model.layers."):
+                index, rest = name.removeprefix("model.layers.").split(".", 1)
+                index = int(index)
+                if index < k:
+                    state[f"model.shared_layers.{index}.{rest}"] = tensor
+                else:
+                    state[f"model.understanding_layers.{index - k}.{rest}"] = tensor
+                    state[f"model.generation_layers.{index - k}.{rest}"] = tensor
+            elif name.startswith("model.norm."):
+                state[name.replace("model.norm.", "model.understanding_norm.")] = tensor
+                state[name.replace("model.norm.", "model.generation_norm.")] = tensor
+            else:
+                state[name] = tensor  # embeddings and LM head keep their names; anything else is unexpected
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        new_modules = ("model.image_projector.", "model.image_tokenizer.", "generation_head.", "lm_head.")
+        missing = [key for key in missing if not key.startswith(new_modules)]
+        if missing or unexpected:
+            raise ValueError(
+                f"Cannot fork {type(llm).__name__}: its weights do not map onto the Y "
+                f"(missing {missing[:3]}, unexpected {unexpected[:3]}). Expected a Llama-style causal LM "
+                "with `model.embed_tokens`, `model.layers.*`, `model.norm` and `lm_head`."
+            )
+        model.model.image_tokenizer.vq.load_state_dict(vq_model.state_dict())
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
+        model.generation_config.suppress_tokens = [image_token_id]  # image positions are filled, never written
+
+        size = {"height": config.image_size, "width": config.image_size}
+        model.processor = UniForkProcessor(
+            UniForkImageProcessorPil(size=size), tokenizer, image_seq_length=config.num_image_tokens
+        )
+        model.processor.image_tokenizer = model.model.image_tokenizer
+        return model
+
+    # ------------------------------------------------------------------ saving and loading
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        # `register_for_auto_class` records one Auto class per model class; list AutoModel too so
+        # `AutoModel.from_pretrained(dir, trust_remote_code=True)` also finds the full model.
+        auto_map = dict(getattr(self.config, "auto_map", None) or {})
+        auto_map["AutoModel"] = f"modeling_unifork.{type(self).__name__}"
+        self.config.auto_map = auto_map
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """Load a checkpoint; the processor saved beside it, if any, is attached as `model.processor`.
+
+        Raises a `ValueError` when the checkpoint lacks the VQ image tokenizer's weights.
+        """
+        output_loading_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
+        missing_vq = [key for key in info["missing_keys"] if key.startswith("model.image_tokenizer.")]
+        if missing_vq:
+            raise ValueError(
+                f"Checkpoint {pretrained_model_name_or_path!r} lacks the VQ image tokenizer weights "
+                f"({len(missing_vq)} tensors, e.g. {missing_vq[0]!r}); save the model with its image tokenizer."
+            )
+        model.processor = _load_processor(pretrained_model_name_or_path, kwargs)
+        if model.processor is not None:
+            model.processor.image_tokenizer = model.model.image_tokenizer
+        return (model, info) if output_loading_info else model
+
+
+def _shifted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor):
+    """Summed next-token cross-entropy (position t predicts label t+1) and the number of labelled tokens."""
+    shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
+    shift_labels = labels[:, 1:].reshape(-1).to(logits.device)
+    total = nn.functional.cross_entropy(shift_logits, shift_labels, ignore_index=-100, reduction="sum")
+    return total, (shift_labels != -100).sum()
+
+
+def _load_processor(path, kwargs):
+    """The processor saved with a checkpoint, or None when it has none."""
+    from transformers.utils import PROCESSOR_NAME, cached_file
+
+    hub_kwargs = {k: kwargs[k] for k in ("cache_dir", "revision", "token", "local_files_only", "subfolder") if k in kwargs}
+    found = cached_file(
+        path,
+        PROCESSOR_NAME,
+        _raise_exceptions_for_missing_entries=False,
+        _raise_exceptions_for_connection_errors=False,
+        **hub_kwargs,
+    )
+    if found is None:
+        return None
+    return AutoProcessor.from_pretrained(path, trust_remote_code=kwargs.get("trust_remote_code"), **hub_kwargs)
+
+
+__all__ = ["UniForkModel", "UniForkForConditionalGeneration", "UniForkPreTrainedModel"]

@@ -1,0 +1,118 @@
+"""Processor of UniFork: text tokenizer + image processor (+ the model's VQ image tokenizer when attached)."""
+
+import numpy as np
+import PIL.Image
+import torch
+from transformers import ProcessorMixin
+
+
+# Each image placeholder expands to <begin_of_image> + num_image_tokens x <image> + <end_of_image>.
+DEFAULT_CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "<|{{ message['role'] }}|>{{ '\\n' }}"
+    "{%- if message['content'] is string -%}{{ message['content'] }}"
+    "{%- else -%}{%- for item in message['content'] -%}"
+    "{%- if item['type'] == 'image' -%}<image>{%- elif item['type'] == 'text' -%}{{ item['text'] }}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{%- if message['role'] == 'assistant' and eos_token -%}{{ eos_token }}{%- endif -%}"
+    "{{ '\\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}<|assistant|>{{ '\\n' }}{%- endif -%}"
+)
+
+
+class UniForkProcessor(ProcessorMixin):
+    """Prepares UniFork inputs: chat text with images for understanding, prompts for image generation.
+
+    Args:
+        image_processor: a [`UniForkImageProcessorPil`] (resize, RGB conversion, scale to [-1, 1]).
+        tokenizer: the LLM's tokenizer, holding the `<image>`, `<begin_of_image>` and `<end_of_image>` tokens.
+        chat_template: Jinja chat template; an `{"type": "image"}` item renders as one `<image>` placeholder.
+        image_seq_length: tokens per image (the VQ code grid, e.g. 16x16 = 256).
+
+    `image_tokenizer` (the model's [`UniForkVQImageTokenizer`]) is attached by the model's
+    `from_pretrained`; it is needed only for `encode_images` / `decode_image_tokens`.
+
+    Example:
+
+    ```python
+    >>> inputs = processor(images=image, text="<|user|>\\n<image>What colour is the circle?\\n<|assistant|>\\n",
+    ...                    return_tensors="pt")
+    >>> answer_ids = model.generate(**inputs, max_new_tokens=10)
+    ```
+    """
+
+    def __init__(
+        self,
+        image_processor=None,
+        tokenizer=None,
+        chat_template=None,
+        image_seq_length: int = 64,
+        image_token: str = "<image>",
+        boi_token: str = "<begin_of_image>",
+        eoi_token: str = "<end_of_image>",
+        **kwargs,
+    ):
+        self.image_seq_length = image_seq_length
+        self.image_token = image_token
+        self.boi_token = boi_token
+        self.eoi_token = eoi_token
+        self.image_tokenizer = None
+        super().__init__(image_processor, tokenizer, chat_template=chat_template or DEFAULT_CHAT_TEMPLATE)
+        missing = [t for t in (image_token, boi_token, eoi_token) if t not in tokenizer.get_vocab()]
+        if missing:
+            raise ValueError(
+                f"The tokenizer lacks the special tokens {missing}; add them with "
+                "`tokenizer.add_tokens([...], special_tokens=True)` (UniForkForConditionalGeneration.from_pretrained_llm "
+                "does this) and resize the model's embeddings."
+            )
+        self.image_token_id, self.boi_token_id, self.eoi_token_id = tokenizer.convert_tokens_to_ids(
+            [image_token, boi_token, eoi_token]
+        )
+
+    def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
+        return self.boi_token + self.image_token * self.image_seq_length + self.eoi_token
+
+    # ------------------------------------------------------------------ image generation prompts
+
+    def image_generation_prompt(self, prompt: str) -> str:
+        """The text the model continues with image tokens: a user turn holding `prompt`, then
+        the assistant turn opened with `<begin_of_image>`. An empty prompt is the unconditional one."""
+        conversation = [{"role": "user", "content": [{"type": "text", "text": prompt}]}]
+        return self.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False) + self.boi_token
+
+    def image_generation_inputs(self, prompts: list[str], return_tensors: str = "pt"):
+        """Tokenized, left-padded image-generation prompts (`input_ids`, `attention_mask`)."""
+        texts = [self.image_generation_prompt(p) for p in prompts]
+        return self.tokenizer(
+            texts, padding=True, padding_side="left", add_special_tokens=False, return_tensors=return_tensors
+        )
+
+    # ------------------------------------------------------------------ images <-> image tokens
+
+    def to_pil(self, images: torch.Tensor) -> list[PIL.Image.Image]:
+        """`(B, 3, H, W)` images in [0, 1] -> list of RGB PIL images."""
+        array = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        return [PIL.Image.fromarray(np.ascontiguousarray(a)) for a in array]
+
+    def _require_image_tokenizer(self):
+        if self.image_tokenizer is None:
+            raise ValueError(
+                "This needs the VQ image tokenizer: load the processor through the model "
+                "(`model.processor`) or set `processor.image_tokenizer = model.model.image_tokenizer`."
+            )
+        return self.image_tokenizer
+
+    def encode_images(self, images) -> torch.Tensor:
+        """Images -> VQ code ids `(B, num_image_tokens)`."""
+        tokenizer = self._require_image_tokenizer()
+        pixel_values = self.image_processor(images, return_tensors="pt").pixel_values
+        return tokenizer.encode(pixel_values.to(tokenizer.codebook.device))
+
+    def decode_image_tokens(self, image_ids: torch.Tensor) -> list[PIL.Image.Image]:
+        """VQ code ids `(B, num_image_tokens)` -> list of PIL images."""
+        images = self._require_image_tokenizer().decode(torch.as_tensor(image_ids))
+        return self.to_pil((images.float() + 1) / 2)
+
+
+__all__ = ["UniForkProcessor"]

@@ -1,0 +1,98 @@
+"""The VQ image tokenizer of UniFork: a thin, frozen wrapper on diffusers' `VQModel`."""
+
+import torch
+from diffusers import VQModel
+from torch import nn
+
+
+class UniForkVQImageTokenizer(nn.Module):
+    """Images <-> discrete code ids, on top of a diffusers `VQModel`.
+
+    Images are `(B, 3, H, W)` tensors in [-1, 1]; codes are `(B, h*w)` int64 ids in row-major
+    grid order. The wrapper is frozen by default (the paper never trains the tokenizer): call
+    `requires_grad_(True)` to train it.
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from unifork_hf.modeling.configuration_unifork import DEFAULT_VQ_CONFIG
+    >>> tokenizer = UniForkVQImageTokenizer(DEFAULT_VQ_CONFIG)
+    >>> codes = tokenizer.encode(torch.rand(2, 3, 32, 32) * 2 - 1)
+    >>> codes.shape, tokenizer.decode(codes).shape
+    (torch.Size([2, 64]), torch.Size([2, 3, 32, 32]))
+    ```
+    """
+
+    def __init__(self, vq_config: dict | None = None, vq_model: VQModel | None = None):
+        super().__init__()
+        if (vq_config is None) == (vq_model is None):
+            raise ValueError("Pass exactly one of `vq_config` (a VQModel config dict) or `vq_model` (a VQModel).")
+        self.vq = vq_model if vq_model is not None else VQModel(**vq_config)
+        self.vq.requires_grad_(False)
+        # Tell transformers' `post_init` that these weights are already initialised: its generic
+        # init (normal(0.02) for convs and codebook) would otherwise overwrite a trained VQ.
+        for module in self.vq.modules():
+            module._is_hf_initialized = True
+
+    @property
+    def codebook_size(self) -> int:
+        return self.vq.config.num_vq_embeddings
+
+    @property
+    def downsampling_factor(self) -> int:
+        return 2 ** (len(self.vq.config.block_out_channels) - 1)
+
+    @property
+    def codebook(self) -> torch.Tensor:
+        """The code vectors, `(codebook_size, vq_embed_dim)`."""
+        return self.vq.quantize.embedding.weight
+
+    def check_codes(self, codes: torch.Tensor, name: str = "image token ids") -> None:
+        """Raise a `ValueError` naming `name` if any id is outside the codebook."""
+        if codes.is_floating_point():
+            raise TypeError(f"{name} must be integer code ids, got dtype {codes.dtype}.")
+        if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= self.codebook_size):
+            raise ValueError(
+                f"{name} must be in 0..{self.codebook_size - 1} (the VQ codebook), "
+                f"got values in {int(codes.min())}..{int(codes.max())}."
+            )
+
+    def embed_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        """Code ids `(...)` -> code vectors `(..., vq_embed_dim)` (the quantized latents)."""
+        self.check_codes(codes)
+        return nn.functional.embedding(codes, self.codebook)
+
+    @torch.no_grad()
+    def encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Images `(B, 3, H, W)` in [-1, 1] -> code ids `(B, h*w)`."""
+        if pixel_values.ndim != 4 or pixel_values.shape[1] != self.vq.config.in_channels:
+            raise ValueError(
+                f"pixel_values must have shape (batch, {self.vq.config.in_channels}, height, width), "
+                f"got {tuple(pixel_values.shape)}."
+            )
+        factor = self.downsampling_factor
+        if pixel_values.shape[-1] % factor or pixel_values.shape[-2] % factor:
+            raise ValueError(
+                f"pixel_values height and width must be multiples of the VQ downsampling factor {factor}, "
+                f"got {tuple(pixel_values.shape[-2:])}."
+            )
+        dtype = self.codebook.dtype
+        latents = self.vq.encode(pixel_values.to(dtype)).latents
+        _, _, (_, _, indices) = self.vq.quantize(latents)
+        return indices.reshape(pixel_values.shape[0], -1)
+
+    @torch.no_grad()
+    def decode(self, codes: torch.Tensor, grid_size: tuple[int, int] | None = None) -> torch.Tensor:
+        """Code ids `(B, h*w)` -> images `(B, 3, H, W)` in [-1, 1] (square grid unless `grid_size`)."""
+        if codes.ndim != 2:
+            raise ValueError(f"image token ids must have shape (batch, h*w), got {tuple(codes.shape)}.")
+        self.check_codes(codes)
+        if grid_size is None:
+            side = int(round(codes.shape[1] ** 0.5))
+            if side * side != codes.shape[1]:
+                raise ValueError(f"{codes.shape[1]} image tokens do not form a square grid; pass `grid_size`.")
+            grid_size = (side, side)
+        batch = codes.shape[0]
+        latents = self.vq.quantize.get_codebook_entry(codes.flatten(), (batch, *grid_size, self.codebook.shape[1]))
+        return self.vq.decode(latents, force_not_quantize=True).sample.clamp(-1, 1)

@@ -1,0 +1,171 @@
+"""The `unifork` command line: build, generate-image, answer, demo.
+
+    unifork build --llm Qwen/Qwen2.5-0.5B --vq path/to/vq --out unifork-0.5b
+    unifork generate-image --model unifork-0.5b --prompt "a red circle" --prompt "two blue squares" --out grid.png
+    unifork answer --model unifork-0.5b --image photo.png --question "What colour is the circle?"
+    unifork demo --out demo_out
+"""
+
+import argparse
+import os
+import sys
+import time
+
+
+def _label_grid(images, labels, columns: int, cell: int = 128):
+    """Images in rows of `columns`, upscaled to `cell` px, each row headed by its label."""
+    from PIL import Image, ImageDraw
+
+    label_height = 16
+    rows = (len(images) + columns - 1) // columns
+    grid = Image.new("RGB", (columns * cell, rows * (cell + label_height)), "white")
+    draw = ImageDraw.Draw(grid)
+    for index, image in enumerate(images):
+        row, column = divmod(index, columns)
+        top = row * (cell + label_height)
+        if column == 0:
+            draw.text((2, top + 2), labels[row], fill="black")
+        grid.paste(image.resize((cell, cell), Image.NEAREST), (column * cell, top + label_height))
+    return grid
+
+
+def _load(model_dir: str):
+    import torch
+
+    import unifork_hf  # noqa: F401  (registers the Auto classes)
+    from transformers import AutoModel
+
+    torch.set_grad_enabled(False)
+    return AutoModel.from_pretrained(model_dir).eval()
+
+
+def cmd_build(args) -> None:
+    from unifork_hf import UniForkForConditionalGeneration
+
+    model = UniForkForConditionalGeneration.from_pretrained_llm(
+        args.llm, args.vq, num_shared_layers=args.num_shared_layers
+    )
+    model.save_pretrained(args.out)
+    model.processor.save_pretrained(args.out)
+    config = model.config
+    print(
+        f"UniFork written to {args.out}: K={config.num_shared_layers} shared + 2 x {config.num_branch_layers} "
+        f"branch layers, {model.num_parameters() / 1e6:.2f}M parameters, "
+        f"{config.image_size} px images as {config.image_grid_size}x{config.image_grid_size} codes"
+    )
+
+
+def generate_grid(model, prompts, out, num_images_per_prompt=1, seed=0, **sampling):
+    import torch
+
+    generators = [torch.Generator().manual_seed(seed + i) for i in range(len(prompts) * num_images_per_prompt)]
+    images = model.generate_image(prompts, num_images_per_prompt=num_images_per_prompt, generator=generators, **sampling)
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    _label_grid(images, prompts, columns=num_images_per_prompt).save(out)
+    return images
+
+
+def cmd_generate_image(args) -> None:
+    model = _load(args.model)
+    generate_grid(
+        model,
+        args.prompt,
+        args.out,
+        num_images_per_prompt=args.num_images_per_prompt,
+        seed=args.seed,
+        guidance_scale=args.guidance_scale,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+    )
+    print(f"{len(args.prompt) * args.num_images_per_prompt} image(s) written to {args.out}")
+
+
+def answer(model, image, question: str, max_new_tokens: int = 32) -> str:
+    """Answer `question` about `image` (a PIL image) with the understanding branch."""
+    processor = model._require_processor()
+    conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    text = processor.apply_chat_template(conversation, add_generation_prompt=True)
+    inputs = processor(images=image, text=text, return_tensors="pt").to(model.device)
+    output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    return processor.decode(output[0, inputs.input_ids.shape[1] :], skip_special_tokens=True).strip()
+
+
+def cmd_answer(args) -> None:
+    from PIL import Image
+
+    model = _load(args.model)
+    print(answer(model, Image.open(args.image), args.question, args.max_new_tokens))
+
+
+def cmd_demo(args) -> None:
+    """Until a trained checkpoint ships: build a tiny random UniFork offline and run both tasks on it."""
+    from PIL import Image
+
+    from unifork_hf import UniForkForConditionalGeneration
+    from unifork_hf.tiny import save_tiny_parts
+
+    start = time.time()
+    parts = os.path.join(args.out, "parts")
+    llm_dir, vq_dir = save_tiny_parts(parts)
+    model_dir = os.path.join(args.out, "tiny-unifork")
+    model = UniForkForConditionalGeneration.from_pretrained_llm(llm_dir, vq_dir)
+    model.save_pretrained(model_dir)
+    model.processor.save_pretrained(model_dir)
+    model = _load(model_dir)
+    prompts = ["a red circle at the top left", "two blue squares"]
+    grid = os.path.join(args.out, "images.png")
+    images = generate_grid(model, prompts, grid, num_images_per_prompt=2, progress_bar=False)
+    reply = answer(model, Image.new("RGB", (32, 32), "red"), "What colour is the image?", max_new_tokens=8)
+    print(
+        f"Built a tiny random UniFork ({model.num_parameters() / 1e6:.2f}M parameters, untrained) in {model_dir}\n"
+        f"  generate_image: {len(images)} images of {images[0].size[0]}x{images[0].size[1]} px -> {grid}\n"
+        f"  answer: {reply!r} (random weights: noise is expected)\n"
+        f"  done in {time.time() - start:.1f} s"
+    )
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="unifork", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    build = commands.add_parser("build", help="fork a pretrained LLM + VQ tokenizer into a UniFork checkpoint")
+    build.add_argument("--llm", required=True, help="path or Hub id of a decoder-only causal LM (with tokenizer)")
+    build.add_argument("--vq", required=True, help="path or Hub id of a diffusers VQModel")
+    build.add_argument("--num-shared-layers", type=int, default=None, help="K, the fork point (default L/2)")
+    build.add_argument("--out", required=True, help="output directory")
+    build.set_defaults(run=cmd_build)
+
+    generate = commands.add_parser("generate-image", help="text -> image(s), written as one PNG grid")
+    generate.add_argument("--model", required=True)
+    generate.add_argument("--prompt", required=True, action="append", help="repeat for several prompts")
+    generate.add_argument("--out", required=True, help="PNG file")
+    generate.add_argument("--num-images-per-prompt", type=int, default=1)
+    generate.add_argument("--guidance-scale", type=float, default=5.0)
+    generate.add_argument("--temperature", type=float, default=1.0)
+    generate.add_argument("--top-k", type=int, default=None)
+    generate.add_argument("--top-p", type=float, default=None)
+    generate.add_argument("--seed", type=int, default=0)
+    generate.set_defaults(run=cmd_generate_image)
+
+    answer_parser = commands.add_parser("answer", help="answer a question about an image")
+    answer_parser.add_argument("--model", required=True)
+    answer_parser.add_argument("--image", required=True)
+    answer_parser.add_argument("--question", required=True)
+    answer_parser.add_argument("--max-new-tokens", type=int, default=32)
+    answer_parser.set_defaults(run=cmd_answer)
+
+    demo = commands.add_parser("demo", help="offline quick-start: build a tiny UniFork and run both tasks")
+    demo.add_argument("--out", default="demo_out")
+    demo.set_defaults(run=cmd_demo)
+
+    args = parser.parse_args(argv)
+    try:
+        args.run(args)
+    except (ValueError, TypeError, OSError) as error:
+        print(f"unifork {args.command}: error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+import pytest
+import torch
+from transformers import GPT2Config, LlamaConfig, T5Config
+
+from unifork_hf import UniForkConfig, UniForkForConditionalGeneration
+
+
+def test_tiny_preset_derives_image_geometry_from_vq():
+    config = UniForkConfig.from_preset("unifork-tiny")
+    assert config.image_size == 32 and config.image_grid_size == 8 and config.num_image_tokens == 64
+    assert config.codebook_size == 64 and config.num_shared_layers == 2 and config.num_branch_layers == 2
+    assert config.projector_hidden_size == config.text_config.hidden_size
+
+
+def test_base_preset_is_the_paper_geometry():
+    config = UniForkConfig.from_preset("unifork-base")
+    text = config.text_config
+    assert type(text).__name__ == "Qwen2Config"
+    assert (text.num_hidden_layers, text.hidden_size, text.intermediate_size) == (24, 896, 4864)
+    assert (text.num_attention_heads, text.num_key_value_heads) == (14, 2)
+    assert config.num_shared_layers == 12
+    assert (config.image_size, config.image_grid_size, config.codebook_size) == (256, 16, 16384)
+    assert config.tie_word_embeddings
+
+
+def test_base_preset_parameter_count_on_meta_device():
+    config = UniForkConfig.from_preset("unifork-base")
+    with torch.device("meta"):
+        model = UniForkForConditionalGeneration(config)
+    count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
+    inner = model.model
+    parts = {
+        "embeddings (tied LM head)": count(inner.embed_tokens),
+        "shared": count(inner.shared_layers),
+        "understanding": count(inner.understanding_layers) + count(inner.understanding_norm),
+        "generation": count(inner.generation_layers) + count(inner.generation_norm),
+        "generation_head": count(model.generation_head),
+        "projector": count(inner.image_projector),
+        "vq": count(inner.image_tokenizer),
+    }
+    layer = 14_912_384  # one Qwen2.5-0.5B decoder layer
+    assert parts["shared"] == 12 * layer
+    assert parts["understanding"] == parts["generation"] == 12 * layer + 896
+    assert parts["embeddings (tied LM head)"] == 151936 * 896
+    assert parts["generation_head"] == 896 * 16384
+    assert model.lm_head.weight is inner.embed_tokens.weight
+    assert model.num_parameters() == sum(parts.values())
+    print({k: f"{v / 1e6:.1f}M" for k, v in parts.items()}, f"total {model.num_parameters() / 1e6:.1f}M")
+
+
+def test_config_round_trip(tmp_path):
+    config = UniForkConfig(
+        text_config=LlamaConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=2),
+        num_shared_layers=1,
+    )
+    config.save_pretrained(tmp_path)
+    loaded = UniForkConfig.from_pretrained(tmp_path)
+    assert type(loaded.text_config) is LlamaConfig
+    assert loaded.to_dict() == config.to_dict()
+
+
+@pytest.mark.parametrize("value", [-1, 5])
+def test_fork_point_outside_the_llm_raises(value):
+    with pytest.raises(ValueError, match=r"num_shared_layers must be in 0\.\.4.*got " + str(value)):
+        UniForkConfig.from_preset("unifork-tiny", num_shared_layers=value)
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        ({"image_grid_size": 7}, "image_grid_size"),
+        ({"codebook_size": 10}, "codebook_size"),
+        ({"image_size": 30}, "image_size"),
+        ({"image_token_id": 10_000}, "image_token_id"),
+        ({"vq_config": {"sample_size": 32}}, "vq_config"),
+    ],
+)
+def test_invalid_fields_raise_naming_the_field(overrides, field):
+    with pytest.raises(ValueError, match=field):
+        UniForkConfig.from_preset("unifork-tiny", **overrides)
+
+
+def test_unknown_preset():
+    with pytest.raises(ValueError, match="unifork-tiny"):
+        UniForkConfig.from_preset("unifork-huge")
+
+
+def test_llms_that_cannot_be_forked():
+    with pytest.raises(ValueError, match="text_config.*encoder-decoder"):
+        UniForkConfig(text_config=T5Config())
+    config = UniForkConfig(text_config=GPT2Config(n_layer=2, n_embd=32, n_head=2))
+    with pytest.raises(ValueError, match="cannot fork a 'gpt2' LLM"):
+        UniForkForConditionalGeneration(config)

@@ -551,8 +551,8 @@ class UniForkForConditionalGeneration(UniForkPreTrainedModel, GenerationMixin):
         4
         ```
         """
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if not prompts or not all(isinstance(p, str) for p in prompts):
+        prompts = [prompt] if isinstance(prompt, str) else prompt
+        if not isinstance(prompts, (list, tuple)) or not prompts or not all(isinstance(p, str) for p in prompts):
             raise TypeError(f"prompt must be a str or a non-empty list of str, got {prompt!r}.")
         if negative_prompt is None or isinstance(negative_prompt, str):
             negatives = [negative_prompt or ""] * len(prompts)
@@ -698,7 +698,6 @@ class UniForkForConditionalGeneration(UniForkPreTrainedModel, GenerationMixin):
         tokenizer.add_tokens(special, special_tokens=True)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else "<|pad|>"
-        tokenizer.padding_side = "left"  # batched generation continues every row from its last token
         if len(tokenizer) > llm.config.get_text_config().vocab_size:
             llm.resize_token_embeddings(len(tokenizer))
 

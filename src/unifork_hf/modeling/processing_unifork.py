@@ -59,6 +59,8 @@ class UniForkProcessor(ProcessorMixin):
         self.eoi_token = eoi_token
         self.image_tokenizer = None
         super().__init__(image_processor, tokenizer, chat_template=chat_template or DEFAULT_CHAT_TEMPLATE)
+        # Batched generation continues every row from its last token, so pad on the left.
+        tokenizer.padding_side = "left"
         missing = [t for t in (image_token, boi_token, eoi_token) if t not in tokenizer.get_vocab()]
         if missing:
             raise ValueError(

@@ -32,15 +32,19 @@ class UniForkImageProcessorPil(PilBackend):
     do_convert_rgb = True
 
     def preprocess(self, images, *args, **kwargs):
-        flat = images if isinstance(images, (list, tuple)) else [images]
-        flat = [image for item in flat for image in (item if isinstance(item, (list, tuple)) else [item])]
-        for image in flat:
-            if not isinstance(image, (PIL.Image.Image, np.ndarray, torch.Tensor, str)):
-                raise TypeError(
-                    "images must be PIL images, numpy arrays, torch tensors or paths/URLs, "
-                    f"got {type(image).__name__}."
-                )
+        check_image_types(images)
         return super().preprocess(images, *args, **kwargs)
+
+
+def check_image_types(images) -> None:
+    """Raise a `TypeError` naming the type of any image that is not PIL / numpy / torch / a path or URL."""
+    flat = images if isinstance(images, (list, tuple)) else [images]
+    flat = [image for item in flat for image in (item if isinstance(item, (list, tuple)) else [item])]
+    for image in flat:
+        if not isinstance(image, (PIL.Image.Image, np.ndarray, torch.Tensor, str)):
+            raise TypeError(
+                f"images must be PIL images, numpy arrays, torch tensors or paths/URLs, got {type(image).__name__}."
+            )
 
 
 __all__ = ["UniForkImageProcessorPil"]

@@ -5,6 +5,8 @@ import PIL.Image
 import torch
 from transformers import ProcessorMixin
 
+from .image_processing_unifork import check_image_types
+
 
 # Each image placeholder expands to <begin_of_image> + num_image_tokens x <image> + <end_of_image>.
 DEFAULT_CHAT_TEMPLATE = (
@@ -71,6 +73,11 @@ class UniForkProcessor(ProcessorMixin):
         self.image_token_id, self.boi_token_id, self.eoi_token_id = tokenizer.convert_tokens_to_ids(
             [image_token, boi_token, eoi_token]
         )
+
+    def prepare_inputs_layout(self, images=None, text=None, videos=None, audio=None, **kwargs):
+        if images is not None:
+            check_image_types(images)
+        return super().prepare_inputs_layout(images=images, text=text, videos=videos, audio=audio, **kwargs)
 
     def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
         return self.boi_token + self.image_token * self.image_seq_length + self.eoi_token

@@ -1,0 +1,91 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForImageTextToText, AutoProcessor
+
+from unifork_hf import UniForkConfig, UniForkForConditionalGeneration, UniForkImageProcessorPil, UniForkProcessor
+from unifork_hf.cli import main
+
+
+def test_auto_classes_load_the_checkpoint(built_dir):
+    assert isinstance(AutoConfig.from_pretrained(built_dir), UniForkConfig)
+    for auto in (AutoModel, AutoModelForImageTextToText):
+        model = auto.from_pretrained(built_dir)
+        assert type(model) is UniForkForConditionalGeneration
+        assert isinstance(model.processor, UniForkProcessor)
+    assert isinstance(AutoProcessor.from_pretrained(built_dir), UniForkProcessor)
+    assert isinstance(AutoImageProcessor.from_pretrained(built_dir), UniForkImageProcessorPil)
+    config = json.load(open(os.path.join(built_dir, "config.json")))
+    assert set(config["auto_map"]) == {"AutoConfig", "AutoModel", "AutoModelForImageTextToText"}
+    for name in ("modeling_unifork.py", "configuration_unifork.py", "vq_unifork.py", "processing_unifork.py",
+                 "image_processing_unifork.py"):  # fmt: skip
+        assert os.path.exists(os.path.join(built_dir, name)), name
+
+
+def test_remote_code_loads_without_the_package(built_dir, tmp_path):
+    expected = UniForkForConditionalGeneration.from_pretrained(built_dir).generate_image(
+        "a red circle", generator=torch.Generator().manual_seed(0), output_type="tokens", progress_bar=False
+    )
+    script = f"""
+import sys, torch
+sys.modules["unifork_hf"] = None  # the package is not importable here
+from transformers import AutoModel, AutoProcessor
+model = AutoModel.from_pretrained({built_dir!r}, trust_remote_code=True)
+processor = AutoProcessor.from_pretrained({built_dir!r}, trust_remote_code=True)
+assert "transformers_modules" in type(model).__module__, type(model).__module__
+assert type(processor).__name__ == "UniForkProcessor" and model.processor is not None
+tokens = model.generate_image("a red circle", generator=torch.Generator().manual_seed(0), output_type="tokens",
+                              progress_bar=False)
+print("TOKENS", tokens.tolist())
+"""
+    env = {**os.environ, "HF_HOME": str(tmp_path), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    line = next(line for line in result.stdout.splitlines() if line.startswith("TOKENS"))
+    assert json.loads(line.removeprefix("TOKENS ")) == expected.tolist()
+
+
+def test_build_then_generate_images_and_text(tiny_parts, tmp_path, capsys):
+    """The acceptance path: `unifork build`, then the Auto classes generate images and text."""
+    llm_dir, vq_dir = tiny_parts
+    out = str(tmp_path / "model")
+    main(["build", "--llm", llm_dir, "--vq", vq_dir, "--num-shared-layers", "1", "--out", out])
+    assert "K=1 shared + 2 x 3 branch layers" in capsys.readouterr().out
+    model = AutoModel.from_pretrained(out)
+    images = model.generate_image(["a red circle", "two blue squares"], num_images_per_prompt=2, progress_bar=False)
+    assert len(images) == 4 and all(image.size == (32, 32) for image in images)
+    processor = AutoProcessor.from_pretrained(out)
+    text = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour?"}]}],
+        add_generation_prompt=True,
+    )
+    inputs = processor(images=Image.new("RGB", (32, 32), "red"), text=text, return_tensors="pt")
+    output = model.generate(**inputs, max_new_tokens=5, do_sample=False)
+    assert output.shape[1] == inputs.input_ids.shape[1] + 5
+    assert isinstance(processor.decode(output[0, inputs.input_ids.shape[1] :]), str)
+
+
+def test_cli_generate_image_and_answer(built_dir, tmp_path, capsys):
+    png = tmp_path / "grid.png"
+    main(["generate-image", "--model", built_dir, "--prompt", "a red circle", "--prompt", "two blue squares",
+          "--num-images-per-prompt", "3", "--out", str(png)])  # fmt: skip
+    grid = Image.open(png)
+    assert grid.size == (3 * 128, 2 * (128 + 16))
+    image = tmp_path / "red.png"
+    Image.new("RGB", (32, 32), "red").save(image)
+    capsys.readouterr()
+    main(["answer", "--model", built_dir, "--image", str(image), "--question", "What colour?", "--max-new-tokens", "4"])
+    assert capsys.readouterr().out.strip() != ""
+
+
+def test_cli_reports_bad_input_without_a_traceback(built_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate-image", "--model", built_dir, "--prompt", "x", "--guidance-scale", "0.1", "--out",
+              str(tmp_path / "x.png")])  # fmt: skip
+    assert exit_info.value.code == 2
+    assert "guidance_scale must be >= 1" in capsys.readouterr().err

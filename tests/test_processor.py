@@ -1,0 +1,108 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from unifork_hf import UniForkImageProcessorPil, UniForkProcessor
+from unifork_hf.tiny import tiny_tokenizer
+
+
+def make_processor(image_seq_length=64):
+    tokenizer = tiny_tokenizer()
+    tokenizer.add_tokens(["<image>", "<begin_of_image>", "<end_of_image>"], special_tokens=True)
+    return UniForkProcessor(UniForkImageProcessorPil(size={"height": 32, "width": 32}), tokenizer,
+                            image_seq_length=image_seq_length)  # fmt: skip
+
+
+def test_chat_template_expands_each_image_to_boi_n_tokens_eoi():
+    processor = make_processor()
+    conversation = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour is the circle?"}]},
+        {"role": "assistant", "content": "red"},
+        {"role": "user", "content": "And the square?"},
+    ]
+    text = processor.apply_chat_template(conversation, add_generation_prompt=True)
+    assert text == (
+        "<|user|>\n<image>What colour is the circle?\n<|assistant|>\nred<|endoftext|>\n"
+        "<|user|>\nAnd the square?\n<|assistant|>\n"
+    )
+    ids = processor(images=Image.new("RGB", (50, 40)), text=text, return_tensors="pt").input_ids[0].tolist()
+    start = ids.index(processor.boi_token_id)
+    assert ids[start + 1 : start + 65] == [processor.image_token_id] * 64
+    assert ids[start + 65] == processor.eoi_token_id
+    assert ids.count(processor.image_token_id) == 64
+
+
+def test_tokenized_chat_template_returns_pixels():
+    processor = make_processor()
+    conversation = [{"role": "user", "content": [{"type": "image", "image": Image.new("RGB", (8, 8), "blue")},
+                                                 {"type": "text", "text": "Describe the image."}]}]  # fmt: skip
+    out = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                        return_tensors="pt")  # fmt: skip
+    assert out["pixel_values"].shape == (1, 3, 32, 32)
+    torch.testing.assert_close(out["pixel_values"][0, :, 0, 0], torch.tensor([-1.0, -1.0, 1.0]))
+    assert (out["input_ids"] == processor.image_token_id).sum() == 64
+
+
+def test_placeholders_must_match_images():
+    processor = make_processor()
+    with pytest.raises(ValueError, match="number of <image> tokens"):
+        processor(images=[Image.new("RGB", (8, 8))] * 2, text="<image> one placeholder")
+    with pytest.raises(ValueError, match="no images were passed"):
+        processor(text="<image> no image")
+
+
+def test_image_modes_are_converted_and_bad_types_rejected():
+    processor = make_processor()
+    gray = processor.image_processor(Image.new("L", (20, 10), 255), return_tensors="pt").pixel_values
+    rgba = processor.image_processor(Image.new("RGBA", (20, 10), (0, 0, 0, 0)), return_tensors="pt").pixel_values
+    array = processor.image_processor(np.zeros((10, 20, 3), dtype=np.uint8), return_tensors="pt").pixel_values
+    assert gray.shape == rgba.shape == array.shape == (1, 3, 32, 32)
+    torch.testing.assert_close(gray, torch.ones_like(gray))  # white stays white
+    torch.testing.assert_close(rgba, torch.ones_like(rgba))  # transparency composited on white
+    torch.testing.assert_close(array, -torch.ones_like(array))
+    with pytest.raises(TypeError, match="images must be PIL images, numpy arrays, torch tensors.*got int"):
+        processor(images=3, text="<image>")
+    with pytest.raises(TypeError, match="got dict"):
+        processor.image_processor([{"not": "an image"}])
+
+
+def test_generation_prompts_are_left_padded_and_end_with_boi():
+    processor = make_processor()
+    batch = processor.image_generation_inputs(["a red circle", "two blue squares at the bottom right", ""])
+    assert (batch.input_ids[:, -1] == processor.boi_token_id).all()
+    assert batch.attention_mask[0, 0] == 0 and batch.attention_mask[:, -1].all()
+    assert processor.image_generation_prompt("cat") == "<|user|>\ncat\n<|assistant|>\n<begin_of_image>"
+
+
+def test_tokenizer_without_image_tokens_is_rejected():
+    with pytest.raises(ValueError, match="lacks the special tokens"):
+        UniForkProcessor(UniForkImageProcessorPil(), tiny_tokenizer())
+
+
+def test_save_load_round_trip(tmp_path):
+    processor = make_processor(image_seq_length=16)
+    processor.save_pretrained(tmp_path)
+    loaded = UniForkProcessor.from_pretrained(tmp_path)
+    assert loaded.image_seq_length == 16 and loaded.image_token_id == processor.image_token_id
+    assert loaded.chat_template == processor.chat_template
+    assert loaded.image_processor.size == processor.image_processor.size
+    text = "<|user|>\n<image>hi\n"
+    image = Image.new("RGB", (8, 8), "green")
+    a, b = processor(images=image, text=text, return_tensors="pt"), loaded(images=image, text=text, return_tensors="pt")
+    assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.pixel_values, b.pixel_values)
+
+
+def test_images_to_tokens_and_back_through_the_attached_vq(built_model):
+    processor = built_model.processor
+    assert processor.image_tokenizer is built_model.model.image_tokenizer
+    images = [Image.new("RGB", (32, 32), "red"), Image.new("LA", (64, 64))]
+    codes = processor.encode_images(images)
+    assert codes.shape == (2, 64) and codes.max() < 64
+    decoded = processor.decode_image_tokens(codes)
+    assert [d.size for d in decoded] == [(32, 32), (32, 32)] and decoded[0].mode == "RGB"
+    # re-encoding a decoded image of a fixed VQ is deterministic
+    assert torch.equal(processor.encode_images(decoded), processor.encode_images(decoded))
+    processor.image_tokenizer = None
+    with pytest.raises(ValueError, match="needs the VQ image tokenizer"):
+        processor.encode_images(images)

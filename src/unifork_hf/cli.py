@@ -30,12 +30,9 @@ def _label_grid(images, labels, columns: int, cell: int = 128):
 
 
 def _load(model_dir: str):
-    import torch
-
     import unifork_hf  # noqa: F401  (registers the Auto classes)
     from transformers import AutoModel
 
-    torch.set_grad_enabled(False)
     return AutoModel.from_pretrained(model_dir).eval()
 
 

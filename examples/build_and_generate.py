@@ -28,7 +28,6 @@ if not (args.llm and args.vq):
 # 1. Build the Y the paper's way: layers K..L-1 and the final norm are copied into the generation branch.
 model = UniForkForConditionalGeneration.from_pretrained_llm(args.llm, args.vq)
 model.save_pretrained(args.out)
-model.processor.save_pretrained(args.out)
 print(f"K={model.config.num_shared_layers} of {model.config.text_config.num_hidden_layers} layers shared -> {args.out}")
 
 # 2. Reload with the Auto classes: the processor saved beside the weights is attached.

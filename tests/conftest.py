@@ -36,7 +36,6 @@ def built_dir(tiny_parts, tmp_path_factory):
     model = UniForkForConditionalGeneration.from_pretrained_llm(*tiny_parts)
     out = str(tmp_path_factory.mktemp("unifork"))
     model.save_pretrained(out)
-    model.processor.save_pretrained(out)
     return out
 
 

@@ -86,6 +86,8 @@ def test_unknown_preset():
 
 
 def test_llms_that_cannot_be_forked():
+    with pytest.raises(ValueError, match="text_config: cannot fork a 'qwen2' config without a positive"):
+        UniForkConfig(text_config={"model_type": "qwen2", "num_hidden_layers": 0})
     with pytest.raises(ValueError, match="text_config.*encoder-decoder"):
         UniForkConfig(text_config=T5Config())
     config = UniForkConfig(text_config=GPT2Config(n_layer=2, n_embd=32, n_head=2))

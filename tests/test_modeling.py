@@ -210,3 +210,18 @@ def test_bad_inputs_raise_clear_errors():
     out = model(input_ids=torch.zeros(1, 3, dtype=torch.long), task="understanding", use_cache=True)
     with pytest.raises(ValueError, match="other branch"):
         model(input_ids=torch.zeros(1, 1, dtype=torch.long), task="generation", past_key_values=out.past_key_values)
+
+
+def test_hidden_states_follow_each_sample_along_its_path():
+    model = tiny_model()
+    ids = torch.randint(0, 400, (3, 6))
+    mixed = model(input_ids=ids, task=[0, 1, 0], output_hidden_states=True).hidden_states
+    und = model(input_ids=ids[[0, 2]], output_hidden_states=True).hidden_states
+    gen = model(input_ids=ids[[1]], task=1, output_hidden_states=True).hidden_states
+    assert len(mixed) == len(und) == len(gen) == 1 + 4  # embeddings + K shared + L-K branch layers
+    for depth in range(5):
+        torch.testing.assert_close(mixed[depth][[0, 2]], und[depth], atol=1e-5, rtol=0)
+        torch.testing.assert_close(mixed[depth][[1]], gen[depth], atol=1e-5, rtol=0)
+    # the shared part is the same for both tasks, the branches differ
+    torch.testing.assert_close(und[2][1], model(input_ids=ids[[2]], task=1, output_hidden_states=True).hidden_states[2][0])
+    assert not torch.allclose(und[4][1], model(input_ids=ids[[2]], task=1, output_hidden_states=True).hidden_states[4][0])

@@ -43,7 +43,6 @@ def cmd_build(args) -> None:
         args.llm, args.vq, num_shared_layers=args.num_shared_layers
     )
     model.save_pretrained(args.out)
-    model.processor.save_pretrained(args.out)
     config = model.config
     print(
         f"UniFork written to {args.out}: K={config.num_shared_layers} shared + 2 x {config.num_branch_layers} "
@@ -108,7 +107,6 @@ def cmd_demo(args) -> None:
     model_dir = os.path.join(args.out, "tiny-unifork")
     model = UniForkForConditionalGeneration.from_pretrained_llm(llm_dir, vq_dir)
     model.save_pretrained(model_dir)
-    model.processor.save_pretrained(model_dir)
     model = _load(model_dir)
     prompts = ["a red circle at the top left", "two blue squares"]
     grid = os.path.join(args.out, "images.png")

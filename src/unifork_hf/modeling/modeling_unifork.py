@@ -659,7 +659,7 @@ class UniForkForConditionalGeneration(UniForkPreTrainedModel, GenerationMixin):
         are copied once more into the generation branch. The image projector and the generation
         head are new. The tokenizer gets the `<image>`, `<begin_of_image>` and `<end_of_image>`
         tokens (and a pad token if it has none); the embeddings grow when the vocabulary must.
-        The processor is attached as `model.processor`; save both to one directory.
+        The processor is attached as `model.processor` and saved by `model.save_pretrained`.
 
         Args:
             llm: a causal LM (`*ForCausalLM`) or the path/Hub id of one. A passed model has its
@@ -673,7 +673,7 @@ class UniForkForConditionalGeneration(UniForkPreTrainedModel, GenerationMixin):
 
         ```python
         >>> model = UniForkForConditionalGeneration.from_pretrained_llm("Qwen/Qwen2.5-0.5B", "path/to/vq")
-        >>> model.save_pretrained("unifork"); model.processor.save_pretrained("unifork")
+        >>> model.save_pretrained("unifork")  # weights, config, processor, and the code for trust_remote_code
         ```
         """
         from diffusers import VQModel
@@ -752,12 +752,15 @@ class UniForkForConditionalGeneration(UniForkPreTrainedModel, GenerationMixin):
     # ------------------------------------------------------------------ saving and loading
 
     def save_pretrained(self, save_directory, *args, **kwargs):
+        """Save the model, and the attached processor (if any) beside it, as `from_pretrained` expects."""
         # `register_for_auto_class` records one Auto class per model class; list AutoModel too so
         # `AutoModel.from_pretrained(dir, trust_remote_code=True)` also finds the full model.
         auto_map = dict(getattr(self.config, "auto_map", None) or {})
         auto_map["AutoModel"] = f"modeling_unifork.{type(self).__name__}"
         self.config.auto_map = auto_map
-        return super().save_pretrained(save_directory, *args, **kwargs)
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if self.processor is not None and kwargs.get("is_main_process", True):
+            self.processor.save_pretrained(save_directory)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):

@@ -56,7 +56,7 @@ def test_output_types_and_images_per_prompt(built_model):
     pixels = built_model.generate_image(["a red circle", "two blue squares"], num_images_per_prompt=2,
                                         generator=seeds(0, 1, 2, 3), output_type="pt", progress_bar=False)  # fmt: skip
     assert pixels.shape == (4, 3, 32, 32) and 0 <= pixels.min() and pixels.max() <= 1
-    assert torch.equal(torch.from_numpy(np.asarray(images[3])).float(),
+    assert torch.equal(torch.from_numpy(np.array(images[3])).float(),
                        (pixels[3] * 255).round().permute(1, 2, 0))  # fmt: skip
     # guidance 1 runs no unconditional sequence, and top_p / temperature / negative prompts are accepted
     tokens = built_model.generate_image("x", guidance_scale=1.0, temperature=0.7, top_p=0.9, negative_prompt="blur",

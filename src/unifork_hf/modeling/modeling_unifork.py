@@ -85,10 +85,16 @@ def task_ids(task, batch_size: int, device) -> torch.Tensor:
 
 
 def _select_rows(value, rows: torch.Tensor):
-    """Rows of a per-sample tensor (broadcast tensors with batch 1 and None pass through)."""
-    if value is None or not isinstance(value, torch.Tensor) or value.shape[0] == 1:
-        return value
-    return value.index_select(0, rows)
+    """The given samples of per-sample tensors, in dicts/tuples (batch-1 broadcast tensors and None pass)."""
+    if isinstance(value, dict):
+        return {key: _select_rows(item, rows) for key, item in value.items()}
+    if isinstance(value, tuple):
+        return tuple(_select_rows(item, rows) for item in value)
+    if isinstance(value, torch.Tensor) and value.shape[0] != 1:
+        return value.index_select(0, rows)
+    if value is not None and not isinstance(value, torch.Tensor):
+        raise ValueError(f"A batch mixing both tasks cannot split a {type(value).__name__} attention mask.")
+    return value
 
 
 @dataclass
@@ -232,13 +238,50 @@ class UniForkModel(UniForkPreTrainedModel):
             masks["sliding_attention"] = create_sliding_window_causal_mask(**mask_kwargs)
         return masks
 
-    def _run_layers(self, layers, first_index, hidden_states, masks, collect, **layer_kwargs):
+    def _run_layers(self, layers, first_index, hidden_states, context, collect, **layer_kwargs):
         for offset, layer in enumerate(layers):
-            mask = masks[self.layer_types[first_index + offset]]
-            hidden_states = layer(hidden_states, attention_mask=mask, **layer_kwargs)
+            hidden_states = layer(
+                hidden_states,
+                attention_mask=context["masks"][self.layer_types[first_index + offset]],
+                position_embeddings=context["position_embeddings"],
+                position_ids=context["position_ids"],
+                **layer_kwargs,
+            )
             if collect is not None:
                 collect.append(hidden_states)
         return hidden_states
+
+    def _embed(self, input_ids, inputs_embeds, pixel_values, image_ids):
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+        if pixel_values is not None and image_ids is not None:
+            raise ValueError("Pass either pixel_values or image_ids, not both.")
+        if inputs_embeds is None:
+            vocab_size = self.config.text_config.vocab_size
+            if int(input_ids.max()) >= vocab_size or int(input_ids.min()) < 0:
+                raise ValueError(f"input_ids must be in 0..{vocab_size - 1}, got values up to {int(input_ids.max())}.")
+            inputs_embeds = self.embed_tokens(input_ids)
+        if pixel_values is not None:
+            image_ids = self.image_tokenizer.encode(pixel_values)
+        if image_ids is not None:
+            inputs_embeds = self._insert_images(input_ids, inputs_embeds, image_ids)
+        return inputs_embeds, image_ids
+
+    def _prepare_cache(self, single_task, past_key_values, use_cache):
+        if use_cache is None:
+            use_cache = getattr(self.config.text_config, "use_cache", True) and not self.training
+            use_cache = use_cache and single_task is not None
+        if use_cache and single_task is None:
+            raise ValueError("A KV cache holds one path through the Y: use_cache needs a batch of a single task.")
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config.text_config)
+        if past_key_values is not None and single_task is not None:
+            # The branches share layer indices, so a cache filled through one cannot go on through the other.
+            cache_task = getattr(past_key_values, "unifork_task", None)
+            if past_key_values.get_seq_length() and cache_task not in (None, single_task):
+                raise ValueError("past_key_values was filled through the other branch of the Y; start a new cache.")
+            past_key_values.unifork_task = single_task
+        return past_key_values, use_cache
 
     def forward(
         self,
@@ -260,40 +303,12 @@ class UniForkModel(UniForkPreTrainedModel):
         task: per-sample task selector: None (all understanding), "understanding"/"generation", a list
             of those, or a `(B,)` tensor of 0 (understanding) / 1 (generation).
         """
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
-        if pixel_values is not None and image_ids is not None:
-            raise ValueError("Pass either pixel_values or image_ids, not both.")
-        if inputs_embeds is None:
-            if int(input_ids.max()) >= self.config.text_config.vocab_size or int(input_ids.min()) < 0:
-                raise ValueError(
-                    f"input_ids must be in 0..{self.config.text_config.vocab_size - 1}, got values up to "
-                    f"{int(input_ids.max())}."
-                )
-            inputs_embeds = self.embed_tokens(input_ids)
-        if pixel_values is not None:
-            image_ids = self.image_tokenizer.encode(pixel_values)
-        if image_ids is not None:
-            inputs_embeds = self._insert_images(input_ids, inputs_embeds, image_ids)
-
+        inputs_embeds, image_ids = self._embed(input_ids, inputs_embeds, pixel_values, image_ids)
         batch_size, seq_len = inputs_embeds.shape[:2]
         task = task_ids(task, batch_size, inputs_embeds.device)
         single_task = int(task[0]) if bool((task == task[0]).all()) else None
-
-        if use_cache is None:
-            use_cache = getattr(self.config.text_config, "use_cache", True) and not self.training
-            use_cache = use_cache and single_task is not None
-        if use_cache and single_task is None:
-            raise ValueError("A KV cache holds one path through the Y: use_cache needs a batch of a single task.")
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config.text_config)
+        past_key_values, use_cache = self._prepare_cache(single_task, past_key_values, use_cache)
         past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
-        if past_key_values is not None and single_task is not None:
-            # A cache filled through one branch cannot be continued through the other.
-            cache_task = getattr(past_key_values, "unifork_task", None)
-            if past_length and cache_task is not None and cache_task != single_task:
-                raise ValueError("past_key_values was filled through the other branch of the Y; start a new cache.")
-            past_key_values.unifork_task = single_task
         if image_ids is None and past_length == 0 and input_ids is not None:
             if bool((input_ids == self.config.image_token_id).any()):
                 raise ValueError("input_ids contain image tokens but no pixel_values or image_ids were given.")
@@ -303,61 +318,53 @@ class UniForkModel(UniForkPreTrainedModel):
                 f"Sequence of {past_length + seq_len} tokens is longer than the model's "
                 f"max_position_embeddings ({max_positions})."
             )
-
         if position_ids is None:
             if isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 2:
                 # Left padding: positions count real tokens only, as in `generate`.
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -seq_len:]
             else:
                 position_ids = torch.arange(past_length, past_length + seq_len, device=inputs_embeds.device)[None]
-        masks = self._causal_masks(inputs_embeds, attention_mask, past_key_values, position_ids)
-        position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
-        layer_kwargs = {"past_key_values": past_key_values, "use_cache": use_cache, **kwargs}
-        collect = [inputs_embeds] if output_hidden_states else None
-
-        # The Y: every sample through the shared layers, then through its own task's branch only.
-        k = self.config.num_shared_layers
-        hidden_states = self._run_layers(
-            self.shared_layers, 0, inputs_embeds, masks, collect,
-            position_embeddings=position_embeddings, position_ids=position_ids, **layer_kwargs,
-        )  # fmt: skip
-        branches = {
-            UNDERSTANDING: (self.understanding_layers, self.understanding_norm),
-            GENERATION: (self.generation_layers, self.generation_norm),
+        context = {
+            "masks": self._causal_masks(inputs_embeds, attention_mask, past_key_values, position_ids),
+            "position_embeddings": self.rotary_emb(inputs_embeds, position_ids),
+            "position_ids": position_ids,
         }
-        if single_task is not None:
-            layers, norm = branches[single_task]
-            branch_hidden = self._run_layers(
-                layers, k, hidden_states, masks, collect,
-                position_embeddings=position_embeddings, position_ids=position_ids, **layer_kwargs,
-            )  # fmt: skip
-            last_hidden_state = norm(branch_hidden)
-        else:
-            last_hidden_state = torch.empty_like(hidden_states)
-            branch_collects = {}
-            for task_id, (layers, norm) in branches.items():
-                rows = (task == task_id).nonzero().squeeze(1)
-                branch_collects[task_id] = [] if collect is not None else None
-                branch_hidden = self._run_layers(
-                    layers, k, hidden_states.index_select(0, rows),
-                    {name: _select_rows(mask, rows) for name, mask in masks.items()},
-                    branch_collects[task_id],
-                    position_embeddings=tuple(_select_rows(t, rows) for t in position_embeddings),
-                    position_ids=_select_rows(position_ids, rows), **layer_kwargs,
-                )  # fmt: skip
-                last_hidden_state = last_hidden_state.index_copy(0, rows, norm(branch_hidden))
-            if collect is not None:
-                rows = {t: (task == t).nonzero().squeeze(1) for t in branches}
-                for per_task in zip(*(branch_collects[t] for t in branches)):
-                    merged = torch.empty_like(hidden_states)
-                    for task_id, states in zip(branches, per_task):
-                        merged = merged.index_copy(0, rows[task_id], states)
-                    collect.append(merged)
+        layer_kwargs = {"past_key_values": past_key_values, "use_cache": use_cache, **kwargs}
+        shared_states = [inputs_embeds] if output_hidden_states else None
+        branch_states = {UNDERSTANDING: [], GENERATION: []} if output_hidden_states else {}
 
+        # The Y: every sample through the shared layers once, then through its own task's branch only.
+        k = self.config.num_shared_layers
+        shared = self._run_layers(self.shared_layers, 0, inputs_embeds, context, shared_states, **layer_kwargs)
+        last_hidden_state = torch.empty_like(shared)
+        for task_id, layers, norm in (
+            (UNDERSTANDING, self.understanding_layers, self.understanding_norm),
+            (GENERATION, self.generation_layers, self.generation_norm),
+        ):
+            rows = (task == task_id).nonzero().squeeze(1)
+            if rows.numel() == batch_size:
+                out = self._run_layers(layers, k, shared, context, branch_states.get(task_id), **layer_kwargs)
+                last_hidden_state = norm(out)
+            elif rows.numel():
+                out = self._run_layers(
+                    layers, k, shared[rows], _select_rows(context, rows), branch_states.get(task_id), **layer_kwargs
+                )
+                last_hidden_state = last_hidden_state.index_copy(0, rows, norm(out))
+
+        hidden_states = None
+        if output_hidden_states:  # per depth, each sample's state on its own path
+            hidden_states = list(shared_states)
+            for depth in range(len(self.understanding_layers)):
+                merged = torch.empty_like(shared)
+                for task_id, states in branch_states.items():
+                    if states:
+                        merged = merged.index_copy(0, (task == task_id).nonzero().squeeze(1), states[depth])
+                hidden_states.append(merged)
+            hidden_states = tuple(hidden_states)
         return UniForkModelOutputWithPast(
             last_hidden_state=last_hidden_state,
             past_key_values=past_key_values if use_cache else None,
-            hidden_states=tuple(collect) if collect is not None else None,
+            hidden_states=hidden_states,
             task=task,
             image_ids=image_ids,
         )

@@ -85,12 +85,16 @@ def task_ids(task, batch_size: int, device) -> torch.Tensor:
 
 
 def _select_rows(value, rows: torch.Tensor):
-    """The given samples of per-sample tensors, in dicts/tuples (batch-1 broadcast tensors and None pass)."""
+    """The given samples of per-sample tensors, in dicts/tuples.
+
+    Batch-1 broadcast tensors, None, and tensors when `rows` are all of them (`rows` is always sorted and
+    unique) pass through as they are.
+    """
     if isinstance(value, dict):
         return {key: _select_rows(item, rows) for key, item in value.items()}
     if isinstance(value, tuple):
         return tuple(_select_rows(item, rows) for item in value)
-    if isinstance(value, torch.Tensor) and value.shape[0] != 1:
+    if isinstance(value, torch.Tensor) and value.shape[0] not in (1, rows.numel()):
         return value.index_select(0, rows)
     if value is not None and not isinstance(value, torch.Tensor):
         raise ValueError(f"A batch mixing both tasks cannot split a {type(value).__name__} attention mask.")
@@ -342,13 +346,11 @@ class UniForkModel(UniForkPreTrainedModel):
             (GENERATION, self.generation_layers, self.generation_norm),
         ):
             rows = (task == task_id).nonzero().squeeze(1)
-            if rows.numel() == batch_size:
-                out = self._run_layers(layers, k, shared, context, branch_states.get(task_id), **layer_kwargs)
-                last_hidden_state = norm(out)
-            elif rows.numel():
+            if rows.numel():
                 out = self._run_layers(
-                    layers, k, shared[rows], _select_rows(context, rows), branch_states.get(task_id), **layer_kwargs
-                )
+                    layers, k, _select_rows(shared, rows), _select_rows(context, rows), branch_states.get(task_id),
+                    **layer_kwargs,
+                )  # fmt: skip
                 last_hidden_state = last_hidden_state.index_copy(0, rows, norm(out))
 
         hidden_states = None
@@ -456,8 +458,8 @@ class UniForkForConditionalGeneration(UniForkPreTrainedModel, GenerationMixin):
         hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
         und_rows = (task == UNDERSTANDING).nonzero().squeeze(1)
         gen_rows = (task == GENERATION).nonzero().squeeze(1)
-        logits = self.lm_head(hidden_states.index_select(0, und_rows)) if len(und_rows) else None
-        image_logits = self.generation_head(hidden_states.index_select(0, gen_rows)) if len(gen_rows) else None
+        logits = self.lm_head(_select_rows(hidden_states, und_rows)) if len(und_rows) else None
+        image_logits = self.generation_head(_select_rows(hidden_states, gen_rows)) if len(gen_rows) else None
 
         loss = loss_understanding = loss_generation = None
         if labels is not None:
@@ -470,7 +472,7 @@ class UniForkForConditionalGeneration(UniForkPreTrainedModel, GenerationMixin):
                 raise ValueError("labels need logits at every position: leave logits_to_keep at 0 when training.")
             totals, counts = [], []
             if logits is not None:
-                und_labels = labels.index_select(0, und_rows)
+                und_labels = _select_rows(labels, und_rows)
                 bad = (und_labels != -100) & ((und_labels < 0) | (und_labels >= logits.shape[-1]))
                 if bad.any():
                     raise ValueError(
@@ -480,7 +482,7 @@ class UniForkForConditionalGeneration(UniForkPreTrainedModel, GenerationMixin):
                 loss_understanding = total / count.clamp(min=1)
                 totals.append(total), counts.append(count)
             if image_logits is not None:
-                gen_targets = self._image_targets(input_ids, outputs.image_ids, labels).index_select(0, gen_rows)
+                gen_targets = _select_rows(self._image_targets(input_ids, outputs.image_ids, labels), gen_rows)
                 total, count = _shifted_cross_entropy(image_logits, gen_targets)
                 loss_generation = total / count.clamp(min=1)
                 totals.append(total), counts.append(count)

@@ -1,3 +1,5 @@
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -106,3 +108,17 @@ def test_images_to_tokens_and_back_through_the_attached_vq(built_model):
     processor.image_tokenizer = None
     with pytest.raises(ValueError, match="needs the VQ image tokenizer"):
         processor.encode_images(images)
+
+
+@pytest.mark.parametrize("max_shard_size", [None, "100KB"])
+def test_processor_alone_reads_the_vq_out_of_the_model_weights(built_model, tmp_path, max_shard_size):
+    built_model.save_pretrained(tmp_path, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
+    assert any(name.endswith(".safetensors") for name in os.listdir(tmp_path))
+    assert not any("diffusion_pytorch_model" in name for name in os.listdir(tmp_path))  # stored once, in the model
+    processor = UniForkProcessor.from_pretrained(tmp_path)
+    assert processor.image_tokenizer is not None
+    image = Image.new("RGB", (32, 32), "red")
+    assert torch.equal(processor.encode_images([image]), built_model.processor.encode_images([image]))
+    # a processor-only directory has no VQ to read
+    processor.save_pretrained(tmp_path / "processor_only")
+    assert UniForkProcessor.from_pretrained(tmp_path / "processor_only").image_tokenizer is None

@@ -785,9 +785,7 @@ class UniForkForConditionalGeneration(UniForkPreTrainedModel, GenerationMixin):
                 f"Checkpoint {pretrained_model_name_or_path!r} lacks the VQ image tokenizer weights "
                 f"({len(missing_vq)} tensors, e.g. {missing_vq[0]!r}); save the model with its image tokenizer."
             )
-        model.processor = _load_processor(pretrained_model_name_or_path, kwargs)
-        if model.processor is not None:
-            model.processor.image_tokenizer = model.model.image_tokenizer
+        model.processor = _load_processor(pretrained_model_name_or_path, kwargs, model.model.image_tokenizer)
         return (model, info) if output_loading_info else model
 
 
@@ -799,8 +797,8 @@ def _shifted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor):
     return total, (shift_labels != -100).sum()
 
 
-def _load_processor(path, kwargs):
-    """The processor saved with a checkpoint, or None when it has none."""
+def _load_processor(path, kwargs, image_tokenizer):
+    """The processor saved with a checkpoint (sharing the model's VQ image tokenizer), or None."""
     from transformers.utils import PROCESSOR_NAME, cached_file
 
     hub_kwargs = {k: kwargs[k] for k in ("cache_dir", "revision", "token", "local_files_only", "subfolder") if k in kwargs}
@@ -813,7 +811,9 @@ def _load_processor(path, kwargs):
     )
     if found is None:
         return None
-    return AutoProcessor.from_pretrained(path, trust_remote_code=kwargs.get("trust_remote_code"), **hub_kwargs)
+    return AutoProcessor.from_pretrained(
+        path, trust_remote_code=kwargs.get("trust_remote_code"), image_tokenizer=image_tokenizer, **hub_kwargs
+    )
 
 
 __all__ = ["UniForkModel", "UniForkForConditionalGeneration", "UniForkPreTrainedModel"]

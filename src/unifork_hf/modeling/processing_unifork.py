@@ -6,6 +6,7 @@ import torch
 from transformers import ProcessorMixin
 
 from .image_processing_unifork import check_image_types
+from .vq_unifork import UniForkVQImageTokenizer
 
 
 # Each image placeholder expands to <begin_of_image> + num_image_tokens x <image> + <end_of_image>.
@@ -32,8 +33,9 @@ class UniForkProcessor(ProcessorMixin):
         chat_template: Jinja chat template; an `{"type": "image"}` item renders as one `<image>` placeholder.
         image_seq_length: tokens per image (the VQ code grid, e.g. 16x16 = 256).
 
-    `image_tokenizer` (the model's [`UniForkVQImageTokenizer`]) is attached by the model's
-    `from_pretrained`; it is needed only for `encode_images` / `decode_image_tokens`.
+    `image_tokenizer` (a [`UniForkVQImageTokenizer`]) is needed only by `encode_images` /
+    `decode_image_tokens`. `from_pretrained` reads it out of the checkpoint's model weights (where the
+    one copy of the VQ lives); a model loaded with `from_pretrained` shares its own with `model.processor`.
 
     Example:
 
@@ -73,6 +75,16 @@ class UniForkProcessor(ProcessorMixin):
         self.image_token_id, self.boi_token_id, self.eoi_token_id = tokenizer.convert_tokens_to_ids(
             [image_token, boi_token, eoi_token]
         )
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, image_tokenizer=None, **kwargs):
+        """Load the processor; the VQ image tokenizer comes from the checkpoint's weights unless given."""
+        processor = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        if image_tokenizer is None:
+            hub_kwargs = {k: kwargs[k] for k in ("cache_dir", "revision", "token", "subfolder") if k in kwargs}
+            image_tokenizer = UniForkVQImageTokenizer.from_checkpoint(pretrained_model_name_or_path, **hub_kwargs)
+        processor.image_tokenizer = image_tokenizer
+        return processor
 
     def prepare_inputs_layout(self, images=None, text=None, videos=None, audio=None, **kwargs):
         if images is not None:

@@ -1,8 +1,15 @@
 """The VQ image tokenizer of UniFork: a thin, frozen wrapper on diffusers' `VQModel`."""
 
+import json
+
 import torch
 from diffusers import VQModel
+from safetensors import safe_open
 from torch import nn
+from transformers.utils import CONFIG_NAME, SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, cached_file
+
+# Where the VQ's weights live inside a UniFork checkpoint's model.safetensors.
+CHECKPOINT_PREFIX = "model.image_tokenizer."
 
 
 class UniForkVQImageTokenizer(nn.Module):
@@ -34,6 +41,42 @@ class UniForkVQImageTokenizer(nn.Module):
         # init (normal(0.02) for convs and codebook) would otherwise overwrite a trained VQ.
         for module in self.vq.modules():
             module._is_hf_initialized = True
+
+    @classmethod
+    def from_checkpoint(cls, path, **hub_kwargs) -> "UniForkVQImageTokenizer | None":
+        """Load only the VQ image tokenizer out of a UniFork checkpoint (its one copy of the VQ weights).
+
+        Returns None when `path` holds no UniFork model weights (e.g. a processor-only directory).
+        """
+        found = {"_raise_exceptions_for_missing_entries": False, "_raise_exceptions_for_connection_errors": False}
+        config_file = cached_file(path, CONFIG_NAME, **found, **hub_kwargs)
+        if config_file is None:
+            return None
+        with open(config_file) as f:
+            vq_config = json.load(f).get("vq_config")
+        weight_file = cached_file(path, SAFE_WEIGHTS_NAME, **found, **hub_kwargs)
+        if weight_file is not None:
+            weight_files = [weight_file]
+        else:
+            index_file = cached_file(path, SAFE_WEIGHTS_INDEX_NAME, **found, **hub_kwargs)
+            if vq_config is None or index_file is None:
+                return None
+            with open(index_file) as f:
+                shards = {s for k, s in json.load(f)["weight_map"].items() if k.startswith(CHECKPOINT_PREFIX)}
+            weight_files = [cached_file(path, shard, **hub_kwargs) for shard in sorted(shards)]
+        if vq_config is None:
+            return None
+        state = {}
+        for file in weight_files:
+            with safe_open(file, framework="pt") as weights:
+                for key in weights.keys():
+                    if key.startswith(CHECKPOINT_PREFIX):
+                        state[key.removeprefix(CHECKPOINT_PREFIX)] = weights.get_tensor(key)
+        if not state:
+            raise ValueError(f"Checkpoint {path!r} lacks the VQ image tokenizer weights ({CHECKPOINT_PREFIX}*).")
+        tokenizer = cls(vq_config)
+        tokenizer.load_state_dict(state)
+        return tokenizer
 
     @property
     def codebook_size(self) -> int:

@@ -3,6 +3,7 @@
     unifork build --llm Qwen/Qwen2.5-0.5B --vq path/to/vq --out unifork-0.5b
     unifork generate-image --model unifork-0.5b --prompt "a red circle" --prompt "two blue squares" --out grid.png
     unifork answer --model unifork-0.5b --image photo.png --question "What colour is the circle?"
+    unifork train --recipe configs/tiny-colours.yaml
     unifork demo --out demo_out
 """
 
@@ -120,6 +121,25 @@ def cmd_demo(args) -> None:
     )
 
 
+def cmd_train(args) -> None:
+    from unifork_hf.training.recipes import run_recipe
+
+    overrides = {"training": {}}
+    if args.output_dir:
+        overrides["training"]["output_dir"] = args.output_dir
+    if args.max_steps:
+        overrides["training"]["max_steps"] = args.max_steps
+    if args.resume:
+        overrides["training"]["resume_from_checkpoint"] = args.resume
+    trainer = run_recipe(args.recipe, overrides)
+    logs = [log for log in trainer.state.log_history if "loss" in log]
+    for name in ("loss_understanding", "loss_generation"):
+        values = [log[name] for log in logs if name in log]
+        if values:
+            print(f"{name}: {values[0]:.3f} (step {logs[0]['step']}) -> {values[-1]:.3f} (step {logs[-1]['step']})")
+    print(f"model saved to {trainer.args.output_dir}")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="unifork", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -149,6 +169,13 @@ def main(argv=None) -> None:
     answer_parser.add_argument("--question", required=True)
     answer_parser.add_argument("--max-new-tokens", type=int, default=32)
     answer_parser.set_defaults(run=cmd_answer)
+
+    train = commands.add_parser("train", help="train as a YAML recipe says (model, data, training arguments)")
+    train.add_argument("--recipe", required=True, help="YAML file, e.g. configs/tiny-colours.yaml")
+    train.add_argument("--output-dir", default=None, help="override training.output_dir")
+    train.add_argument("--max-steps", type=int, default=None, help="override training.max_steps")
+    train.add_argument("--resume", default=None, help="checkpoint directory to resume from, or 'true' for the last")
+    train.set_defaults(run=cmd_train)
 
     demo = commands.add_parser("demo", help="offline quick-start: build a tiny UniFork and run both tasks")
     demo.add_argument("--out", default="demo_out")

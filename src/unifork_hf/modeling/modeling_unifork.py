@@ -31,6 +31,7 @@ from transformers.modeling_utils import slice_logits_to_keep
 from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
 from .configuration_unifork import UniForkConfig
+from .modelcard_unifork import write_model_card
 from .vq_unifork import UniForkVQImageTokenizer
 
 
@@ -168,8 +169,9 @@ class UniForkPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = True
     _supports_attention_backend = True
     _can_compile_fullgraph = False
-    # The model returns per-task mean losses; Trainer must divide by gradient-accumulation steps.
-    accepts_loss_kwargs = False
+    # `forward` takes `num_items_in_batch`: Trainer then normalises the loss over the whole
+    # accumulated (and distributed) batch, so gradient accumulation and DDP equal one large batch.
+    accepts_loss_kwargs = True
 
 
 class UniForkModel(UniForkPreTrainedModel):
@@ -393,6 +395,9 @@ class UniForkForConditionalGeneration(UniForkPreTrainedModel, GenerationMixin):
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
         self.generation_head = nn.Linear(config.text_config.hidden_size, config.codebook_size, bias=False)
         self.processor = None  # attached by `from_pretrained` / `from_pretrained_llm`; needed for str prompts
+        # Keyword arguments of `build_model_card` (base_model, datasets, eval_results, license, tags, ...)
+        # for the README.md that `save_pretrained` / `push_to_hub` write. Not restored by `from_pretrained`.
+        self.card_data = {}
         self.post_init()
 
     def get_input_embeddings(self):
@@ -421,12 +426,15 @@ class UniForkForConditionalGeneration(UniForkPreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         output_hidden_states: bool | None = None,
+        num_items_in_batch: int | torch.Tensor | None = None,
         **kwargs,
     ) -> UniForkCausalLMOutputWithPast:
         r"""
         labels (`(B, T)`): next-token targets, -100 where no loss is wanted. Understanding samples:
             text token ids. Generation samples: the loss covers the image positions whose label is not
             -100, and the target there is that position's VQ code (so `labels = input_ids` works).
+        num_items_in_batch: divide the summed loss by this (labelled tokens of the whole accumulated
+            batch, as `Trainer` counts them) instead of this batch's own count.
         See [`UniForkModel.forward`] for the other arguments.
 
         Example:
@@ -486,7 +494,7 @@ class UniForkForConditionalGeneration(UniForkPreTrainedModel, GenerationMixin):
                 total, count = _shifted_cross_entropy(image_logits, gen_targets)
                 loss_generation = total / count.clamp(min=1)
                 totals.append(total), counts.append(count)
-            loss = sum(totals) / sum(counts).clamp(min=1)
+            loss = sum(totals) / (num_items_in_batch if num_items_in_batch is not None else sum(counts).clamp(min=1))
 
         return UniForkCausalLMOutputWithPast(
             loss=loss,
@@ -756,20 +764,37 @@ class UniForkForConditionalGeneration(UniForkPreTrainedModel, GenerationMixin):
             UniForkImageProcessorPil(size=size), tokenizer, image_seq_length=config.num_image_tokens
         )
         model.processor.image_tokenizer = model.model.image_tokenizer
+        if llm.name_or_path:  # the Hub id or path the LLM was loaded from: the model card's base_model
+            model.card_data["base_model"] = llm.name_or_path
         return model
 
     # ------------------------------------------------------------------ saving and loading
 
     def save_pretrained(self, save_directory, *args, **kwargs):
-        """Save the model, and the attached processor (if any) beside it, as `from_pretrained` expects."""
+        """Save the model, the attached processor (if any) beside it, and a model card (README.md).
+
+        The card is built from `model.card_data` (see [`build_model_card`]); a README.md already in
+        `save_directory` that this package did not generate is left as it is.
+        """
         # `register_for_auto_class` records one Auto class per model class; list AutoModel too so
         # `AutoModel.from_pretrained(dir, trust_remote_code=True)` also finds the full model.
         auto_map = dict(getattr(self.config, "auto_map", None) or {})
         auto_map["AutoModel"] = f"modeling_unifork.{type(self).__name__}"
         self.config.auto_map = auto_map
         super().save_pretrained(save_directory, *args, **kwargs)
-        if self.processor is not None and kwargs.get("is_main_process", True):
-            self.processor.save_pretrained(save_directory)
+        if kwargs.get("is_main_process", True):
+            if self.processor is not None:
+                self.processor.save_pretrained(save_directory)
+            write_model_card(self, save_directory)
+
+    def _upload_modified_files(self, working_dir, repo_id, *args, **kwargs):
+        # Both `push_to_hub` and `save_pretrained(push_to_hub=True)` upload through here, after transformers
+        # has put the Hub repo's card (or a placeholder) in README.md: add the processor (not saved yet on
+        # the second path) and the UniFork card, unless the Hub's card is the user's own.
+        if self.processor is not None:
+            self.processor.save_pretrained(working_dir)
+        write_model_card(self, working_dir, repo_id=repo_id, keep_tags=True)
+        return super()._upload_modified_files(working_dir, repo_id, *args, **kwargs)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):

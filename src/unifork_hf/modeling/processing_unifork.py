@@ -10,14 +10,19 @@ from .vq_unifork import UniForkVQImageTokenizer
 
 
 # Each image placeholder expands to <begin_of_image> + num_image_tokens x <image> + <end_of_image>.
+# {% generation %} marks the assistant's replies (+ eos): the tokens trained by understanding SFT.
 DEFAULT_CHAT_TEMPLATE = (
-    "{%- for message in messages -%}"
-    "<|{{ message['role'] }}|>{{ '\\n' }}"
-    "{%- if message['content'] is string -%}{{ message['content'] }}"
-    "{%- else -%}{%- for item in message['content'] -%}"
+    "{%- macro render(content) -%}"
+    "{%- if content is string -%}{{ content }}"
+    "{%- else -%}{%- for item in content -%}"
     "{%- if item['type'] == 'image' -%}<image>{%- elif item['type'] == 'text' -%}{{ item['text'] }}{%- endif -%}"
     "{%- endfor -%}{%- endif -%}"
-    "{%- if message['role'] == 'assistant' and eos_token -%}{{ eos_token }}{%- endif -%}"
+    "{%- endmacro -%}"
+    "{%- for message in messages -%}"
+    "<|{{ message['role'] }}|>{{ '\\n' }}"
+    "{%- if message['role'] == 'assistant' -%}"
+    "{%- generation -%}{{ render(message['content']) }}{{ eos_token or '' }}{%- endgeneration -%}"
+    "{%- else -%}{{ render(message['content']) }}{%- endif -%}"
     "{{ '\\n' }}"
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}<|assistant|>{{ '\\n' }}{%- endif -%}"

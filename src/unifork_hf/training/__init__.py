@@ -1,0 +1,11 @@
+"""Training UniFork: data preparation and collation, the multi-task Trainer, freezing stages."""
+
+from .data import (
+    UniForkDataCollator,
+    colour_dataset,
+    mix_tasks,
+    prepare_generation,
+    prepare_understanding,
+    pretokenize_images,
+)
+from .trainer import FREEZING_POLICIES, UniForkTrainer, UniForkTrainingArguments, apply_freezing

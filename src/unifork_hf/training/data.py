@@ -1,0 +1,274 @@
+"""Data for UniFork training: `datasets` tables -> tokenized rows of both tasks -> mixed, padded batches.
+
+    understanding rows  {"images": [PIL, ...], "messages": [chat turns]}   loss on the assistant's replies
+    generation rows     {"image": PIL, "caption": str}                     loss on every image token
+
+`prepare_understanding` / `prepare_generation` tokenize the text once (`Dataset.map`), giving both
+tasks the same columns, so `mix_tasks` can interleave them with sampling ratios; `pretokenize_images`
+optionally replaces the images by their VQ codes once, so epochs do not re-encode images. All of it
+works on `Dataset` and streaming `IterableDataset` alike. `UniForkDataCollator` pads a list of rows
+into one batch for the model's per-sample task routing, with classifier-free-guidance prompt dropout.
+
+Example:
+
+```python
+>>> und = prepare_understanding(qa_dataset, processor)
+>>> gen = prepare_generation(caption_dataset, processor)
+>>> train = mix_tasks(und, gen, generation_ratio=0.5)
+>>> batch = UniForkDataCollator(processor)([train[0], train[1]])
+>>> model(**batch).loss
+```
+"""
+
+import hashlib
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import PIL.Image
+import torch
+from datasets import Dataset, Features, Image, IterableDataset, List, Value, interleave_datasets
+
+from ..modeling.modeling_unifork import GENERATION, UNDERSTANDING
+
+
+# The columns every prepared row has, whatever its task.
+PREPARED_FEATURES = Features(
+    {
+        "task": Value("int64"),
+        "input_ids": List(Value("int64")),
+        "labels": List(Value("int64")),
+        "prompt_length": Value("int64"),  # generation: tokens before the image, swapped out by CFG dropout
+        "images": List(Image()),
+    }
+)
+
+
+def _bad_row(column: str, index, expected: str, value) -> ValueError:
+    shown = repr(value)
+    shown = shown if len(shown) <= 80 else shown[:77] + "..."
+    return ValueError(f"Row {index}: column {column!r} must be {expected}, got {shown}.")
+
+
+def _check_image(value, column: str, index):
+    if isinstance(value, PIL.Image.Image):
+        return value
+    if isinstance(value, dict) and (value.get("bytes") or value.get("path")):  # undecoded datasets Image
+        return value
+    raise _bad_row(column, index, "an image", value)
+
+
+def _map(dataset, function, features, remove_columns, desc):
+    kwargs = dict(with_indices=True, features=features, remove_columns=remove_columns)
+    if isinstance(dataset, Dataset):
+        kwargs["desc"] = desc
+    return dataset.map(function, **kwargs)
+
+
+def _columns(dataset):
+    columns = dataset.column_names
+    if columns is None:  # streaming datasets may not know their columns before the first row
+        columns = list(next(iter(dataset)).keys())
+    return columns
+
+
+def prepare_understanding(dataset, processor, messages_column: str = "messages", images_column: str = "images"):
+    """Tokenize chat rows (`messages` with `{"type": "image"}` items, and their `images`) for understanding.
+
+    Labels keep the assistant's replies (and their end-of-text) only: the template's `{% generation %}`
+    blocks, found by transformers' `return_assistant_tokens_mask`.
+    """
+    columns = _columns(dataset)
+    for column in (messages_column, images_column):
+        if column not in columns:
+            raise ValueError(f"Understanding dataset has no column {column!r} (columns: {columns}).")
+
+    def tokenize(row, index):
+        messages = row[messages_column]
+        if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
+            raise _bad_row(messages_column, index, "a non-empty list of {'role', 'content'} messages", messages)
+        if not any(m.get("role") == "assistant" for m in messages):
+            raise _bad_row(messages_column, index, "a conversation with at least one assistant reply", messages)
+        images = row[images_column] if row[images_column] is not None else []
+        if not isinstance(images, list):
+            images = [images]
+        images = [_check_image(image, images_column, index) for image in images]
+        placeholders = sum(
+            1
+            for m in messages
+            if isinstance(m.get("content"), list)
+            for item in m["content"]
+            if isinstance(item, dict) and item.get("type") == "image"
+        )
+        if placeholders != len(images):
+            raise _bad_row(
+                messages_column, index, f"a conversation with one image item per image ({len(images)})", messages
+            )
+        try:
+            out = processor.apply_chat_template(
+                messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True,
+                processor_kwargs={"images": images} if images else {},
+            )  # fmt: skip
+        except (TypeError, ValueError, KeyError) as error:
+            raise ValueError(f"Row {index}: column {messages_column!r} could not be tokenized: {error}") from error
+        input_ids = list(out["input_ids"][0])
+        mask = list(out["assistant_masks"][0])
+        labels = [token if keep else -100 for token, keep in zip(input_ids, mask)]
+        return {"task": UNDERSTANDING, "input_ids": input_ids, "labels": labels, "prompt_length": 0, "images": images}
+
+    return _map(dataset, tokenize, PREPARED_FEATURES, columns, "Tokenizing understanding rows")
+
+
+def prepare_generation(dataset, processor, caption_column: str = "caption", image_column: str = "image"):
+    """Tokenize caption -> image rows for generation: the image-generation prompt, then every image token.
+
+    Labels mark all image positions (the model puts each position's VQ code there); nothing else is trained.
+    """
+    columns = _columns(dataset)
+    for column in (caption_column, image_column):
+        if column not in columns:
+            raise ValueError(f"Generation dataset has no column {column!r} (columns: {columns}).")
+    image_part = (
+        [processor.image_token_id] * processor.image_seq_length + [processor.eoi_token_id]
+    )
+    image_labels = [processor.image_token_id] * processor.image_seq_length + [-100]
+
+    def tokenize(row, index):
+        caption = row[caption_column]
+        if not isinstance(caption, str):
+            raise _bad_row(caption_column, index, "a string", caption)
+        image = _check_image(row[image_column], image_column, index)
+        prompt = processor.tokenizer(processor.image_generation_prompt(caption), add_special_tokens=False).input_ids
+        return {
+            "task": GENERATION,
+            "input_ids": prompt + image_part,
+            "labels": [-100] * len(prompt) + image_labels,
+            "prompt_length": len(prompt),
+            "images": [image],
+        }
+
+    return _map(dataset, tokenize, PREPARED_FEATURES, columns, "Tokenizing generation rows")
+
+
+def mix_tasks(understanding, generation, generation_ratio: float = 0.5, seed: int = 0):
+    """Interleave prepared understanding and generation rows, drawing a generation row with
+    probability `generation_ratio` (until both are exhausted: the smaller one is cycled)."""
+    if not 0 <= generation_ratio <= 1:
+        raise ValueError(f"generation_ratio must be in [0, 1], got {generation_ratio}.")
+    if generation_ratio in (0, 1):
+        return generation if generation_ratio == 1 else understanding
+    return interleave_datasets(
+        [understanding, generation],
+        probabilities=[1 - generation_ratio, generation_ratio],
+        seed=seed,
+        stopping_strategy="all_exhausted",
+    )
+
+
+def pretokenize_images(dataset, processor, batch_size: int = 64):
+    """Replace the `images` column of prepared rows by `image_ids` (VQ codes), computed once.
+
+    On a `Dataset` the result is an Arrow table (cached on disk when the dataset is), fingerprinted by
+    the VQ weights so a different tokenizer never reuses stale codes.
+    """
+    image_tokenizer = processor._require_image_tokenizer()
+    features = Features({**{k: v for k, v in PREPARED_FEATURES.items() if k != "images"},
+                         "image_ids": List(List(Value("int64")))})  # fmt: skip
+
+    def encode(batch):
+        flat = [image for images in batch["images"] for image in images]
+        codes = processor.encode_images(flat).tolist() if flat else []
+        out, start = [], 0
+        for images in batch["images"]:
+            out.append(codes[start : start + len(images)])
+            start += len(images)
+        return {"image_ids": out}
+
+    kwargs = dict(batched=True, batch_size=batch_size, features=features, remove_columns=["images"])
+    if isinstance(dataset, Dataset):
+        vq_hash = hashlib.sha256(image_tokenizer.codebook.detach().cpu().numpy().tobytes()).hexdigest()[:16]
+        kwargs.update(desc="Encoding images with the VQ", new_fingerprint=f"{dataset._fingerprint}-vq-{vq_hash}")
+    return dataset.map(encode, **kwargs)
+
+
+@dataclass
+class UniForkDataCollator:
+    """Pads prepared rows of either task into one batch: `input_ids`, `attention_mask`, `labels`, `task`,
+    and `pixel_values` (rows with images) or `image_ids` (pre-tokenized rows).
+
+    Classifier-free guidance: each generation row's prompt is replaced by the unconditional (empty)
+    prompt with probability `cfg_dropout`, as at sampling time. The draw uses Python's `random`, which
+    `Trainer` seeds and checkpoints, so runs and resumed runs see the same drops.
+    """
+
+    processor: object
+    cfg_dropout: float = 0.1
+
+    def __post_init__(self):
+        if not 0 <= self.cfg_dropout < 1:
+            raise ValueError(f"cfg_dropout must be in [0, 1), got {self.cfg_dropout}.")
+        self.unconditional_prompt = self.processor.tokenizer(
+            self.processor.image_generation_prompt(""), add_special_tokens=False
+        ).input_ids
+
+    def drop_prompt(self, input_ids: list[int], labels: list[int], prompt_length: int):
+        """The row with its prompt swapped for the unconditional one."""
+        empty = self.unconditional_prompt
+        return empty + input_ids[prompt_length:], [-100] * len(empty) + labels[prompt_length:]
+
+    def __call__(self, rows: list[dict]) -> dict:
+        sequences, targets, tasks, images, image_ids = [], [], [], [], []
+        for row in rows:
+            input_ids, labels = list(row["input_ids"]), list(row["labels"])
+            if row["task"] == GENERATION and self.cfg_dropout and random.random() < self.cfg_dropout:
+                input_ids, labels = self.drop_prompt(input_ids, labels, row["prompt_length"])
+            sequences.append(input_ids)
+            targets.append(labels)
+            tasks.append(row["task"])
+            if "image_ids" in row:
+                image_ids.extend(row["image_ids"])
+            else:
+                images.extend(row.get("images") or [])
+        if images and image_ids:
+            raise ValueError("A batch mixes rows with images and rows with pre-tokenized image_ids; prepare all alike.")
+
+        length = max(len(s) for s in sequences)
+        pad = self.processor.tokenizer.pad_token_id
+        batch = {
+            "input_ids": torch.tensor([s + [pad] * (length - len(s)) for s in sequences]),
+            "attention_mask": torch.tensor([[1] * len(s) + [0] * (length - len(s)) for s in sequences]),
+            "labels": torch.tensor([t + [-100] * (length - len(t)) for t in targets]),
+            "task": torch.tensor(tasks),
+        }
+        if images:
+            batch["pixel_values"] = self.processor.image_processor(images, return_tensors="pt").pixel_values
+        if image_ids:
+            batch["image_ids"] = torch.tensor(np.asarray(image_ids, dtype=np.int64))
+        return batch
+
+
+def colour_dataset(num_rows: int = 128, image_size: int = 32, seed: int = 0) -> dict[str, Dataset]:
+    """A small learnable dataset for smoke-training both tasks: flat-coloured images.
+
+    Returns `{"understanding": Dataset(images, messages), "generation": Dataset(image, caption)}`; the
+    question asks for the colour, the caption names it. (The shapes benchmark is the real one.)
+    """
+    colours = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (40, 60, 220), "yellow": (240, 220, 40),
+               "purple": (140, 50, 170), "orange": (250, 140, 20)}  # fmt: skip
+    rng = random.Random(seed)
+    names = [rng.choice(sorted(colours)) for _ in range(num_rows)]
+    images = [PIL.Image.new("RGB", (image_size, image_size), colours[name]) for name in names]
+    understanding = Dataset.from_dict(
+        {
+            "images": [[image] for image in images],
+            "messages": [
+                [
+                    {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour is it?"}]},
+                    {"role": "assistant", "content": [{"type": "text", "text": name}]},
+                ]
+                for name in names
+            ],
+        }
+    )
+    generation = Dataset.from_dict({"image": images, "caption": [f"a {name} square" for name in names]})
+    return {"understanding": understanding, "generation": generation}

@@ -1,0 +1,156 @@
+"""Training recipes: one small YAML file = model + data + `UniForkTrainingArguments`.
+
+```yaml
+model:                      # one of: path (a UniFork checkpoint) | llm + vq (fork them) | tiny: true
+  tiny: true
+  num_shared_layers: 2
+data:
+  builtin: colours          # or understanding: {...} / generation: {...}, each `datasets.load_dataset`
+  num_rows: 128             #   kwargs (path, name, data_files, split, streaming) or {load_from_disk: DIR},
+  generation_ratio: 0.5     #   plus optional *_column names
+  pretokenize_images: true
+training:                   # any UniForkTrainingArguments field
+  output_dir: runs/tiny
+  max_steps: 200
+```
+
+Run with `unifork train --recipe FILE`.
+"""
+
+import os
+from dataclasses import dataclass, field, fields
+
+import yaml
+from transformers import HfArgumentParser
+
+from .data import colour_dataset, mix_tasks, prepare_generation, prepare_understanding, pretokenize_images
+from .trainer import UniForkTrainer, UniForkTrainingArguments
+
+
+@dataclass
+class ModelRecipe:
+    path: str | None = None
+    llm: str | None = None
+    vq: str | None = None
+    tiny: bool = False
+    num_shared_layers: int | None = None
+    seed: int = 0
+
+
+@dataclass
+class DataRecipe:
+    builtin: str | None = None
+    num_rows: int = 128
+    understanding: dict | None = None
+    generation: dict | None = None
+    generation_ratio: float = 0.5
+    pretokenize_images: bool = True
+    seed: int = 0
+
+
+@dataclass
+class Recipe:
+    model: ModelRecipe = field(default_factory=ModelRecipe)
+    data: DataRecipe = field(default_factory=DataRecipe)
+    training: UniForkTrainingArguments | None = None
+
+
+def _dataclass_from(cls, values: dict, section: str):
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"Recipe section {section!r} has unknown keys {unknown}; known: {sorted(known)}.")
+    return cls(**values)
+
+
+def load_recipe(path: str, overrides: dict | None = None) -> Recipe:
+    """Read a YAML recipe; `overrides` (e.g. `{"training": {"max_steps": 10}}`) replace its values."""
+    with open(path) as f:
+        raw = yaml.safe_load(f) or {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"Recipe {path!r} must be a mapping with sections model, data, training.")
+    unknown = sorted(set(raw) - {"model", "data", "training"})
+    if unknown:
+        raise ValueError(f"Recipe {path!r} has unknown sections {unknown}; expected model, data, training.")
+    for section, values in (overrides or {}).items():
+        raw.setdefault(section, {}).update(values)
+    training = dict(raw.get("training") or {})
+    training.setdefault("output_dir", os.path.splitext(os.path.basename(path))[0])
+    (arguments,) = HfArgumentParser(UniForkTrainingArguments).parse_dict(training)
+    return Recipe(
+        model=_dataclass_from(ModelRecipe, raw.get("model") or {}, "model"),
+        data=_dataclass_from(DataRecipe, raw.get("data") or {}, "data"),
+        training=arguments,
+    )
+
+
+def build_model(recipe: ModelRecipe):
+    """The model (with its processor attached) a recipe starts from."""
+    import tempfile
+
+    from ..modeling.modeling_unifork import UniForkForConditionalGeneration
+    from ..tiny import save_tiny_parts
+
+    sources = sum([recipe.path is not None, recipe.llm is not None or recipe.vq is not None, recipe.tiny])
+    if sources != 1:
+        raise ValueError("Recipe model needs exactly one of: `path`, `llm` + `vq`, or `tiny: true`.")
+    if recipe.path is not None:
+        return UniForkForConditionalGeneration.from_pretrained(recipe.path)
+    llm, vq = recipe.llm, recipe.vq
+    if recipe.tiny:
+        llm, vq = save_tiny_parts(tempfile.mkdtemp(prefix="unifork-tiny-"), seed=recipe.seed)
+    elif llm is None or vq is None:
+        raise ValueError("Recipe model: `llm` and `vq` go together.")
+    return UniForkForConditionalGeneration.from_pretrained_llm(llm, vq, num_shared_layers=recipe.num_shared_layers)
+
+
+def _load_source(spec: dict, task: str):
+    from datasets import load_dataset, load_from_disk
+
+    spec = dict(spec)
+    columns = {key: spec.pop(key) for key in list(spec) if key.endswith("_column")}
+    if "load_from_disk" in spec:
+        dataset = load_from_disk(spec.pop("load_from_disk"))
+        if spec.get("split"):
+            dataset = dataset[spec.pop("split")]
+    else:
+        dataset = load_dataset(**spec)
+    return dataset, columns
+
+
+def build_dataset(recipe: DataRecipe, processor):
+    """Prepared, mixed (and optionally pre-tokenized) training rows for a recipe."""
+    if recipe.builtin is not None:
+        if recipe.builtin != "colours":
+            raise ValueError(f"Recipe data: unknown builtin {recipe.builtin!r}; available: ['colours'].")
+        size = processor.image_processor.size["height"]
+        parts = colour_dataset(recipe.num_rows, image_size=size, seed=recipe.seed)
+        understanding = prepare_understanding(parts["understanding"], processor)
+        generation = prepare_generation(parts["generation"], processor)
+    else:
+        understanding = generation = None
+        if recipe.understanding:
+            dataset, columns = _load_source(recipe.understanding, "understanding")
+            understanding = prepare_understanding(dataset, processor, **columns)
+        if recipe.generation:
+            dataset, columns = _load_source(recipe.generation, "generation")
+            generation = prepare_generation(dataset, processor, **columns)
+        if understanding is None and generation is None:
+            raise ValueError("Recipe data needs `builtin`, `understanding` and/or `generation`.")
+    if understanding is None or generation is None:
+        train = understanding if generation is None else generation
+    else:
+        train = mix_tasks(understanding, generation, recipe.generation_ratio, seed=recipe.seed)
+    return pretokenize_images(train, processor) if recipe.pretokenize_images else train
+
+
+def run_recipe(path: str, overrides: dict | None = None) -> UniForkTrainer:
+    """Train as a recipe says; saves the final model (with processor) to `output_dir`."""
+    recipe = load_recipe(path, overrides)
+    model = build_model(recipe.model)
+    train_dataset = build_dataset(recipe.data, model.processor)
+    trainer = UniForkTrainer(model=model, args=recipe.training, train_dataset=train_dataset,
+                             processing_class=model.processor)  # fmt: skip
+    trainer.train(resume_from_checkpoint=recipe.training.resume_from_checkpoint)
+    trainer.save_model()
+    return trainer

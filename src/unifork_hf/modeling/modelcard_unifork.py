@@ -8,7 +8,8 @@
 >>> model.save_pretrained("unifork-0.5b")   # README.md: metadata, architecture, parameter counts, usage
 ```
 
-A README.md that was not written by this module (it lacks `MODEL_CARD_MARKER`) is never replaced.
+A README.md that this module did not write (it lacks `MODEL_CARD_MARKER`) is never replaced, except
+transformers' placeholder card that `push_to_hub` puts in when the Hub repo has no card yet.
 
 This file is copied next to checkpoints as remote code: it imports only the standard library,
 torch, transformers and huggingface_hub.
@@ -131,7 +132,8 @@ def write_model_card(model, directory, *, repo_id: str | None = None, keep_tags:
         if not is_generated_card(existing):
             return False
         if keep_tags:
-            card_kwargs["tags"] = list(card_kwargs.get("tags") or []) + list(ModelCard(existing).data.tags or [])
+            replaced = ModelCard(existing, ignore_metadata_errors=True)
+            card_kwargs["tags"] = list(card_kwargs.get("tags") or []) + list(replaced.data.tags or [])
     repo_id = repo_id or os.path.basename(os.path.abspath(directory))
     build_model_card(model, repo_id=repo_id, **card_kwargs).save(path)
     return True
@@ -154,7 +156,8 @@ def _summary(model, base_hub, base_local) -> str:
         "L − K layers exist twice, once per task.\n\n"
         f"- LLM: `{text.model_type}`, L = {num_layers} layers, hidden size {text.hidden_size}, "
         f"vocabulary {text.vocab_size:,}\n"
-        f"- fork point K = {k} shared layers; branch depth L − K = {num_layers - k} layers per task\n"
+        f"- fork point K = {k} (layers shared by both tasks); "
+        f"branch depth L − K = {num_layers - k} (layers per task)\n"
         f"- images: {config.image_size}×{config.image_size} px, tokenized by a VQ into a "
         f"{config.image_grid_size}×{config.image_grid_size} code grid ({config.num_image_tokens} tokens per image) "
         f"over a codebook of {config.codebook_size:,} codes"
@@ -170,6 +173,7 @@ def _architecture(model) -> str:
         lm_head += " (tied to the embeddings)"
     hidden = config.text_config.hidden_size
     branches = _layers(k, num_layers) + " + norm"
+    frozen = "" if any(p.requires_grad for p in backbone.image_tokenizer.parameters()) else " (frozen)"
     parts = [
         ("embeddings", [backbone.embed_tokens]),
         (f"shared layers ({_layers(0, k)})", [backbone.shared_layers]),
@@ -178,7 +182,7 @@ def _architecture(model) -> str:
         (lm_head, [model.lm_head]),
         (f"generation head ({hidden} × {config.codebook_size})", [model.generation_head]),
         ("image projector", [backbone.image_projector]),
-        ("VQ image tokenizer (frozen)", [backbone.image_tokenizer]),
+        ("VQ image tokenizer" + frozen, [backbone.image_tokenizer]),
     ]
     seen = set()
     rows = [(name, _count(modules, seen)) for name, modules in parts]

@@ -39,6 +39,7 @@ PREPARED_FEATURES = Features(
         "input_ids": List(Value("int64")),
         "labels": List(Value("int64")),
         "prompt_length": Value("int64"),  # generation: tokens before the image, swapped out by CFG dropout
+        "row": Value("int64"),  # index in the source dataset: names bad rows, keys the CFG-dropout draw
         "images": List(Image()),
     }
 )
@@ -114,7 +115,8 @@ def prepare_understanding(dataset, processor, messages_column: str = "messages",
         input_ids = list(out["input_ids"][0])
         mask = list(out["assistant_masks"][0])
         labels = [token if keep else -100 for token, keep in zip(input_ids, mask)]
-        return {"task": UNDERSTANDING, "input_ids": input_ids, "labels": labels, "prompt_length": 0, "images": images}
+        return {"task": UNDERSTANDING, "input_ids": input_ids, "labels": labels, "prompt_length": 0, "row": index,
+                "images": images}  # fmt: skip
 
     return _map(dataset, tokenize, PREPARED_FEATURES, columns, "Tokenizing understanding rows")
 
@@ -144,6 +146,7 @@ def prepare_generation(dataset, processor, caption_column: str = "caption", imag
             "input_ids": prompt + image_part,
             "labels": [-100] * len(prompt) + image_labels,
             "prompt_length": len(prompt),
+            "row": index,
             "images": [image],
         }
 
@@ -196,13 +199,16 @@ class UniForkDataCollator:
     """Pads prepared rows of either task into one batch: `input_ids`, `attention_mask`, `labels`, `task`,
     and `pixel_values` (rows with images) or `image_ids` (pre-tokenized rows).
 
-    Classifier-free guidance: each generation row's prompt is replaced by the unconditional (empty)
-    prompt with probability `cfg_dropout`, as at sampling time. The draw uses Python's `random`, which
-    `Trainer` seeds and checkpoints, so runs and resumed runs see the same drops.
+    Classifier-free guidance: a generation row's prompt is replaced by the unconditional (empty)
+    prompt with probability `cfg_dropout`, as at sampling time. The draw is a hash of (`seed`, `epoch`,
+    the row's source index), not a random stream, so a resumed or distributed run drops exactly the
+    prompts an uninterrupted single-process run drops; [`UniForkTrainer`] keeps `seed` and `epoch` current.
     """
 
     processor: object
     cfg_dropout: float = 0.1
+    seed: int = 0
+    epoch: int = 0
 
     def __post_init__(self):
         if not 0 <= self.cfg_dropout < 1:
@@ -210,6 +216,14 @@ class UniForkDataCollator:
         self.unconditional_prompt = self.processor.tokenizer(
             self.processor.image_generation_prompt(""), add_special_tokens=False
         ).input_ids
+
+    def drops_prompt(self, row: dict) -> bool:
+        """Whether CFG dropout empties this generation row's prompt in the current epoch."""
+        if row["task"] != GENERATION or not self.cfg_dropout:
+            return False
+        key = f"{self.seed}-{self.epoch}-{row['row']}".encode()
+        draw = int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "big") / 2**64
+        return draw < self.cfg_dropout
 
     def drop_prompt(self, input_ids: list[int], labels: list[int], prompt_length: int):
         """The row with its prompt swapped for the unconditional one."""
@@ -220,7 +234,7 @@ class UniForkDataCollator:
         sequences, targets, tasks, images, image_ids = [], [], [], [], []
         for row in rows:
             input_ids, labels = list(row["input_ids"]), list(row["labels"])
-            if row["task"] == GENERATION and self.cfg_dropout and random.random() < self.cfg_dropout:
+            if self.drops_prompt(row):
                 input_ids, labels = self.drop_prompt(input_ids, labels, row["prompt_length"])
             sequences.append(input_ids)
             targets.append(labels)

@@ -15,7 +15,7 @@ Example:
 from dataclasses import dataclass, field
 
 import torch
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from ..modeling.modeling_unifork import UniForkForConditionalGeneration
 from .data import UniForkDataCollator
@@ -77,6 +77,16 @@ class UniForkTrainingArguments(TrainingArguments):
             raise ValueError(f"cfg_dropout must be in [0, 1), got {self.cfg_dropout}.")
 
 
+class _CollatorEpoch(TrainerCallback):
+    """Tells the collator the epoch, which (with the seed and row) decides its CFG prompt dropout."""
+
+    def __init__(self, collator: UniForkDataCollator):
+        self.collator = collator
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.collator.epoch = int((state.epoch or 0) + 1e-6)  # state.epoch is a float that may land on 0.9999...
+
+
 class UniForkTrainer(Trainer):
     """`Trainer` for UniFork: mixed-task batches, freezing stages, and per-task loss logging.
 
@@ -98,6 +108,9 @@ class UniForkTrainer(Trainer):
             apply_freezing(model, args.freeze)
         kwargs.setdefault("processing_class", processor)
         super().__init__(model=model, args=args, data_collator=data_collator, **kwargs)
+        if isinstance(data_collator, UniForkDataCollator):
+            data_collator.seed = args.seed
+            self.add_callback(_CollatorEpoch(data_collator))
         # [sum of per-batch losses, number of batches] per task since the last log
         self._task_losses = {"loss_understanding": torch.zeros(2), "loss_generation": torch.zeros(2)}
 

@@ -1,0 +1,293 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from datasets import Dataset
+from PIL import Image
+from safetensors.torch import load_file
+
+from unifork_hf import GENERATION, UNDERSTANDING, UniForkForConditionalGeneration
+from unifork_hf.tiny import tiny_llm, tiny_tokenizer, tiny_vq
+from unifork_hf.training import (
+    FREEZING_POLICIES,
+    UniForkDataCollator,
+    UniForkTrainer,
+    UniForkTrainingArguments,
+    apply_freezing,
+    colour_dataset,
+    mix_tasks,
+    prepare_generation,
+    prepare_understanding,
+    pretokenize_images,
+)
+from unifork_hf.training.recipes import load_recipe, run_recipe
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+RECIPE = os.path.join(HERE, "..", "configs", "tiny-colours.yaml")
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return UniForkForConditionalGeneration.from_pretrained_llm(tiny_llm(), tiny_vq(), tokenizer=tiny_tokenizer())
+
+
+@pytest.fixture(scope="module")
+def prepared(model):
+    parts = colour_dataset(16, seed=0)
+    und = prepare_understanding(parts["understanding"], model.processor)
+    gen = prepare_generation(parts["generation"], model.processor)
+    return und, gen, parts
+
+
+def training_args(tmp_path, **overrides):
+    kwargs = dict(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=3, learning_rate=1e-3,
+                  logging_steps=1, save_strategy="no", use_cpu=True, report_to=[], disable_tqdm=True, seed=0)  # fmt: skip
+    kwargs.update(overrides)
+    return UniForkTrainingArguments(**kwargs)
+
+
+def test_understanding_labels_cover_exactly_the_answers(model, prepared):
+    und, _, parts = prepared
+    processor = model.processor
+    row = und[0]
+    answer = parts["understanding"][0]["messages"][1]["content"][0]["text"]
+    ids, labels = row["input_ids"], row["labels"]
+    expected = processor.tokenizer(answer, add_special_tokens=False).input_ids + [processor.tokenizer.eos_token_id]
+    kept = [i for i, label in enumerate(labels) if label != -100]
+    assert [labels[i] for i in kept] == [ids[i] for i in kept] == expected
+    # the answer is the last turn: its tokens sit right after the assistant header, before the final newline
+    assert kept == list(range(len(ids) - 1 - len(expected), len(ids) - 1))
+    assert ids.count(processor.image_token_id) == processor.image_seq_length
+    assert row["task"] == UNDERSTANDING and row["prompt_length"] == 0
+
+
+def test_generation_labels_cover_every_image_token(model, prepared):
+    _, gen, parts = prepared
+    processor = model.processor
+    row = gen[3]
+    prompt = processor.tokenizer(processor.image_generation_prompt(parts["generation"][3]["caption"]),
+                                 add_special_tokens=False).input_ids  # fmt: skip
+    n = processor.image_seq_length
+    assert row["input_ids"] == prompt + [processor.image_token_id] * n + [processor.eoi_token_id]
+    assert row["labels"] == [-100] * len(prompt) + [processor.image_token_id] * n + [-100]
+    assert row["prompt_length"] == len(prompt) and row["task"] == GENERATION and row["row"] == 3
+    batch = UniForkDataCollator(processor, cfg_dropout=0.0)([row])
+    out = model(**batch)  # all 64 image tokens are trained (the official code trained the first 256 of 576)
+    first = row["input_ids"].index(processor.image_token_id)
+    codes = model.model.image_tokenizer.encode(batch["pixel_values"])[0]
+    expected = torch.nn.functional.cross_entropy(out.image_logits[0, first - 1 : first - 1 + n], codes)
+    torch.testing.assert_close(out.loss_generation, expected)
+
+
+def test_collator_pads_on_the_right_and_routes_tasks(model, prepared):
+    und, gen, _ = prepared
+    rows = [und[0], gen[0], und[1]]
+    batch = UniForkDataCollator(model.processor, cfg_dropout=0.0)(rows)
+    assert batch["task"].tolist() == [UNDERSTANDING, GENERATION, UNDERSTANDING]
+    lengths = [len(r["input_ids"]) for r in rows]
+    assert batch["input_ids"].shape == (3, max(lengths)) and batch["pixel_values"].shape == (3, 3, 32, 32)
+    for i, length in enumerate(lengths):
+        assert batch["attention_mask"][i].tolist() == [1] * length + [0] * (max(lengths) - length)
+        assert batch["labels"][i, length:].eq(-100).all()
+
+
+def test_mixed_batch_losses_equal_single_task_batches(model, prepared, tmp_path):
+    und, gen, _ = prepared
+    collator = UniForkDataCollator(model.processor, cfg_dropout=0.0)
+    trainer = UniForkTrainer(model=model, args=training_args(tmp_path, freeze="none"), data_collator=collator,
+                             processing_class=model.processor)  # fmt: skip
+    model.eval()
+    with torch.no_grad():
+        _, mixed = trainer.compute_loss(model, collator([und[0], gen[0], und[1], gen[1]]), return_outputs=True)
+        _, und_only = trainer.compute_loss(model, collator([und[0], und[1]]), return_outputs=True)
+        _, gen_only = trainer.compute_loss(model, collator([gen[0], gen[1]]), return_outputs=True)
+    torch.testing.assert_close(mixed.loss_understanding, und_only.loss, atol=1e-5, rtol=0)
+    torch.testing.assert_close(mixed.loss_generation, gen_only.loss, atol=1e-5, rtol=0)
+    n_und = sum(sum(1 for x in r["labels"][1:] if x != -100) for r in (und[0], und[1]))
+    n_gen = 2 * 64
+    expected = (und_only.loss * n_und + gen_only.loss * n_gen) / (n_und + n_gen)
+    torch.testing.assert_close(mixed.loss, expected, atol=1e-5, rtol=0)
+
+
+def test_cfg_dropout_rate_and_what_is_dropped(model):
+    processor = model.processor
+    rows = [{"task": GENERATION, "row": i, "prompt_length": 3, "input_ids": [7, 8, 9, 10, 11], "labels": [-100] * 3 + [1, 2]}
+            for i in range(4000)]  # fmt: skip
+    collator = UniForkDataCollator(processor, cfg_dropout=0.1)
+    dropped = [collator.drops_prompt(row) for row in rows]
+    assert abs(sum(dropped) / len(rows) - 0.1) < 0.015
+    collator.epoch = 1  # a new epoch drops other rows at the same rate
+    again = [collator.drops_prompt(row) for row in rows]
+    assert abs(sum(again) / len(rows) - 0.1) < 0.015 and again != dropped
+    assert not any(collator.drops_prompt({**row, "task": UNDERSTANDING}) for row in rows[:500])
+    collator.epoch = 0
+    row = rows[dropped.index(True)]
+    batch = collator([row])
+    empty = collator.unconditional_prompt
+    assert batch["input_ids"][0].tolist() == empty + [10, 11]
+    assert batch["labels"][0].tolist() == [-100] * len(empty) + [1, 2]
+    assert empty == processor.tokenizer(processor.image_generation_prompt(""), add_special_tokens=False).input_ids
+    assert UniForkDataCollator(processor, cfg_dropout=0.0).drops_prompt(row) is False
+    with pytest.raises(ValueError, match="cfg_dropout"):
+        UniForkDataCollator(processor, cfg_dropout=1.5)
+
+
+@pytest.mark.parametrize("policy", sorted(FREEZING_POLICIES))
+def test_freezing_policies_train_exactly_their_parameters(policy):
+    torch.manual_seed(0)
+    model = UniForkForConditionalGeneration.from_pretrained_llm(tiny_llm(), tiny_vq(), tokenizer=tiny_tokenizer())
+    trainable = apply_freezing(model, policy)
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert names == trainable
+    k, branch = model.config.num_shared_layers, model.config.num_branch_layers
+    per_layer = {n.split(".", 3)[3] for n, _ in model.named_parameters() if n.startswith("model.shared_layers.0.")}
+    layers = lambda prefix, count: {f"{prefix}.{i}.{p}" for i in range(count) for p in per_layer}  # noqa: E731
+    expected = {
+        "align": {"model.image_projector.linear_1.weight", "model.image_projector.linear_1.bias",
+                  "model.image_projector.linear_2.weight", "model.image_projector.linear_2.bias",
+                  "lm_head.weight", "generation_head.weight"},
+        "generation_branch": layers("model.generation_layers", branch) | {"model.generation_norm.weight",
+                                                                        "generation_head.weight"},
+        "understanding_branch": layers("model.understanding_layers", branch) | {"model.understanding_norm.weight",
+                                                                              "lm_head.weight"},
+    }  # fmt: skip
+    vq = {n for n, _ in model.named_parameters() if n.startswith("model.image_tokenizer.")}
+    everything = {n for n, _ in model.named_parameters()}
+    expected["joint"] = everything - vq
+    assert names == expected[policy]
+    assert len(layers("model.shared_layers", k) & names) == (len(per_layer) * k if policy == "joint" else 0)
+    assert not names & vq
+
+
+def test_bad_rows_name_the_column_and_the_row(model):
+    processor = model.processor
+    image = Image.new("RGB", (8, 8))
+    good = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "q"}]},
+            {"role": "assistant", "content": [{"type": "text", "text": "a"}]}]  # fmt: skip
+    with pytest.raises(ValueError, match=r"Row 1: column 'caption' must be a string, got None"):
+        prepare_generation(Dataset.from_dict({"image": [image, image], "caption": ["ok", None]}), processor)
+    with pytest.raises(ValueError, match=r"Row 0: column 'picture' must be an image, got 'not an image'"):
+        prepare_generation(Dataset.from_dict({"picture": ["not an image"], "caption": ["x"]}), processor,
+                           image_column="picture")  # fmt: skip
+    with pytest.raises(ValueError, match=r"Generation dataset has no column 'caption'"):
+        prepare_generation(Dataset.from_dict({"image": [image], "text": ["x"]}), processor)
+    with pytest.raises(ValueError, match=r"Row 1: column 'messages' must be a conversation with one image item per image"):
+        prepare_understanding(Dataset.from_dict({"images": [[image], [image, image]], "messages": [good, good]}),
+                              processor)  # fmt: skip
+    with pytest.raises(ValueError, match=r"Row 0: column 'messages' must be a conversation with at least one assistant"):
+        prepare_understanding(Dataset.from_dict({"images": [[image]], "messages": [good[:1]]}), processor)
+    with pytest.raises(ValueError, match=r"Understanding dataset has no column 'images'"):
+        prepare_understanding(Dataset.from_dict({"messages": [good]}), processor)
+
+
+def test_pretokenized_images_are_encoded_once(model, prepared, tmp_path):
+    und, gen, _ = prepared
+    train = mix_tasks(und, gen, 0.5)
+    pretokenized = pretokenize_images(train, model.processor)
+    assert "images" not in pretokenized.column_names
+    assert pretokenized[0]["image_ids"] == model.processor.encode_images(train[0]["images"]).tolist()
+    calls = []
+    original = model.model.image_tokenizer.encode
+    model.model.image_tokenizer.encode = lambda *a, **k: calls.append(1) or original(*a, **k)
+    try:
+        trainer = UniForkTrainer(model=model, args=training_args(tmp_path, max_steps=len(pretokenized) // 2,
+                                 per_device_train_batch_size=4, num_train_epochs=2), train_dataset=pretokenized,
+                                 processing_class=model.processor)  # fmt: skip
+        trainer.train()
+    finally:
+        model.model.image_tokenizer.encode = original
+    assert trainer.state.epoch >= 1.9 and calls == []
+
+
+def test_streaming_datasets_train(model, prepared, tmp_path):
+    _, _, parts = prepared
+    processor = model.processor
+    und = prepare_understanding(parts["understanding"].to_iterable_dataset(), processor)
+    gen = prepare_generation(parts["generation"].to_iterable_dataset(), processor)
+    train = pretokenize_images(mix_tasks(und, gen, 0.5), processor)
+    trainer = UniForkTrainer(model=model, args=training_args(tmp_path, max_steps=3), train_dataset=train,
+                             processing_class=processor)  # fmt: skip
+    trainer.train()
+    logged = [log for log in trainer.state.log_history if "loss" in log]
+    assert len(logged) == 3 and all("loss_understanding" in log or "loss_generation" in log for log in logged)
+
+
+def test_gradient_accumulation_equals_one_large_batch(tmp_path):
+    """Per-task mean losses, but the optimised loss is normalised over the whole accumulated batch."""
+    weights = []
+    for batch, accumulation in ((8, 1), (4, 2)):
+        out = tmp_path / f"b{batch}"
+        subprocess.run([sys.executable, os.path.join(HERE, "train_script.py"), str(out), "--per-device-batch", str(batch),
+                        "--grad-accum", str(accumulation), "--max-steps", "4"], check=True, capture_output=True)  # fmt: skip
+        weights.append(load_file(out / "final.safetensors"))
+    for name in weights[0]:
+        torch.testing.assert_close(weights[0][name], weights[1][name], atol=2e-6, rtol=0, msg=name)
+
+
+def test_two_process_ddp_matches_one_process(tmp_path):
+    script = os.path.join(HERE, "train_script.py")
+    single, double = tmp_path / "single", tmp_path / "ddp"
+    common = ["--max-steps", "6", "--cfg-dropout", "0.1"]
+    subprocess.run([sys.executable, script, str(single), "--per-device-batch", "8", *common], check=True,
+                   capture_output=True)  # fmt: skip
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                             "29533", script, str(double), "--per-device-batch", "4", *common],
+                            capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    a, b = load_file(single / "final.safetensors"), load_file(double / "final.safetensors")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=2e-6, rtol=0, msg=name)
+    losses = [[log["loss"] for log in json.load(open(d / "losses.json"))] for d in (single, double)]
+    assert len(losses[0]) == 6
+    torch.testing.assert_close(torch.tensor(losses[0]), torch.tensor(losses[1]), atol=1e-4, rtol=0)
+
+
+def test_killed_run_resumes_to_the_same_weights(tmp_path):
+    script = [sys.executable, os.path.join(HERE, "train_script.py")]
+    common = ["--max-steps", "20", "--save-steps", "8", "--cfg-dropout", "0.3"]  # 20 steps cross an epoch
+    subprocess.run([*script, str(tmp_path / "full"), *common], check=True, capture_output=True)
+    killed = tmp_path / "killed"
+    process = subprocess.Popen([*script, str(killed), *common, "--step-delay", "0.3"], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.time() + 300
+    while not (killed / "checkpoint-16" / "trainer_state.json").exists():
+        assert process.poll() is None and time.time() < deadline, "the run ended before it could be killed"
+        time.sleep(0.05)
+    time.sleep(0.5)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (killed / "final.safetensors").exists()
+    subprocess.run([*script, str(killed), *common, "--resume"], check=True, capture_output=True)
+    a, b = load_file(tmp_path / "full" / "final.safetensors"), load_file(killed / "final.safetensors")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=0, msg=name)
+
+
+def test_recipe_trains_both_tasks_and_both_losses_fall(tmp_path, capsys):
+    trainer = run_recipe(RECIPE, {"training": {"output_dir": str(tmp_path), "max_steps": 60, "logging_steps": 10,
+                                               "save_strategy": "no"}})  # fmt: skip
+    logs = [log for log in trainer.state.log_history if "loss" in log]
+    for name in ("loss_understanding", "loss_generation"):
+        assert logs[-1][name] < 0.8 * logs[0][name], (name, logs)
+    assert os.path.exists(tmp_path / "model.safetensors") and os.path.exists(tmp_path / "processor_config.json")
+    reloaded = UniForkForConditionalGeneration.from_pretrained(tmp_path)
+    assert reloaded.processor is not None
+
+
+def test_recipe_errors_name_the_key(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: {tiny: true, layers: 3}\n")
+    with pytest.raises(ValueError, match=r"section 'model' has unknown keys \['layers'\]"):
+        load_recipe(str(bad))
+    bad.write_text("modle: {}\n")
+    with pytest.raises(ValueError, match=r"unknown sections \['modle'\]"):
+        load_recipe(str(bad))
+    bad.write_text("training: {freeze: everything}\n")
+    with pytest.raises(ValueError, match="freeze must be one of"):
+        load_recipe(str(bad))

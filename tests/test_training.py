@@ -280,6 +280,24 @@ def test_recipe_trains_both_tasks_and_both_losses_fall(tmp_path, capsys):
     assert reloaded.processor is not None
 
 
+def test_trainer_writes_the_unifork_card_with_a_training_summary(model, prepared, tmp_path):
+    from huggingface_hub import ModelCard
+
+    und, gen, _ = prepared
+    trainer = UniForkTrainer(model=model, args=training_args(tmp_path, max_steps=2, freeze="generation_branch"),
+                             train_dataset=mix_tasks(und, gen, 0.5), processing_class=model.processor)  # fmt: skip
+    trainer.train()
+    trainer.create_model_card(license="apache-2.0", dataset="colours", tags="smoke-test")
+    card = ModelCard.load(tmp_path / "README.md")
+    assert card.data.library_name == "transformers" and card.data.pipeline_tag == "image-text-to-text"
+    assert card.data.license == "apache-2.0" and card.data.datasets == ["colours"]
+    assert {"unifork", "custom_code", "smoke-test"} <= set(card.data.tags)
+    assert "| steps | 2 |" in card.text and "| freezing stage | generation_branch |" in card.text
+    last = [log for log in trainer.state.log_history if "loss" in log][-1]
+    assert f"| last loss_generation | {round(last['loss_generation'], 4)} |" in card.text
+    apply_freezing(model, "joint")
+
+
 def test_recipe_errors_name_the_key(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: {tiny: true, layers: 3}\n")

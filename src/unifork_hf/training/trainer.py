@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
+from ..modeling.modelcard_unifork import write_model_card
 from ..modeling.modeling_unifork import UniForkForConditionalGeneration
 from .data import UniForkDataCollator
 
@@ -122,6 +123,37 @@ class UniForkTrainer(Trainer):
                 if value is not None:
                     self._task_losses[name] += torch.stack([value.detach().float().cpu(), torch.tensor(1.0)])
         return (loss, outputs) if return_outputs else loss
+
+    def create_model_card(self, language=None, license=None, tags=None, model_name=None, finetuned_from=None,
+                          dataset=None, **kwargs) -> None:  # fmt: skip
+        """Write UniFork's card (architecture, parameter counts, usage) with this run's training summary
+        into `output_dir` (used by `push_to_hub`), instead of Trainer's generic card."""
+        model = self.accelerator.unwrap_model(self.model)
+        if not self.is_world_process_zero() or not isinstance(model, UniForkForConditionalGeneration):
+            return super().create_model_card(language=language, license=license, tags=tags, model_name=model_name,
+                                             finetuned_from=finetuned_from, dataset=dataset, **kwargs)  # fmt: skip
+        given = {"language": language, "license": license, "tags": [tags] if isinstance(tags, str) else tags,
+                 "model_name": model_name, "base_model": finetuned_from,
+                 "datasets": [dataset] if isinstance(dataset, str) else dataset}  # fmt: skip
+        last = next((log for log in reversed(self.state.log_history) if "loss" in log), {})
+        summary = {
+            "steps": self.state.global_step,
+            "freezing stage": self.args.freeze,
+            "CFG prompt dropout": self.args.cfg_dropout,
+            "learning rate": self.args.learning_rate,
+            "batch size (per device x accumulation x processes)": (
+                f"{self.args.per_device_train_batch_size} x {self.args.gradient_accumulation_steps} "
+                f"x {self.args.world_size}"
+            ),
+            **{f"last {name}": round(last[name], 4) for name in ("loss", "loss_understanding", "loss_generation")
+               if name in last},  # fmt: skip
+        }
+        saved = model.card_data
+        model.card_data = {**saved, **{k: v for k, v in given.items() if v is not None}, "training_summary": summary}
+        try:
+            write_model_card(model, self.args.output_dir, keep_tags=True)
+        finally:
+            model.card_data = saved
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:  # a training log: add the per-task losses since the last one

@@ -132,6 +132,8 @@ def cmd_train(args) -> None:
     if args.resume:
         overrides["training"]["resume_from_checkpoint"] = args.resume
     trainer = run_recipe(args.recipe, overrides)
+    if not trainer.is_world_process_zero():
+        return
     logs = [log for log in trainer.state.log_history if "loss" in log]
     for name in ("loss_understanding", "loss_generation"):
         values = [log[name] for log in logs if name in log]

@@ -184,6 +184,8 @@ class UniForkModel(UniForkPreTrainedModel):
         config._attn_implementation = config._attn_implementation
         text = config.text_config
         decoder_layer, rms_norm, rotary_embedding = llm_building_blocks(text)
+        # Units that device maps and FSDP's wrap policy must keep whole: the LLM's layers and the VQ.
+        self._no_split_modules = [decoder_layer.__name__, "UniForkVQImageTokenizer"]
         num_layers, k = text.num_hidden_layers, config.num_shared_layers
         self.layer_types = list(getattr(text, "layer_types", None) or ["full_attention"] * num_layers)
 

@@ -20,6 +20,7 @@ Run with `unifork train --recipe FILE`.
 import os
 from dataclasses import dataclass, field, fields
 
+import torch
 import yaml
 from transformers import HfArgumentParser
 
@@ -86,22 +87,24 @@ def load_recipe(path: str, overrides: dict | None = None) -> Recipe:
 
 def build_model(recipe: ModelRecipe):
     """The model (with its processor attached) a recipe starts from."""
-    import tempfile
-
     from ..modeling.modeling_unifork import UniForkForConditionalGeneration
-    from ..tiny import save_tiny_parts
+    from ..tiny import tiny_llm, tiny_tokenizer, tiny_vq
 
     sources = sum([recipe.path is not None, recipe.llm is not None or recipe.vq is not None, recipe.tiny])
     if sources != 1:
         raise ValueError("Recipe model needs exactly one of: `path`, `llm` + `vq`, or `tiny: true`.")
     if recipe.path is not None:
         return UniForkForConditionalGeneration.from_pretrained(recipe.path)
-    llm, vq = recipe.llm, recipe.vq
-    if recipe.tiny:
-        llm, vq = save_tiny_parts(tempfile.mkdtemp(prefix="unifork-tiny-"), seed=recipe.seed)
-    elif llm is None or vq is None:
+    if recipe.tiny:  # built in memory: every process of a distributed run builds the same one from the seed
+        torch.manual_seed(recipe.seed)
+        llm, vq, tokenizer = tiny_llm(seed=recipe.seed), tiny_vq(seed=recipe.seed), tiny_tokenizer()
+    elif recipe.llm is None or recipe.vq is None:
         raise ValueError("Recipe model: `llm` and `vq` go together.")
-    return UniForkForConditionalGeneration.from_pretrained_llm(llm, vq, num_shared_layers=recipe.num_shared_layers)
+    else:
+        llm, vq, tokenizer = recipe.llm, recipe.vq, None
+    return UniForkForConditionalGeneration.from_pretrained_llm(
+        llm, vq, tokenizer=tokenizer, num_shared_layers=recipe.num_shared_layers
+    )
 
 
 def _load_source(spec: dict, task: str):

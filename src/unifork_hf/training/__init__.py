@@ -1,4 +1,4 @@
-"""Training UniFork: data preparation and collation, the multi-task Trainer, freezing stages."""
+"""Training UniFork: data preparation and collation, the multi-task Trainer, freezing stages, LoRA per branch."""
 
 from .data import (
     UniForkDataCollator,
@@ -8,4 +8,5 @@ from .data import (
     prepare_understanding,
     pretokenize_images,
 )
+from .peft_utils import lora_config
 from .trainer import FREEZING_POLICIES, UniForkTrainer, UniForkTrainingArguments, apply_freezing

@@ -289,3 +289,29 @@ def test_push_to_hub_keeps_the_users_card_on_the_hub(built_model, hub, tmp_path)
     card = card_of(hub.uploads["my-org/unifork-tiny"])
     assert card.data.license is None and card.data.tags == DEFAULT_TAGS + ["old"]
     assert MODEL_CARD_MARKER in card.text
+
+
+def test_trainer_push_to_hub_uploads_the_card_with_the_training_summary(hub, tmp_path, monkeypatch):
+    def upload_folder(self, repo_id, folder_path, **kwargs):  # Trainer uploads its output_dir in one call
+        hub.uploads[repo_id] = {
+            os.path.relpath(os.path.join(root, name), folder_path): open(os.path.join(root, name), "rb").read()
+            for root, _, names in os.walk(folder_path) for name in names
+        }
+
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    from unifork_hf.tiny import tiny_llm, tiny_tokenizer, tiny_vq
+    from unifork_hf.training import (UniForkTrainer, UniForkTrainingArguments, colour_dataset, prepare_generation)
+
+    model = UniForkForConditionalGeneration.from_pretrained_llm(tiny_llm(), tiny_vq(), tokenizer=tiny_tokenizer())
+    train = prepare_generation(colour_dataset(8)["generation"], model.processor)
+    args = UniForkTrainingArguments(output_dir=str(tmp_path / "run"), max_steps=2, per_device_train_batch_size=4,
+                                    logging_steps=1, report_to=[], save_strategy="no", disable_tqdm=True,
+                                    hub_model_id="my-org/trained")  # fmt: skip
+    trainer = UniForkTrainer(model=model, args=args, train_dataset=train, processing_class=model.processor)
+    trainer.train()
+    trainer.push_to_hub(license="apache-2.0")
+    files = hub.uploads["my-org/trained"]
+    assert MODEL_FILES | PROCESSOR_FILES | {"README.md"} <= set(files)
+    card = card_of(files)
+    assert card.data.library_name == "transformers" and card.data.license == "apache-2.0"
+    assert MODEL_CARD_MARKER in card.text and "| steps | 2 |" in card.text

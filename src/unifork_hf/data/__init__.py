@@ -1,0 +1,1 @@
+"""Datasets that ship with the package (procedural, generated from a seed)."""

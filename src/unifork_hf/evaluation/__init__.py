@@ -1,0 +1,3 @@
+"""Automatic evaluation: the Shapes judge for generated images and exact-match scoring for answers."""
+
+from .shapes_judge import detect, score_answers, score_image, score_images

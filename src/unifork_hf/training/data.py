@@ -179,13 +179,14 @@ def pretokenize_images(dataset, processor, batch_size: int = 64):
                          "image_ids": List(List(Value("int64")))})  # fmt: skip
 
     def encode(batch):
-        flat = [image for images in batch["images"] for image in images]
-        codes = processor.encode_images(flat).tolist() if flat else []
-        out, start = [], 0
-        for images in batch["images"]:
-            out.append(codes[start : start + len(images)])
-            start += len(images)
-        return {"image_ids": out}
+        # Rows often share images (several questions about one picture): encode each distinct one once.
+        keys = [[(image.size, image.mode, image.tobytes()) for image in images] for images in batch["images"]]
+        distinct = {}
+        for images, row_keys in zip(batch["images"], keys):
+            for image, key in zip(images, row_keys):
+                distinct.setdefault(key, image)
+        codes = dict(zip(distinct, processor.encode_images(list(distinct.values())).tolist())) if distinct else {}
+        return {"image_ids": [[codes[key] for key in row_keys] for row_keys in keys]}
 
     kwargs = dict(batched=True, batch_size=batch_size, features=features, remove_columns=["images"])
     if isinstance(dataset, Dataset):

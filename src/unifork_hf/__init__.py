@@ -3,6 +3,8 @@
 Importing the package registers `"unifork"` with transformers' Auto classes.
 """
 
+import os
+
 from transformers import (
     AutoConfig,
     AutoImageProcessor,
@@ -26,6 +28,10 @@ from .modeling.vq_unifork import UniForkVQImageTokenizer
 
 __version__ = "0.1.0"
 
+# The bundled checkpoint trained on the Shapes benchmark (examples/shapes/, recipe in its README.md):
+# `AutoModel.from_pretrained(unifork_hf.DEMO_CHECKPOINT)`.
+DEMO_CHECKPOINT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoints", "shapes-demo")
+
 AutoConfig.register("unifork", UniForkConfig, exist_ok=True)
 AutoModel.register(UniForkConfig, UniForkForConditionalGeneration, exist_ok=True)
 AutoModelForImageTextToText.register(UniForkConfig, UniForkForConditionalGeneration, exist_ok=True)
@@ -40,6 +46,7 @@ UniForkImageProcessorPil.register_for_auto_class("AutoImageProcessor")
 UniForkProcessor.register_for_auto_class("AutoProcessor")
 
 __all__ = [
+    "DEMO_CHECKPOINT",
     "GENERATION",
     "UNDERSTANDING",
     "UniForkConfig",

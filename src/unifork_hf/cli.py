@@ -4,6 +4,7 @@
     unifork generate-image --model unifork-0.5b --prompt "a red circle" --prompt "two blue squares" --out grid.png
     unifork answer --model unifork-0.5b --image photo.png --question "What colour is the circle?"
     unifork train --recipe configs/tiny-colours.yaml
+    unifork evaluate --model DIR --split heldout -n 500 --json metrics.json
     unifork demo --out demo_out
 """
 
@@ -95,30 +96,61 @@ def cmd_answer(args) -> None:
     print(answer(model, Image.open(args.image), args.question, args.max_new_tokens))
 
 
-def cmd_demo(args) -> None:
-    """Until a trained checkpoint ships: build a tiny random UniFork offline and run both tasks on it."""
-    from PIL import Image
+def cmd_evaluate(args) -> None:
+    import json
 
-    from unifork_hf import UniForkForConditionalGeneration
-    from unifork_hf.tiny import save_tiny_parts
+    from unifork_hf.data.shapes import shapes_dataset
+    from unifork_hf.evaluation.benchmark import evaluate_shapes
+
+    model = _load(args.model)
+    split = shapes_dataset(num_train=0, num_test=500, num_heldout=500, seed=0)[args.split]
+    metrics = evaluate_shapes(model, split, n=args.n, batch_size=args.batch_size)
+    generation, understanding = metrics["generation"], metrics["understanding"]
+    print(f"Shapes {args.split}, {metrics['num_scenes']} scenes / {metrics['num_questions']} questions:")
+    print("  generation   " + "  ".join(f"{k} {v:.3f}" for k, v in generation.items()))
+    print("  understanding " + "  ".join(f"{k} {v:.3f}" for k, v in understanding.items()))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(metrics, f, indent=2)
+        print(f"written to {args.json}")
+
+
+def cmd_demo(args) -> None:
+    """The bundled Shapes checkpoint: draw what it is asked, answer what it is asked, and judge both."""
+    from unifork_hf import DEMO_CHECKPOINT
+    from unifork_hf.data.shapes import shapes_dataset, to_understanding
+    from unifork_hf.evaluation import detect, score_answers, score_image, score_images
+    from unifork_hf.evaluation.benchmark import answer_questions, generate_for_captions
 
     start = time.time()
-    parts = os.path.join(args.out, "parts")
-    llm_dir, vq_dir = save_tiny_parts(parts)
-    model_dir = os.path.join(args.out, "tiny-unifork")
-    model = UniForkForConditionalGeneration.from_pretrained_llm(llm_dir, vq_dir)
-    model.save_pretrained(model_dir)
-    model = _load(model_dir)
-    prompts = ["a red circle at the top left", "two blue squares"]
-    grid = os.path.join(args.out, "images.png")
-    images = generate_grid(model, prompts, grid, num_images_per_prompt=2, progress_bar=False)
-    reply = answer(model, Image.new("RGB", (32, 32), "red"), "What colour is the image?", max_new_tokens=8)
-    print(
-        f"Built a tiny random UniFork ({model.num_parameters() / 1e6:.2f}M parameters, untrained) in {model_dir}\n"
-        f"  generate_image: {len(images)} images of {images[0].size[0]}x{images[0].size[1]} px -> {grid}\n"
-        f"  answer: {reply!r} (random weights: noise is expected)\n"
-        f"  done in {time.time() - start:.1f} s"
-    )
+    model = _load(DEMO_CHECKPOINT)
+    test = shapes_dataset(num_train=0, num_test=500, num_heldout=0, seed=0)["test"]
+    scenes = test.select(range(4))
+    prompts = [c for c in scenes["caption"] for _ in range(4)]
+    images = generate_for_captions(model, prompts, progress_bar=False)
+    os.makedirs(args.out, exist_ok=True)
+    grid = os.path.join(args.out, "generated.png")
+    _label_grid(images, list(scenes["caption"]), columns=4, cell=96).save(grid)
+    expected = [objects for objects in scenes["objects"] for _ in range(4)]
+    generation = score_images(images, expected)
+
+    questions = to_understanding(test.select(range(4, 8)))
+    asked = [messages[0]["content"][1]["text"] for messages in questions["messages"]]
+    replies = answer_questions(model, [imgs[0] for imgs in questions["images"]], asked, progress_bar=False)
+    understanding = score_answers(replies, questions["answer"], questions["type"])
+
+    print(f"UniFork Shapes demo ({model.num_parameters() / 1e6:.2f}M parameters, {DEMO_CHECKPOINT})")
+    print(f"\nText -> image: {len(images)} images of {len(scenes)} test captions -> {grid}")
+    for index, caption in enumerate(scenes["caption"]):
+        per_image = [score_image(scenes["objects"][index], detect(image))["all"]
+                     for image in images[4 * index : 4 * index + 4]]  # fmt: skip
+        print(f"  {int(sum(per_image))}/4 judged fully correct  {caption}")
+    print("  judged: " + ", ".join(f"{k} {v:.0%}" for k, v in generation.items()))
+    print(f"\nImage -> text: {len(asked)} questions about {len(questions) // 5} test images")
+    for question, reply, answer in list(zip(asked, replies, questions["answer"]))[:5]:
+        print(f"  {question:<40} -> {reply:<12} ({'right' if reply == answer else 'expected ' + answer})")
+    print("  exact match: " + ", ".join(f"{k} {v:.0%}" for k, v in understanding.items()))
+    print(f"\nDone in {time.time() - start:.1f} s. Full benchmark: unifork evaluate --model {DEMO_CHECKPOINT}")
 
 
 def cmd_train(args) -> None:
@@ -179,7 +211,15 @@ def main(argv=None) -> None:
     train.add_argument("--resume", default=None, help="checkpoint directory to resume from, or 'true' for the last")
     train.set_defaults(run=cmd_train)
 
-    demo = commands.add_parser("demo", help="offline quick-start: build a tiny UniFork and run both tasks")
+    evaluate = commands.add_parser("evaluate", help="the Shapes benchmark for a checkpoint")
+    evaluate.add_argument("--model", required=True)
+    evaluate.add_argument("--split", choices=["test", "heldout"], default="test")
+    evaluate.add_argument("-n", type=int, default=500, help="scenes (5 questions each)")
+    evaluate.add_argument("--batch-size", type=int, default=100)
+    evaluate.add_argument("--json", default=None, help="also write the metrics here")
+    evaluate.set_defaults(run=cmd_evaluate)
+
+    demo = commands.add_parser("demo", help="the bundled Shapes checkpoint: generate, answer, judge (offline)")
     demo.add_argument("--out", default="demo_out")
     demo.set_defaults(run=cmd_demo)
 

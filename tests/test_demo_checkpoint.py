@@ -1,0 +1,52 @@
+"""The bundled Shapes checkpoint: it loads, reproduces recorded outputs, and `unifork demo` runs."""
+
+import json
+import os
+
+import pytest
+from transformers import AutoModel
+
+import unifork_hf
+from unifork_hf.cli import main
+from unifork_hf.evaluation import detect
+
+CAPTION = "a small purple square at the top left and a small orange triangle at the bottom left"
+# Greedy generation (top_k=1, no guidance) of CAPTION, recorded when the checkpoint was made.
+RECORDED_TOKENS = [
+    302, 14, 396, 489, 453, 25, 420, 282, 205, 388, 311, 325, 361, 179, 408, 207, 438, 201, 202, 362, 74, 402, 210,
+    264, 432, 220, 453, 120, 74, 55, 210, 264, 227, 316, 227, 74, 74, 402, 210, 264, 452, 353, 292, 149, 186, 8, 323,
+    264, 457, 225, 359, 316, 316, 232, 147, 110, 226, 168, 156, 21, 336, 434, 238, 61,
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def demo_model():
+    return AutoModel.from_pretrained(unifork_hf.DEMO_CHECKPOINT).eval()
+
+
+def test_checkpoint_is_bundled_small_and_documented():
+    files = os.listdir(unifork_hf.DEMO_CHECKPOINT)
+    assert {"model.safetensors", "config.json", "processor_config.json", "tokenizer.json", "README.md"} <= set(files)
+    size = sum(os.path.getsize(os.path.join(unifork_hf.DEMO_CHECKPOINT, f)) for f in files)
+    assert size <= 25 * 2**20
+    metrics = json.load(open(os.path.join(unifork_hf.DEMO_CHECKPOINT, "metrics.json")))["metrics"]
+    card = open(os.path.join(unifork_hf.DEMO_CHECKPOINT, "README.md")).read()
+    assert f"value: {metrics['test']['generation']['all']}" in card
+
+
+def test_checkpoint_reproduces_recorded_outputs(demo_model):
+    config = demo_model.config
+    assert (config.num_shared_layers, config.text_config.num_hidden_layers, config.num_image_tokens) == (2, 4, 64)
+    tokens = demo_model.generate_image(CAPTION, guidance_scale=1.0, top_k=1, output_type="tokens", progress_bar=False)
+    assert tokens[0].tolist() == RECORDED_TOKENS
+    assert detect(demo_model.processor.decode_image_tokens(tokens)[0]) == [
+        {"colour": "purple", "shape": "square", "size": "small", "position": "top left"},
+        {"colour": "orange", "shape": "triangle", "size": "small", "position": "bottom left"},
+    ]
+
+
+def test_unifork_demo_runs(tmp_path, capsys):
+    main(["demo", "--out", str(tmp_path)])
+    report = capsys.readouterr().out
+    assert "Text -> image: 16 images of 4 test captions" in report and "exact match:" in report
+    assert (tmp_path / "generated.png").exists()

@@ -57,9 +57,10 @@ def main():
     processor = model.processor
 
     data = shapes_dataset(num_train=args.num_train, num_test=500, num_heldout=500, seed=args.seed)
-    understanding = prepare_understanding(to_understanding(data["train"]), processor)
-    generation = prepare_generation(to_generation(data["train"]), processor)
-    train = pretokenize_images(mix_tasks(understanding, generation, args.generation_ratio, seed=args.seed), processor)
+    # VQ-encode each part before mixing: the mix cycles the smaller part, so it holds many more rows.
+    understanding = pretokenize_images(prepare_understanding(to_understanding(data["train"]), processor), processor)
+    generation = pretokenize_images(prepare_generation(to_generation(data["train"]), processor), processor)
+    train = mix_tasks(understanding, generation, args.generation_ratio, seed=args.seed)
     print(f"data ready in {time.time() - start:.0f} s: {len(train)} rows")
 
     training_args = UniForkTrainingArguments(

@@ -3,7 +3,6 @@ import pytest
 
 from unifork_hf.data.shapes import (
     HELDOUT_PAIRS,
-    POSITIONS,
     QUESTION_TYPES,
     render,
     shapes_dataset,
@@ -77,7 +76,6 @@ def test_the_judge_catches_each_kind_of_error():
     assert detect(render([])) == []
     with pytest.raises(ValueError, match="32x32"):
         detect(np.zeros((16, 16, 3), dtype=np.uint8))
-    assert set(POSITIONS) == {o for o in POSITIONS}
 
 
 def test_exact_match_per_question_type():

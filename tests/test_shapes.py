@@ -57,6 +57,29 @@ def test_scene_contents(data):
     assert to_generation(data["test"]).column_names == ["image", "caption"]
 
 
+def test_conversations_hold_every_question_once_and_never_leak_an_answer(data):
+    scenes = data["train"].select(range(200))
+    rows = to_understanding(scenes, conversation=True, seed=0)
+    assert rows["messages"] == to_understanding(scenes, conversation=True, seed=0)["messages"]
+    asked, row = [], 0
+    for scene in scenes:
+        pairs = []
+        while row < len(rows) and rows[row]["images"][0].tobytes() == scene["image"].tobytes():
+            turns = rows[row]["messages"]
+            assert [t["role"] for t in turns] == ["user", "assistant"] * (len(turns) // 2)
+            assert turns[0]["content"][0]["type"] == "image"  # the image comes once, in the first turn
+            assert all(c["type"] == "text" for t in turns[1:] for c in t["content"])
+            qas = [(turns[i]["content"][-1]["text"], turns[i + 1]["content"][0]["text"]) for i in range(0, len(turns), 2)]
+            for question, _ in qas:  # no question in a row names another question's answer
+                assert not any(f" {answer}" in f" {question.rstrip('?')} " for q, answer in qas if q != question)
+            pairs += qas
+            row += 1
+        assert sorted(pairs) == sorted((q["question"], q["answer"]) for q in scene["questions"])
+        asked.append(len(pairs))
+    assert row == len(rows) and set(asked) == {5}
+    assert len({len(m) for m in rows["messages"]}) > 1  # the grouping varies with the drawn order
+
+
 def test_the_judge_scores_ground_truth_perfectly(data):
     for split in ("train", "test", "heldout"):
         scores = score_images(data[split]["image"], data[split]["objects"])

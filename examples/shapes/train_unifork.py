@@ -36,11 +36,11 @@ def main():
     parser.add_argument("--max-steps", type=int, default=6000)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--learning-rate", type=float, default=2e-3)
-    parser.add_argument("--generation-ratio", type=float, default=0.6)
+    parser.add_argument("--generation-ratio", type=float, default=0.7)
     parser.add_argument("--hidden-size", type=int, default=128)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--eval-n", type=int, default=500)
-    parser.add_argument("--num-train", type=int, default=20000, help="training scenes (5 questions each)")
+    parser.add_argument("--num-train", type=int, default=25000, help="training scenes (5 questions each)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     start = time.time()
@@ -58,9 +58,12 @@ def main():
 
     data = shapes_dataset(num_train=args.num_train, num_test=500, num_heldout=500, seed=args.seed)
     # VQ-encode each part before mixing: the mix cycles the smaller part, so it holds many more rows.
-    understanding = pretokenize_images(prepare_understanding(to_understanding(data["train"]), processor), processor)
+    # Questions as multi-turn rows (about two per scene): the image tokens are paid for once per row.
+    conversations = to_understanding(data["train"], conversation=True, seed=args.seed)
+    understanding = pretokenize_images(prepare_understanding(conversations, processor), processor)
     generation = pretokenize_images(prepare_generation(to_generation(data["train"]), processor), processor)
     train = mix_tasks(understanding, generation, args.generation_ratio, seed=args.seed)
+    train = train.add_column("length", [len(ids) for ids in train["input_ids"]])  # for group_by_length
     print(f"data ready in {time.time() - start:.0f} s: {len(train)} rows")
 
     training_args = UniForkTrainingArguments(
@@ -72,6 +75,7 @@ def main():
         learning_rate=args.learning_rate,
         lr_scheduler_type="cosine",
         warmup_steps=200,
+        train_sampling_strategy="group_by_length",  # batches of similar length: little padding
         weight_decay=0.01,
         logging_steps=100,
         save_steps=1000,

@@ -19,6 +19,7 @@ Example:
 """
 
 import random
+import re
 
 import PIL.Image
 import PIL.ImageDraw
@@ -152,19 +153,51 @@ def to_generation(dataset: Dataset) -> Dataset:
     return dataset.select_columns(["image", "caption"])
 
 
-def to_understanding(dataset: Dataset) -> Dataset:
-    """One chat row per question (`images`, `messages`, `type`, `answer`) for `prepare_understanding`."""
+def to_understanding(dataset: Dataset, conversation: bool = False, seed: int = 0) -> Dataset:
+    """Chat rows (`images`, `messages`) for `prepare_understanding`.
+
+    Default: one row per question, with its `type` and `answer` (what the benchmark asks).
+    `conversation=True`: a scene's questions as multi-turn rows (seeded random order), grouped so that no
+    question in a row gives away another's answer ("Where is the red circle?" names the colour and shape
+    of "What colour is the shape at the top left?"): usually two rows per scene. For training: the 64
+    image tokens are paid for once per row instead of once per question.
+    """
+    rng = random.Random(seed)
+
+    def reveals(text, answer):
+        return re.search(rf"\b{re.escape(answer)}\b", text) is not None
+
+    def leak_free_groups(qas):
+        groups = []
+        for qa in rng.sample(qas, len(qas)):
+            for group in groups:
+                if not any(reveals(other["question"], qa["answer"]) or reveals(qa["question"], other["answer"])
+                           for other in group):  # fmt: skip
+                    group.append(qa)
+                    break
+            else:
+                groups.append([qa])
+        return groups
+
+    def user_turn(question, with_image):
+        content = [{"type": "image", "text": None}] if with_image else []
+        return {"role": "user", "content": content + [{"type": "text", "text": question}]}
+
+    def assistant_turn(answer):
+        return {"role": "assistant", "content": [{"type": "text", "text": answer}]}
 
     def explode(batch):
-        out = {"images": [], "messages": [], "type": [], "answer": []}
+        out = {"images": [], "messages": []} if conversation else {"images": [], "messages": [], "type": [], "answer": []}
         for image, qas in zip(batch["image"], batch["questions"]):
+            if conversation:
+                for group in leak_free_groups(qas):
+                    out["images"].append([image])
+                    out["messages"].append([turn for i, qa in enumerate(group) for turn in
+                                            (user_turn(qa["question"], i == 0), assistant_turn(qa["answer"]))])  # fmt: skip
+                continue
             for qa in qas:
                 out["images"].append([image])
-                out["messages"].append([
-                    {"role": "user", "content": [{"type": "image", "text": None},
-                                                 {"type": "text", "text": qa["question"]}]},
-                    {"role": "assistant", "content": [{"type": "text", "text": qa["answer"]}]},
-                ])  # fmt: skip
+                out["messages"].append([user_turn(qa["question"], True), assistant_turn(qa["answer"])])
                 out["type"].append(qa["type"])
                 out["answer"].append(qa["answer"])
         return out

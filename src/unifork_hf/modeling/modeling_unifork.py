@@ -17,7 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoProcessor, GenerationMixin, PreTrainedModel
 from transformers.activations import ACT2FN
-from transformers.cache_utils import Cache, DynamicCache
+from transformers.cache_utils import Cache, DynamicCache, StaticCache
 from transformers.generation.logits_process import (
     ClassifierFreeGuidanceLogitsProcessor,
     LogitsProcessorList,
@@ -83,6 +83,12 @@ def task_ids(task, batch_size: int, device) -> torch.Tensor:
     if ((task != UNDERSTANDING) & (task != GENERATION)).any():
         raise ValueError(f"task ids must be {UNDERSTANDING} (understanding) or {GENERATION} (generation).")
     return task
+
+
+def single_task(task: torch.Tensor) -> int | None:
+    """The task of a batch whose samples all have the same one, else None."""
+    first = int(task[0])
+    return first if bool((task == first).all()) else None
 
 
 def _select_rows(value, rows: torch.Tensor):
@@ -314,8 +320,8 @@ class UniForkModel(UniForkPreTrainedModel):
         inputs_embeds, image_ids = self._embed(input_ids, inputs_embeds, pixel_values, image_ids)
         batch_size, seq_len = inputs_embeds.shape[:2]
         task = task_ids(task, batch_size, inputs_embeds.device)
-        single_task = int(task[0]) if bool((task == task[0]).all()) else None
-        past_key_values, use_cache = self._prepare_cache(single_task, past_key_values, use_cache)
+        only_task = single_task(task)
+        past_key_values, use_cache = self._prepare_cache(only_task, past_key_values, use_cache)
         past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
         if image_ids is None and past_length == 0 and input_ids is not None:
             if bool((input_ids == self.config.image_token_id).any()):
@@ -344,13 +350,18 @@ class UniForkModel(UniForkPreTrainedModel):
         # The Y: every sample through the shared layers once, then through its own task's branch only.
         k = self.config.num_shared_layers
         shared = self._run_layers(self.shared_layers, 0, inputs_embeds, context, shared_states, **layer_kwargs)
-        last_hidden_state = torch.empty_like(shared)
-        for task_id, layers, norm in (
-            (UNDERSTANDING, self.understanding_layers, self.understanding_norm),
-            (GENERATION, self.generation_layers, self.generation_norm),
-        ):
-            rows = (task == task_id).nonzero().squeeze(1)
-            if rows.numel():
+        branches = {
+            UNDERSTANDING: (self.understanding_layers, self.understanding_norm),
+            GENERATION: (self.generation_layers, self.generation_norm),
+        }
+        if only_task is not None:  # one-task batch (decoding, length-grouped training): no row selection
+            layers, norm = branches[only_task]
+            out = self._run_layers(layers, k, shared, context, branch_states.get(only_task), **layer_kwargs)
+            last_hidden_state = norm(out)
+        else:
+            last_hidden_state = torch.empty_like(shared)
+            for task_id, (layers, norm) in branches.items():
+                rows = (task == task_id).nonzero().squeeze(1)
                 out = self._run_layers(
                     layers, k, _select_rows(shared, rows), _select_rows(context, rows), branch_states.get(task_id),
                     **layer_kwargs,
@@ -621,42 +632,51 @@ class UniForkForConditionalGeneration(UniForkPreTrainedModel, GenerationMixin):
         return images if output_type == "pt" else processor.to_pil(images)
 
     def _sample_image_tokens(self, input_ids, attention_mask, processors, generator, progress):
-        """The decoding loop: prefill the prompts once, then one cached forward per image token."""
+        """The decoding loop: prefill the prompts once, then one cached forward per image token.
+
+        Everything sized by the sequence is allocated once (a `StaticCache`, the attention mask, the
+        output codes), and a step runs only the generation path: shared layers, generation branch,
+        generation head on the last position.
+        """
         guided = any(isinstance(p, ClassifierFreeGuidanceLogitsProcessor) for p in processors)
         num_images = input_ids.shape[0] // 2 if guided else input_ids.shape[0]
+        num_tokens = self.config.num_image_tokens
         max_positions = getattr(self.config.text_config, "max_position_embeddings", None)
-        total = input_ids.shape[1] + self.config.num_image_tokens
+        total = input_ids.shape[1] + num_tokens
         if max_positions is not None and total > max_positions:
             raise ValueError(
-                f"The prompt ({input_ids.shape[1]} tokens) plus {self.config.num_image_tokens} image tokens is longer "
+                f"The prompt ({input_ids.shape[1]} tokens) plus {num_tokens} image tokens is longer "
                 f"than the model's max_position_embeddings ({max_positions}); shorten the prompt."
             )
-        cache = DynamicCache(config=self.config.text_config)
+        cache = StaticCache(config=self.config.text_config, max_cache_len=total)
+        full_mask = torch.cat([attention_mask, attention_mask.new_ones((attention_mask.shape[0], num_tokens))], 1)
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        # Every code's input embedding (VQ codebook vector through the projector), computed once.
+        code_embeddings = self.model.embed_image_codes(torch.arange(self.config.codebook_size, device=self.device))
+        codes = input_ids.new_empty((num_images, num_tokens))
         step_inputs = {"input_ids": input_ids}
-        codes = input_ids.new_empty((num_images, 0))
-        for _ in range(self.config.num_image_tokens):
-            outputs = self(
+        for step in range(num_tokens):
+            hidden = self.model(
                 **step_inputs,
-                attention_mask=attention_mask,
+                attention_mask=full_mask[:, : input_ids.shape[1] + step],
                 position_ids=position_ids,
                 past_key_values=cache,
                 use_cache=True,
                 task=GENERATION,
-                logits_to_keep=1,
-            )
-            scores = processors(codes, outputs.image_logits[:, -1].float())
+            ).last_hidden_state
+            scores = self.generation_head(hidden[:, -1]).float()
+            for processor in processors:  # (not LogitsProcessorList: it inspects signatures every call)
+                scores = processor(codes[:, :step], scores)
             probs = scores.softmax(-1)
             if isinstance(generator, (list, tuple)):
                 next_codes = torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, generator)])
             else:
                 next_codes = torch.multinomial(probs, 1, generator=generator).squeeze(1)
-            codes = torch.cat([codes, next_codes[:, None]], dim=1)
+            codes[:, step] = next_codes
             progress.update(num_images)
 
-            embeds = self.model.embed_image_codes(next_codes[:, None])
+            embeds = code_embeddings[next_codes][:, None]
             step_inputs = {"inputs_embeds": torch.cat([embeds, embeds]) if guided else embeds}
-            attention_mask = torch.cat([attention_mask, attention_mask.new_ones((attention_mask.shape[0], 1))], 1)
             position_ids = position_ids[:, -1:] + 1
         return codes
 

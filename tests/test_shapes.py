@@ -30,6 +30,10 @@ def test_same_seed_same_data_other_seed_other_data(data):
         assert all(np.array_equal(np.asarray(a), np.asarray(b))
                    for a, b in zip(again[split]["image"][:50], data[split]["image"][:50]))  # fmt: skip
     assert other["train"]["caption"] != data["train"]["caption"]
+    # the evaluation splits do not depend on how many training scenes were drawn
+    evaluation_only = shapes_dataset(num_train=0, num_test=300, num_heldout=300, seed=0)
+    assert evaluation_only["test"]["caption"] == data["test"]["caption"]
+    assert evaluation_only["heldout"]["caption"] == data["heldout"]["caption"]
 
 
 def test_splits_are_disjoint_and_heldout_pairs_never_train(data):

@@ -124,11 +124,17 @@ def _scene_key(objects: list[dict]) -> tuple:
 
 
 def shapes_dataset(num_train: int = 20000, num_test: int = 500, num_heldout: int = 500, seed: int = 0) -> DatasetDict:
-    """The three splits, each row `{image, caption, objects, questions}`; no scene is in two splits."""
-    rng = random.Random(seed)
+    """The three splits, each row `{image, caption, objects, questions}`; no scene is in two splits.
+
+    Each split draws from its own random stream (seeded by `seed` and its name): held-out first, then
+    test, then train skipping the scenes already drawn. So a split does not depend on the sizes of the
+    splits drawn after it: the test split of `num_train=0` is the one a model trained with any
+    `num_train` never saw.
+    """
     seen, splits = set(), {}
-    for name, size, heldout in (("train", num_train, False), ("test", num_test, False),
-                                ("heldout", num_heldout, True)):  # fmt: skip
+    for name, size, heldout in (("heldout", num_heldout, True), ("test", num_test, False),
+                                ("train", num_train, False)):  # fmt: skip
+        rng = random.Random(f"shapes-{seed}-{name}")
         rows = {"image": [], "caption": [], "objects": [], "questions": []}
         attempts = 0
         while len(rows["caption"]) < size:
@@ -145,7 +151,7 @@ def shapes_dataset(num_train: int = 20000, num_test: int = 500, num_heldout: int
             rows["objects"].append(objects)
             rows["questions"].append(questions(objects, rng))
         splits[name] = Dataset.from_dict(rows, features=FEATURES)
-    return DatasetDict(splits)
+    return DatasetDict({name: splits[name] for name in ("train", "test", "heldout")})
 
 
 def to_generation(dataset: Dataset) -> Dataset:

@@ -97,3 +97,18 @@ def test_alignment_errors_and_plot(built_model, pairs, tmp_path):
     path = plot_alignment({"generation": table}, str(tmp_path / "alignment.png"))
     with open(path, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_analyze_alignment(built_dir, tmp_path, capsys):
+    import unifork_hf.cli as cli
+
+    png, csv = tmp_path / "alignment.png", tmp_path / "alignment.csv"
+    cli.main(["analyze-alignment", "--model", built_dir, "-n", "20", "-k", "3", "--out", str(png), "--csv", str(csv)])
+    out = capsys.readouterr().out
+    table = pd.read_csv(csv)
+    layers = table["layer"].max() + 1
+    assert len(table) == 2 * layers and set(table["task"]) == {"understanding", "generation"}
+    assert out.count("\n") >= layers + 2 and "understanding" in out and png.exists()
+    # the printed numbers are the table's
+    first = out.splitlines()[2].split()
+    assert float(first[1]) == pytest.approx(table["alignment"][0], abs=5e-4)

@@ -5,6 +5,7 @@
     unifork answer --model unifork-0.5b --image photo.png --question "What colour is the circle?"
     unifork train --recipe configs/tiny-colours.yaml
     unifork evaluate --model DIR --split heldout -n 500 --json metrics.json
+    unifork analyze-alignment --model DIR --split test -n 500 -k 10 --out alignment.png
     unifork demo --out demo_out
 """
 
@@ -115,6 +116,35 @@ def cmd_evaluate(args) -> None:
         print(f"written to {args.json}")
 
 
+def cmd_analyze_alignment(args) -> None:
+    from unifork_hf.analysis import modality_alignment, plot_alignment
+
+    model = _load(args.model)
+    if args.dataset:
+        from datasets import load_from_disk
+
+        data = load_from_disk(args.dataset)
+    else:
+        from unifork_hf.data.shapes import shapes_dataset
+
+        data = shapes_dataset(num_train=0, num_test=args.n, num_heldout=args.n, seed=0)[args.split]
+    tasks = ["understanding", "generation"] if args.task == "both" else [args.task]
+    tables = {task: modality_alignment(model, data, task=task, k=args.k, num_samples=min(args.n, len(data)),
+                                       batch_size=args.batch_size) for task in tasks}  # fmt: skip
+    print(f"Mutual {args.k}-NN image-caption alignment per layer (K = {model.config.num_shared_layers} shared):")
+    print("layer  " + "  ".join(f"{task:>13}" for task in tasks))
+    for layer in range(len(tables[tasks[0]])):
+        print(f"{layer:5d}  " + "  ".join(f"{tables[task]['alignment'][layer]:13.3f}" for task in tasks))
+    plot_alignment({task: table for task, table in tables.items()}, args.out,
+                   title=f"{os.path.basename(os.path.normpath(args.model))}: image-text alignment")  # fmt: skip
+    print(f"plot written to {args.out}")
+    if args.csv:
+        import pandas as pd
+
+        pd.concat(tables.values()).to_csv(args.csv, index=False)
+        print(f"table written to {args.csv}")
+
+
 def cmd_demo(args) -> None:
     """The bundled Shapes checkpoint: draw what it is asked, answer what it is asked, and judge both."""
     from unifork_hf import DEMO_CHECKPOINT
@@ -218,6 +248,18 @@ def main(argv=None) -> None:
     evaluate.add_argument("--batch-size", type=int, default=100)
     evaluate.add_argument("--json", default=None, help="also write the metrics here")
     evaluate.set_defaults(run=cmd_evaluate)
+
+    align = commands.add_parser("analyze-alignment", help="image-text alignment per layer along each task's path")
+    align.add_argument("--model", required=True)
+    align.add_argument("--task", choices=["both", "understanding", "generation"], default="both")
+    align.add_argument("--split", choices=["test", "heldout"], default="test", help="Shapes split (default data)")
+    align.add_argument("--dataset", default=None, help="a saved datasets.Dataset with image/caption columns instead")
+    align.add_argument("-n", type=int, default=500, help="paired samples")
+    align.add_argument("-k", type=int, default=10, help="nearest neighbours")
+    align.add_argument("--batch-size", type=int, default=50)
+    align.add_argument("--out", default="alignment.png", help="PNG plot")
+    align.add_argument("--csv", default=None, help="also write the table here")
+    align.set_defaults(run=cmd_analyze_alignment)
 
     demo = commands.add_parser("demo", help="the bundled Shapes checkpoint: generate, answer, judge (offline)")
     demo.add_argument("--out", default="demo_out")

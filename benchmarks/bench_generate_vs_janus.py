@@ -26,6 +26,8 @@ from unifork_hf.modeling.image_processing_unifork import UniForkImageProcessorPi
 from unifork_hf.modeling.processing_unifork import UniForkProcessor
 from unifork_hf.tiny import tiny_tokenizer
 
+from bench_decode_roofline import copy_bandwidth
+
 # Language-model geometry shared by both models. "tiny" is unifork-tiny with a Llama LLM (the
 # preset's is Qwen2; Llama makes the decoder layers the same class as Janus's); "100m" is the
 # ~100M-parameter generation path of bench_generate_image.py. Both keep unifork-tiny's VQ:
@@ -113,7 +115,7 @@ def main():
     prompts = ["a red circle at the top left", "two blue squares", "a green triangle", "a purple circle"]
     prompts = (prompts * args.batch)[: args.batch]
 
-    results = {}
+    results, ceilings = {}, {}
     for name in sizes:
         ours = build_unifork(name)
         config = ours.config
@@ -155,10 +157,22 @@ def main():
         print(f"  params on the generation path: unifork {n_ours / 1e6:.2f}M, janus {n_janus / 1e6:.2f}M")
         print(f"  unifork generate_image {tokens / ours_s:.1f} tok/s ({ours_s:.2f} s) | janus generate "
               f"{tokens / janus_s:.1f} tok/s ({janus_s:.2f} s) | ratio=ours/janus {janus_s / ours_s:.2f}")
+        # The roofline: a step must read Janus's decoder + head weights once. At the copy bandwidth
+        # measured now, how much faster than Janus could any loop at this dtype decode?
+        jm = janus.model
+        step_bytes = sum(p.numel() * p.element_size() for m in (jm.language_model.layers, jm.language_model.norm,
+                                                                 jm.generation_head) for p in m.parameters())  # fmt: skip
+        bandwidth, _ = copy_bandwidth(1024, 3)
+        janus_bytes_s = step_bytes * config.num_image_tokens / janus_s  # steps/s x bytes per step (whole run)
+        ceilings[name] = bandwidth / janus_bytes_s
+        print(f"  janus reads {step_bytes / 1e6:.1f} MB of weights per step -> {janus_bytes_s / 1e9:.2f} GB/s; copy "
+              f"bandwidth {bandwidth / 1e9:.2f} GB/s: no loop reading these weights can beat janus by more than "
+              f"{ceilings[name]:.2f}x")
         del ours, janus
 
     fields = [f"ratio_{k}={o / j:.2f}" for k, (o, j) in results.items()]
     fields += [f"{side}_{k}_tok_s={v:.1f}" for k, (o, j) in results.items() for side, v in (("ours", o), ("janus", j))]
+    fields += [f"ceiling_ratio_{k}={v:.2f}" for k, v in ceilings.items()]
     print("RESULT " + " ".join(fields))
 
 

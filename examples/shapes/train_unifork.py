@@ -41,7 +41,9 @@ def main():
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--eval-n", type=int, default=500)
     parser.add_argument("--num-train", type=int, default=25000, help="training scenes (5 questions each)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--num-shared-layers", type=int, default=None, help="K, the fork point (default L/2)")
+    parser.add_argument("--seed", type=int, default=0, help="model initialisation and data order")
+    parser.add_argument("--data-seed", type=int, default=0, help="the Shapes scenes")
     args = parser.parse_args()
     start = time.time()
 
@@ -52,14 +54,15 @@ def main():
         num_hidden_layers=args.layers, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
         tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
     ))  # fmt: skip
-    model = UniForkForConditionalGeneration.from_pretrained_llm(llm, args.vq, tokenizer=tokenizer)
-    model.card_data.update(datasets=["unifork_hf.data.shapes (procedural, seed 0)"], license="apache-2.0")
+    model = UniForkForConditionalGeneration.from_pretrained_llm(llm, args.vq, tokenizer=tokenizer,
+                                                                num_shared_layers=args.num_shared_layers)  # fmt: skip
+    model.card_data.update(datasets=[f"unifork_hf.data.shapes (procedural, seed {args.data_seed})"], license="apache-2.0")
     processor = model.processor
 
-    data = shapes_dataset(num_train=args.num_train, num_test=500, num_heldout=500, seed=args.seed)
+    data = shapes_dataset(num_train=args.num_train, num_test=500, num_heldout=500, seed=args.data_seed)
     # VQ-encode each part before mixing: the mix cycles the smaller part, so it holds many more rows.
     # Questions as multi-turn rows (about two per scene): the image tokens are paid for once per row.
-    conversations = to_understanding(data["train"], conversation=True, seed=args.seed)
+    conversations = to_understanding(data["train"], conversation=True, seed=args.data_seed)
     understanding = pretokenize_images(prepare_understanding(conversations, processor), processor)
     generation = pretokenize_images(prepare_generation(to_generation(data["train"]), processor), processor)
     train = mix_tasks(understanding, generation, args.generation_ratio, seed=args.seed)
@@ -95,7 +98,11 @@ def main():
     trainer.create_model_card()
     trainer.save_model()
     with open(os.path.join(args.out, "metrics.json"), "w") as f:
-        json.dump({"metrics": metrics, "train_minutes": round(train_minutes, 1), "args": vars(args)}, f, indent=2)
+        # the last logged training losses, per task
+        losses = {key: next(log[key] for log in reversed(trainer.state.log_history) if key in log)
+                  for key in ("loss", "loss_understanding", "loss_generation")}  # fmt: skip
+        json.dump({"metrics": metrics, "final_losses": losses, "train_minutes": round(train_minutes, 1),
+                   "num_parameters": model.num_parameters(), "args": vars(args)}, f, indent=2)  # fmt: skip
     print(json.dumps(metrics, indent=2))
     print(f"total {(time.time() - start) / 60:.1f} min (training {train_minutes:.1f} min)")
 

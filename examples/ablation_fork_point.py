@@ -96,7 +96,7 @@ def main():
                 f"| {row['K']} | {row['seed']} | {row['num_parameters'] / 1e6:.2f}M | "
                 + " | ".join(percent(und[t]) for t in QUESTION_TYPES) + f" | {percent(und['all'])} | "
                 + " | ".join(percent(gen[a]) for a in ATTRIBUTES)
-                + f" | {float(losses.get('loss_understanding', 'nan')):.3f} | {float(losses.get('loss_generation', 'nan')):.3f} |"
+                + f" | {float(losses.get('loss_understanding') or 'nan'):.3f} | {float(losses.get('loss_generation') or 'nan'):.3f} |"
             )  # fmt: skip
         lines.append("")
     with open(os.path.join(args.out, "results.md"), "w") as f:

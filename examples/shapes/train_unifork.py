@@ -99,7 +99,7 @@ def main():
     trainer.save_model()
     with open(os.path.join(args.out, "metrics.json"), "w") as f:
         # the last logged training losses, per task
-        losses = {key: next(log[key] for log in reversed(trainer.state.log_history) if key in log)
+        losses = {key: next((log[key] for log in reversed(trainer.state.log_history) if key in log), None)
                   for key in ("loss", "loss_understanding", "loss_generation")}  # fmt: skip
         json.dump({"metrics": metrics, "final_losses": losses, "train_minutes": round(train_minutes, 1),
                    "num_parameters": model.num_parameters(), "args": vars(args)}, f, indent=2)  # fmt: skip

@@ -30,12 +30,13 @@ SIZES = {
 }  # fmt: skip
 
 
-def build(name):
+def build(name, sizes=SIZES):
+    """A random UniFork of size `sizes[name]` (overrides of unifork-tiny) with a tiny tokenizer + processor."""
     tokenizer = tiny_tokenizer()
     tokenizer.add_tokens(["<image>", "<begin_of_image>", "<end_of_image>"], special_tokens=True)
     ids = tokenizer.convert_tokens_to_ids(["<image>", "<begin_of_image>", "<end_of_image>"])
     config = UniForkConfig.from_preset("unifork-tiny", image_token_id=ids[0], boi_token_id=ids[1], eoi_token_id=ids[2],
-                                       **SIZES[name])  # fmt: skip
+                                       **sizes[name])  # fmt: skip
     torch.manual_seed(0)
     model = UniForkForConditionalGeneration(config).eval()
     model.processor = UniForkProcessor(UniForkImageProcessorPil(), tokenizer, image_seq_length=config.num_image_tokens)

@@ -21,12 +21,8 @@ import torch
 from transformers import GenerationConfig, JanusConfig, JanusForConditionalGeneration
 from transformers.utils import logging
 
-from unifork_hf import UniForkConfig, UniForkForConditionalGeneration
-from unifork_hf.modeling.image_processing_unifork import UniForkImageProcessorPil
-from unifork_hf.modeling.processing_unifork import UniForkProcessor
-from unifork_hf.tiny import tiny_tokenizer
-
 from bench_decode_roofline import copy_bandwidth
+from bench_generate_image import build
 
 # Language-model geometry shared by both models. "tiny" is unifork-tiny with a Llama LLM (the
 # preset's is Qwen2; Llama makes the decoder layers the same class as Janus's); "100m" is the
@@ -41,18 +37,6 @@ SIZES = {
                              "num_attention_heads": 12, "num_key_value_heads": 4}, "num_shared_layers": 6},
 }  # fmt: skip
 GUIDANCE = 3.0
-
-
-def build_unifork(name):
-    tokenizer = tiny_tokenizer()
-    tokenizer.add_tokens(["<image>", "<begin_of_image>", "<end_of_image>"], special_tokens=True)
-    ids = tokenizer.convert_tokens_to_ids(["<image>", "<begin_of_image>", "<end_of_image>"])
-    config = UniForkConfig.from_preset("unifork-tiny", image_token_id=ids[0], boi_token_id=ids[1], eoi_token_id=ids[2],
-                                       **SIZES[name])  # fmt: skip
-    torch.manual_seed(0)
-    model = UniForkForConditionalGeneration(config).eval()
-    model.processor = UniForkProcessor(UniForkImageProcessorPil(), tokenizer, image_seq_length=config.num_image_tokens)
-    return model
 
 
 def build_janus(unifork_config):
@@ -117,7 +101,7 @@ def main():
 
     results, ceilings = {}, {}
     for name in sizes:
-        ours = build_unifork(name)
+        ours = build(name, SIZES)
         config = ours.config
         janus = build_janus(config)
         n_ours, n_janus = param_counts(ours, janus)

@@ -35,17 +35,7 @@ import sys
 import tempfile
 
 MB = 2**20
-SIZES = {
-    "tiny": {},
-    "100m": {
-        "text_config": {
-            "model_type": "qwen2", "vocab_size": 512, "hidden_size": 768, "intermediate_size": 3072,
-            "num_hidden_layers": 12, "num_attention_heads": 12, "num_key_value_heads": 4,
-            "max_position_embeddings": 512,
-        },
-        "num_shared_layers": 6,
-    },
-}  # fmt: skip
+SIZES = ("tiny", "100m")  # bench_generate_image.py's sizes
 PROMPTS = ["a red circle at the top left", "two blue squares", "a green triangle", "a purple circle"]
 
 
@@ -71,22 +61,9 @@ def reset_peak() -> bool:
 
 
 def save_model(size: str, directory: str) -> None:
-    import torch
+    from bench_generate_image import build
 
-    from unifork_hf import UniForkConfig, UniForkForConditionalGeneration
-    from unifork_hf.modeling.image_processing_unifork import UniForkImageProcessorPil
-    from unifork_hf.modeling.processing_unifork import UniForkProcessor
-    from unifork_hf.tiny import tiny_tokenizer
-
-    tokenizer = tiny_tokenizer()
-    tokenizer.add_tokens(["<image>", "<begin_of_image>", "<end_of_image>"], special_tokens=True)
-    ids = tokenizer.convert_tokens_to_ids(["<image>", "<begin_of_image>", "<end_of_image>"])
-    config = UniForkConfig.from_preset("unifork-tiny", image_token_id=ids[0], boi_token_id=ids[1], eoi_token_id=ids[2],
-                                       **SIZES[size])  # fmt: skip
-    torch.manual_seed(0)
-    model = UniForkForConditionalGeneration(config).eval()
-    model.processor = UniForkProcessor(UniForkImageProcessorPil(), tokenizer, image_seq_length=config.num_image_tokens)
-    model.save_pretrained(directory)  # weights, config, and the processor (tokenizer included)
+    build(size).save_pretrained(directory)  # weights, config, and the processor (tokenizer included)
 
 
 def child(directory: str, batch: int) -> None:

@@ -79,3 +79,35 @@ def test_builder_bad_inputs():
         UniForkForConditionalGeneration.from_pretrained_llm(tiny_llm(), tiny_vq(), tokenizer=tiny_tokenizer(),
                                                             num_shared_layers=9)  # fmt: skip
     assert isinstance(tiny_vq(), VQModel)
+
+
+def test_learned_code_embeddings_start_at_zero_and_train(tmp_path):
+    model = UniForkForConditionalGeneration.from_pretrained_llm(tiny_llm(), tiny_vq(seed=1), tokenizer=tiny_tokenizer(),
+                                                                learn_image_code_embeddings=True)  # fmt: skip
+    inner = model.model
+    table = inner.image_projector.code_embeddings
+    assert table.shape == (64, model.config.text_config.hidden_size) and not table.any()
+    codes = torch.randint(0, 64, (2, 64))
+    paper_way = inner.image_projector.linear_2(inner.image_projector.act(inner.image_projector.linear_1(
+        inner.image_tokenizer.embed_codes(codes))))  # fmt: skip
+    torch.testing.assert_close(inner.embed_image_codes(codes), paper_way)  # starts as the paper's projector
+
+    # trained by the align and joint stages (it sits in the projector), and it is what makes codes differ
+    from unifork_hf.training import apply_freezing
+
+    for policy in ("joint", "align"):
+        assert "model.image_projector.code_embeddings" in apply_freezing(model, policy)
+    inner.embed_image_codes(codes).sum().backward()
+    assert table.grad[codes.unique()].abs().sum(-1).gt(0).all()
+    with torch.no_grad():
+        table[codes[0, 0]] += 1.0
+    torch.testing.assert_close(inner.embed_image_codes(codes[:1, :1]), paper_way[:1, :1] + 1.0)
+    with pytest.raises(ValueError, match="image token ids must be in 0..63"):
+        inner.embed_image_codes(torch.tensor([[64]]))
+
+    model.save_pretrained(tmp_path / "m")
+    reloaded = UniForkForConditionalGeneration.from_pretrained(tmp_path / "m")
+    assert reloaded.config.learn_image_code_embeddings
+    assert torch.equal(reloaded.model.image_projector.code_embeddings, table)
+    assert UniForkForConditionalGeneration.from_pretrained_llm(
+        tiny_llm(), tiny_vq(), tokenizer=tiny_tokenizer()).model.image_projector.code_embeddings is None  # fmt: skip

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The bundled demo checkpoint, from scratch, on CPU (2 cores: ~12 min VQ + ~4 min data + ~67 min UniFork + ~2 min eval):
+# The bundled demo checkpoint, from scratch, on CPU (2 cores: ~12 min VQ + ~4 min data + ~60 min UniFork + ~2 min eval):
 #   nohup bash examples/shapes/make_demo_checkpoint.sh > runs/shapes/make.log 2>&1 &
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -8,7 +8,7 @@ mkdir -p runs/shapes
 python examples/shapes/train_tokenizer.py --out runs/shapes/tokenizer --seed 0
 python examples/shapes/train_vq.py --out runs/shapes/vq --steps 4000 --seed 0 | tee runs/shapes/vq.log
 python examples/shapes/train_unifork.py --vq runs/shapes/vq --tokenizer runs/shapes/tokenizer \
-    --out runs/shapes/unifork --max-steps "${MAX_STEPS:-5800}" --seed 0 | tee runs/shapes/unifork.log
+    --out runs/shapes/unifork --max-steps "${MAX_STEPS:-6800}" --seed 0 | tee runs/shapes/unifork.log
 # Package: weights, config, processor, card and metrics (the package's own code loads it: no .py copies).
 target=src/unifork_hf/checkpoints/shapes-demo
 rm -rf "$target" && mkdir -p "$target"

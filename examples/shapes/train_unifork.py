@@ -42,6 +42,9 @@ def main():
     parser.add_argument("--eval-n", type=int, default=500)
     parser.add_argument("--num-train", type=int, default=25000, help="training scenes (5 questions each)")
     parser.add_argument("--num-shared-layers", type=int, default=None, help="K, the fork point (default L/2)")
+    parser.add_argument("--learn-code-embeddings", action=argparse.BooleanOptionalAction, default=True,
+                        help="trainable image-code input table (see UniForkConfig.learn_image_code_embeddings)")
+    parser.add_argument("--sampler", choices=["group_by_length", "random"], default="group_by_length")
     parser.add_argument("--seed", type=int, default=0, help="model initialisation and data order")
     parser.add_argument("--data-seed", type=int, default=0, help="the Shapes scenes")
     args = parser.parse_args()
@@ -55,7 +58,8 @@ def main():
         tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
     ))  # fmt: skip
     model = UniForkForConditionalGeneration.from_pretrained_llm(llm, args.vq, tokenizer=tokenizer,
-                                                                num_shared_layers=args.num_shared_layers)  # fmt: skip
+                                                                num_shared_layers=args.num_shared_layers,
+                                                                learn_image_code_embeddings=args.learn_code_embeddings)  # fmt: skip
     model.card_data.update(datasets=[f"unifork_hf.data.shapes (procedural, seed {args.data_seed})"], license="apache-2.0")
     processor = model.processor
 
@@ -78,7 +82,7 @@ def main():
         learning_rate=args.learning_rate,
         lr_scheduler_type="cosine",
         warmup_steps=200,
-        train_sampling_strategy="group_by_length",  # batches of similar length: little padding
+        train_sampling_strategy=args.sampler,  # group_by_length: batches of similar length, little padding
         weight_decay=0.01,
         logging_steps=100,
         save_steps=1000,

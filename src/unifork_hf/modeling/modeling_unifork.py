@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoProcessor, GenerationMixin, PreTrainedModel
+from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache, StaticCache
 from transformers.generation.logits_process import (
@@ -151,16 +152,30 @@ class UniForkCausalLMOutputWithPast(ModelOutput):
 
 
 class UniForkImageProjector(nn.Module):
-    """VQ code vector -> LLM embedding: Linear -> GELU -> Linear (the paper's MLP projector)."""
+    """Code vector -> LLM embedding: Linear -> GELU -> Linear (the paper's MLP projector).
+
+    With `config.learn_image_code_embeddings` a trainable per-code table (`code_embeddings`, zero at
+    initialisation) is added to the projection, so training can give each code the meaning a small
+    VQ's vectors lack, as a language model's token embeddings do (Janus learns such a table too).
+    """
 
     def __init__(self, config: UniForkConfig):
         super().__init__()
         self.linear_1 = nn.Linear(config.vq_config["vq_embed_dim"], config.projector_hidden_size)
         self.act = ACT2FN[config.projector_hidden_act]
         self.linear_2 = nn.Linear(config.projector_hidden_size, config.text_config.hidden_size)
+        # a plain Parameter, not an nn.Embedding: transformers then hands this module to `_init_weights`
+        self.code_embeddings = (
+            nn.Parameter(torch.zeros(config.codebook_size, config.text_config.hidden_size))
+            if config.learn_image_code_embeddings
+            else None
+        )
 
-    def forward(self, code_vectors: torch.Tensor) -> torch.Tensor:
-        return self.linear_2(self.act(self.linear_1(code_vectors)))
+    def forward(self, code_vectors: torch.Tensor, code_ids: torch.LongTensor) -> torch.Tensor:
+        embeds = self.linear_2(self.act(self.linear_1(code_vectors)))
+        if self.code_embeddings is not None:
+            embeds = embeds + nn.functional.embedding(code_ids, self.code_embeddings)
+        return embeds
 
 
 class UniForkPreTrainedModel(PreTrainedModel):
@@ -178,6 +193,12 @@ class UniForkPreTrainedModel(PreTrainedModel):
     # `forward` takes `num_items_in_batch`: Trainer then normalises the loss over the whole
     # accumulated (and distributed) batch, so gradient accumulation and DDP equal one large batch.
     accepts_loss_kwargs = True
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, UniForkImageProjector) and module.code_embeddings is not None:
+            # zero: a new model starts as the paper's projector, and training adds what each code needs
+            init.zeros_(module.code_embeddings)
 
 
 class UniForkModel(UniForkPreTrainedModel):
@@ -217,7 +238,7 @@ class UniForkModel(UniForkPreTrainedModel):
     def embed_image_codes(self, image_ids: torch.LongTensor) -> torch.Tensor:
         """VQ code ids `(..., n)` -> LLM input embeddings `(..., n, hidden)`."""
         code_vectors = self.image_tokenizer.embed_codes(image_ids).to(self.image_projector.linear_1.weight.dtype)
-        return self.image_projector(code_vectors)
+        return self.image_projector(code_vectors, image_ids)
 
     def _insert_images(self, input_ids, inputs_embeds, image_ids):
         """Put the projected image codes at the image-placeholder positions of `input_ids`."""

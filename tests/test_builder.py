@@ -92,7 +92,7 @@ def test_learned_code_embeddings_start_at_zero_and_train(tmp_path):
         inner.image_tokenizer.embed_codes(codes))))  # fmt: skip
     torch.testing.assert_close(inner.embed_image_codes(codes), paper_way)  # starts as the paper's projector
 
-    # trained by the align and joint stages (it sits in the projector), and it is what makes codes differ
+    # trained by the align and joint stages (it sits in the projector), and added per code
     from unifork_hf.training import apply_freezing
 
     for policy in ("joint", "align"):

@@ -108,9 +108,9 @@ class UniForkConfig(PreTrainedConfig):
         learn_image_code_embeddings (`bool`, defaults to `False`):
             Add a trainable per-code embedding table (`image_projector.code_embeddings`, zero at
             initialisation) to the projected VQ code vectors. The paper feeds only the projection;
-            the table is worth it when the VQ's code vectors carry little meaning, e.g. a small VQ
-            trained from scratch (the Shapes demo: it halved the generation loss at 600 steps).
-            Decoding still uses the VQ codebook.
+            the table is meant for VQs whose code vectors carry little meaning, e.g. a small VQ trained
+            from scratch (the Shapes demo; there it lowered the generation loss early in training and
+            ended about level, see the README). Decoding still uses the VQ codebook.
         image_token_id, boi_token_id, eoi_token_id (`int`, *optional*):
             Text-vocabulary ids of the image placeholder, begin-of-image and end-of-image tokens.
 

@@ -62,15 +62,20 @@ def cell_centre(position: str) -> tuple[float, float]:
     return (column + 0.5) * cell, (row + 0.5) * cell
 
 
+def bounding_box(obj: dict) -> tuple[int, int, int, int]:
+    """Pixel box (left, top, right, bottom), inclusive, of an object centred in its cell."""
+    x, y = cell_centre(obj["position"])
+    side = SIZES[obj["size"]]
+    left, top = round(x - side / 2), round(y - side / 2)
+    return left, top, left + side - 1, top + side - 1
+
+
 def render(objects: list[dict]) -> PIL.Image.Image:
     """Draw a scene: each object {colour, shape, size, position} centred in its cell."""
     image = PIL.Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), BACKGROUND)
     draw = PIL.ImageDraw.Draw(image)
     for obj in objects:
-        x, y = cell_centre(obj["position"])
-        side = SIZES[obj["size"]]
-        left, top = round(x - side / 2), round(y - side / 2)
-        right, bottom = left + side - 1, top + side - 1
+        left, top, right, bottom = bounding_box(obj)
         colour = COLOURS[obj["colour"]]
         if obj["shape"] == "circle":
             draw.ellipse((left, top, right, bottom), fill=colour)

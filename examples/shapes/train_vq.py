@@ -18,7 +18,7 @@ import torch
 from diffusers import VQModel
 from tqdm.auto import tqdm
 
-from unifork_hf.data.shapes import bounding_box, render, shapes_dataset
+from unifork_hf.data.shapes import IMAGE_SIZE, bounding_box, render, shapes_dataset
 from unifork_hf.evaluation import score_images
 
 
@@ -38,16 +38,18 @@ def code_locality(vq, scenes, seed=0) -> float:
     """Share of the codes away from an object (outside its code box widened by one code) that change
     when that object is removed from the scene: 0 when each code depends on its own patch only."""
     rng = random.Random(seed)
+    factor = 2 ** (len(vq.config.block_out_channels) - 1)  # pixels per code
+    side = IMAGE_SIZE // factor
     reduced, far = [], []
     for objects in scenes:
         removed = rng.randrange(len(objects))
         reduced.append(render([obj for i, obj in enumerate(objects) if i != removed]))
-        mask = torch.ones(8, 8)
-        left, top, right, bottom = (value // 4 for value in bounding_box(objects[removed]))  # 4 px per code
+        mask = torch.ones(side, side)
+        left, top, right, bottom = (value // factor for value in bounding_box(objects[removed]))
         mask[max(top - 1, 0) : bottom + 2, max(left - 1, 0) : right + 2] = 0
         far.append(mask)
     with torch.no_grad():
-        codes = [vq.quantize(vq.encode(images).latents)[2][2].reshape(-1, 8, 8)
+        codes = [vq.quantize(vq.encode(images).latents)[2][2].reshape(-1, side, side)
                  for images in (to_tensor([render(objects) for objects in scenes]), to_tensor(reduced))]  # fmt: skip
     far = torch.stack(far)
     return float(((codes[0] != codes[1]) * far).sum() / far.sum())

@@ -6,9 +6,9 @@ cd "$(dirname "$0")/../.."
 export TQDM_MININTERVAL=20
 mkdir -p runs/shapes
 python examples/shapes/train_tokenizer.py --out runs/shapes/tokenizer --seed 0
-python examples/shapes/train_vq.py --out runs/shapes/vq --steps 4000 --seed 0 | tee runs/shapes/vq.log
+python examples/shapes/train_vq.py --out runs/shapes/vq --steps 5000 --seed 0 | tee runs/shapes/vq.log
 python examples/shapes/train_unifork.py --vq runs/shapes/vq --tokenizer runs/shapes/tokenizer \
-    --out runs/shapes/unifork --max-steps "${MAX_STEPS:-6800}" --seed 0 | tee runs/shapes/unifork.log
+    --out runs/shapes/unifork --max-steps "${MAX_STEPS:-6000}" --seed 0 | tee runs/shapes/unifork.log
 # Package: weights, config, processor, card and metrics (the package's own code loads it: no .py copies).
 target=src/unifork_hf/checkpoints/shapes-demo
 rm -rf "$target" && mkdir -p "$target"

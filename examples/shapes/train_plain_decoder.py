@@ -41,7 +41,8 @@ def main():
                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)  # fmt: skip
     # The UniFork builder only to get the same processor (special tokens, prompt template, VQ) as the demo.
     processor = UniForkForConditionalGeneration.from_pretrained_llm(
-        Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tokenizer), **dims)), args.vq, tokenizer=tokenizer).processor  # fmt: skip
+        Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tokenizer), **dims)), args.vq, tokenizer=tokenizer,
+        image_size=32, vq_tile_size=8).processor  # fmt: skip  # the tile train_vq.py uses
     offset = len(processor.tokenizer)
     codebook_size = processor.image_tokenizer.codebook_size
 

@@ -44,6 +44,7 @@ def main():
     parser.add_argument("--num-shared-layers", type=int, default=None, help="K, the fork point (default L/2)")
     parser.add_argument("--learn-code-embeddings", action=argparse.BooleanOptionalAction, default=True,
                         help="trainable image-code input table (see UniForkConfig.learn_image_code_embeddings)")
+    parser.add_argument("--vq-tile-size", type=int, default=8, help="the tile the VQ was trained on (train_vq.py)")
     parser.add_argument("--sampler", choices=["group_by_length", "random"], default="group_by_length")
     parser.add_argument("--seed", type=int, default=0, help="model initialisation and data order")
     parser.add_argument("--data-seed", type=int, default=0, help="the Shapes scenes")
@@ -59,7 +60,8 @@ def main():
     ))  # fmt: skip
     model = UniForkForConditionalGeneration.from_pretrained_llm(llm, args.vq, tokenizer=tokenizer,
                                                                 num_shared_layers=args.num_shared_layers,
-                                                                learn_image_code_embeddings=args.learn_code_embeddings)  # fmt: skip
+                                                                learn_image_code_embeddings=args.learn_code_embeddings,
+                                                                image_size=32, vq_tile_size=args.vq_tile_size)  # fmt: skip
     model.card_data.update(datasets=[f"unifork_hf.data.shapes (procedural, seed {args.data_seed})"], license="apache-2.0")
     processor = model.processor
 

@@ -94,6 +94,10 @@ class UniForkConfig(PreTrainedConfig):
         num_shared_layers (`int`, *optional*):
             K, the fork point, in 0..L. Defaults to L // 2. K = L is a fully shared model, K = 0 two
             task-specific stacks that share only the embeddings.
+        vq_tile_size (`int`, *optional*):
+            Tokenize images tile by tile: the VQ encodes (and decodes) each `vq_tile_size` x
+            `vq_tile_size` tile on its own, so a code depends only on its tile. A multiple of the VQ's
+            downsampling factor that divides `image_size`; None (default) encodes whole images.
         image_size (`int`, *optional*):
             Side of the (square) images. Defaults to the VQ config's `sample_size`.
         image_grid_size (`int`, *optional*):
@@ -130,6 +134,7 @@ class UniForkConfig(PreTrainedConfig):
     text_config: dict | PreTrainedConfig | None = None
     vq_config: dict | None = None
     num_shared_layers: int | None = None
+    vq_tile_size: int | None = None
     image_size: int | None = None
     image_grid_size: int | None = None
     codebook_size: int | None = None
@@ -176,6 +181,13 @@ class UniForkConfig(PreTrainedConfig):
         if self.image_size < factor or self.image_size % factor:
             raise ValueError(
                 f"image_size must be a positive multiple of the VQ downsampling factor {factor}, got {self.image_size}."
+            )
+        if self.vq_tile_size is not None and (
+            self.vq_tile_size < 1 or self.vq_tile_size % factor or self.image_size % self.vq_tile_size
+        ):
+            raise ValueError(
+                f"vq_tile_size must be a positive multiple of the VQ downsampling factor {factor} that divides "
+                f"image_size {self.image_size}, got {self.vq_tile_size}."
             )
         expected_grid = self.image_size // factor
         if self.image_grid_size is None:

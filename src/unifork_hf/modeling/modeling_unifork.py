@@ -217,7 +217,7 @@ class UniForkModel(UniForkPreTrainedModel):
         self.layer_types = list(getattr(text, "layer_types", None) or ["full_attention"] * num_layers)
 
         self.embed_tokens = nn.Embedding(text.vocab_size, text.hidden_size, text.pad_token_id)
-        self.image_tokenizer = UniForkVQImageTokenizer(config.vq_config)
+        self.image_tokenizer = UniForkVQImageTokenizer(config.vq_config, tile_size=config.vq_tile_size)
         self.image_projector = UniForkImageProjector(config)
         self.rotary_emb = rotary_embedding(config=text)
         self.shared_layers = nn.ModuleList([decoder_layer(text, i) for i in range(k)])

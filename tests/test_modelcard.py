@@ -128,6 +128,9 @@ def test_card_metadata_and_body(tmp_path):
     assert body.lstrip().startswith("# my-org/unifork-tiny")
     assert "K = 1 (layers shared by both tasks); branch depth L − K = 3 (layers per task)" in body
     assert "16×16 px" in body and "4×4 code grid (16 tokens per image)" in body and "codebook of 64 codes" in body
+    assert "tile encoded on its own" not in body
+    tiled = build_model_card(tiny_model(image_size=16, vq_tile_size=8)).text
+    assert "codebook of 64 codes, each 8×8-px tile encoded on its own" in tiled
     expected = expected_counts(model.config)
     assert table(body) == {
         "embeddings": expected["embeddings"],

@@ -161,6 +161,7 @@ def _summary(model, base_hub, base_local) -> str:
         f"- images: {config.image_size}×{config.image_size} px, tokenized by a VQ into a "
         f"{config.image_grid_size}×{config.image_grid_size} code grid ({config.num_image_tokens} tokens per image) "
         f"over a codebook of {config.codebook_size:,} codes"
+        + (f", each {config.vq_tile_size}×{config.vq_tile_size}-px tile encoded on its own" if config.vq_tile_size else "")
     )
 
 

@@ -214,6 +214,12 @@ def test_pretokenized_images_are_encoded_once(model, prepared, tmp_path):
     pretokenized = pretokenize_images(train, model.processor)
     assert "images" not in pretokenized.column_names
     assert pretokenized[0]["image_ids"] == model.processor.encode_images(train[0]["images"]).tolist()
+    # the fingerprint (datasets' cache key) depends on the tiling: tiled codes never reuse untiled ones
+    model.model.image_tokenizer.tile_size = model.model.image_tokenizer.downsampling_factor
+    try:
+        assert pretokenize_images(train, model.processor)._fingerprint != pretokenized._fingerprint
+    finally:
+        model.model.image_tokenizer.tile_size = None
     calls = []
     original = model.model.image_tokenizer.encode
     model.model.image_tokenizer.encode = lambda *a, **k: calls.append(1) or original(*a, **k)

@@ -13,9 +13,9 @@ from unifork_hf.evaluation import detect
 CAPTION = "a small purple square at the top left and a small orange triangle at the bottom left"
 # Greedy generation (top_k=1, no guidance) of CAPTION, recorded when the checkpoint was made.
 RECORDED_TOKENS = [
-    381, 25, 44, 251, 44, 416, 200, 281, 191, 194, 322, 389, 373, 466, 155, 329, 324, 80, 149, 499, 427, 275, 466,
-    117, 472, 179, 227, 466, 510, 62, 125, 389, 466, 125, 473, 510, 349, 18, 56, 304, 466, 449, 300, 354, 18, 162,
-    349, 217, 451, 104, 125, 56, 56, 217, 95, 36, 489, 67, 329, 343, 179, 303, 23, 470,
+    558, 611, 741, 705, 741, 705, 741, 705, 439, 935, 44, 109, 44, 109, 44, 109, 741, 705, 741, 705, 741, 705, 741,
+    705, 44, 109, 44, 109, 44, 109, 44, 109, 741, 705, 741, 705, 741, 705, 741, 705, 44, 109, 44, 109, 44, 109, 44,
+    109, 625, 269, 741, 705, 741, 705, 741, 705, 564, 943, 44, 109, 44, 109, 44, 109,
 ]  # fmt: skip
 
 
@@ -37,11 +37,13 @@ def test_checkpoint_is_bundled_small_and_documented():
 def test_checkpoint_reproduces_recorded_outputs(demo_model):
     config = demo_model.config
     assert (config.num_shared_layers, config.text_config.num_hidden_layers, config.num_image_tokens) == (2, 4, 64)
+    assert config.vq_tile_size == 8 and demo_model.model.image_tokenizer.tile_size == 8
     tokens = demo_model.generate_image(CAPTION, guidance_scale=1.0, top_k=1, output_type="tokens", progress_bar=False)
     assert tokens[0].tolist() == RECORDED_TOKENS
     assert detect(demo_model.processor.decode_image_tokens(tokens)[0]) == [
         {"colour": "purple", "shape": "square", "size": "small", "position": "top left"},
-    ]  # the orange triangle is missing: a miss, as recorded
+        {"colour": "orange", "shape": "triangle", "size": "small", "position": "bottom left"},
+    ]  # both objects drawn as asked
 
 
 def test_unifork_demo_runs(tmp_path, capsys):

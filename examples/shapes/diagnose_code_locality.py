@@ -2,7 +2,8 @@
 
 Trains the same plain Qwen2 decoder (hidden 128, 4 layers, AdamW 2e-3, cosine, batch 64, 5000 scenes)
 on caption -> 64 image codes, with the codes from either
-  vq:    the demo's VQModel (whole-image encoder: each code depends on the whole image), or
+  vq:    a whole-image VQModel (each code depends on the whole image): the demo's VQ before it was
+         tiled, made by train_vq.py at commit 6f91f3a (`git show 6f91f3a:examples/shapes/train_vq.py`), or
   patch: the id of each exact 4x4-pixel patch in a dictionary of the training images' distinct
          patches (perfectly local and lossless; not a usable tokenizer for real images),
 then greedily generates 200 test captions and judges them with the Shapes judge.

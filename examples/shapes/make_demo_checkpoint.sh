@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The bundled demo checkpoint, from scratch, on CPU (2 cores: measured 66.5 min: ~10 min VQ + ~4 min data + ~50 min UniFork + ~2 min eval):
+# The bundled demo checkpoint, from scratch, on CPU (2 cores; measured: tokenizer 15 s, VQ 23 min on one thread beside another run, UniFork 45 min including data and eval: ~68 min):
 #   nohup bash examples/shapes/make_demo_checkpoint.sh > runs/shapes/make.log 2>&1 &
 set -euo pipefail
 cd "$(dirname "$0")/../.."

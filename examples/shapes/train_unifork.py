@@ -45,7 +45,7 @@ def main():
     parser.add_argument("--learn-code-embeddings", action=argparse.BooleanOptionalAction, default=True,
                         help="trainable image-code input table (see UniForkConfig.learn_image_code_embeddings)")
     parser.add_argument("--vq-tile-size", type=int, default=8, help="the tile the VQ was trained on (train_vq.py)")
-    parser.add_argument("--task-loss-weighting", choices=["token", "task"], default="task",
+    parser.add_argument("--task-loss-weighting", choices=["token", "task"], default="token",
                         help="see UniForkTrainingArguments.task_loss_weighting")
     parser.add_argument("--sampler", choices=["group_by_length", "random"], default="group_by_length")
     parser.add_argument("--seed", type=int, default=0, help="model initialisation and data order")

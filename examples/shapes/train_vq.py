@@ -27,7 +27,7 @@ import torch
 from diffusers import VQModel
 from tqdm.auto import tqdm
 
-from unifork_hf.data.shapes import IMAGE_SIZE, bounding_box, render, shapes_dataset
+from unifork_hf.data.shapes import COLOURS, IMAGE_SIZE, bounding_box, render, shapes_dataset
 from unifork_hf.evaluation import score_images
 from unifork_hf.modeling.vq_unifork import UniForkVQImageTokenizer
 
@@ -63,6 +63,25 @@ def code_locality(tokenizer: UniForkVQImageTokenizer, scenes, seed=0) -> float:
                  for images in (to_tensor([render(objects) for objects in scenes]), to_tensor(reduced))]  # fmt: skip
     far = torch.stack(far)
     return float(((codes[0] != codes[1]) * far).sum() / far.sum())
+
+
+def code_colour_purity(tokenizer: UniForkVQImageTokenizer, images: torch.Tensor) -> float:
+    """How well a code alone names the colour of the pixels under it: over the code regions that are
+    all one shape colour, the share whose colour is the most common one for their code. 1.0 when each
+    code carries its own region's colour; lower when a tile's codes carry it together."""
+    factor = tokenizer.downsampling_factor
+    with torch.no_grad():
+        codes = tokenizer.encode(images).flatten()
+    palette = torch.tensor(list(COLOURS.values()), dtype=torch.float32) / 127.5 - 1
+    regions = UniForkVQImageTokenizer._to_tiles(images, factor).permute(0, 2, 3, 1).reshape(len(codes), -1, 3)
+    nearest = torch.cdist(regions, palette[None].expand(len(regions), -1, -1)).argmin(-1)
+    one_colour = ((regions < 0.9).any(-1).all(-1)) & (nearest == nearest[:, :1]).all(-1)
+    pairs = torch.stack([codes[one_colour], nearest[one_colour, 0]], 1)
+    counts = {}
+    for code, colour in pairs.tolist():
+        counts.setdefault(code, {}).setdefault(colour, 0)
+        counts[code][colour] += 1
+    return sum(max(c.values()) for c in counts.values()) / max(len(pairs), 1)
 
 
 def main():
@@ -132,6 +151,7 @@ def main():
     print(f"trained {args.steps} steps in {time.time() - start:.0f} s; test codes used {codes_used}/{args.codebook_size}")
     print("reconstructions judged:", {k: round(v, 4) for k, v in scores.items()})
     print(f"codes away from a removed object that change: {code_locality(tokenizer, data['test']['objects']):.3f}")
+    print(f"code -> colour purity of one-colour code regions: {code_colour_purity(tokenizer, test):.3f}")
 
 
 if __name__ == "__main__":

@@ -115,28 +115,6 @@ def test_mixed_batch_losses_equal_single_task_batches(model, prepared, tmp_path)
     torch.testing.assert_close(mixed.loss, expected, atol=1e-5, rtol=0)
 
 
-def test_task_loss_weighting_averages_the_task_means(model, prepared, tmp_path):
-    und, gen, _ = prepared
-    collator = UniForkDataCollator(model.processor, cfg_dropout=0.0)
-    batch = collator([und[0], gen[0], und[1], gen[1]])
-    trainer = UniForkTrainer(model=model, args=training_args(tmp_path, freeze="none", task_loss_weighting="task"),
-                             data_collator=collator, processing_class=model.processor)  # fmt: skip
-    model.eval()
-    with torch.no_grad():
-        loss, out = trainer.compute_loss(model, batch, return_outputs=True)
-        # 4 answer tokens against 128 image codes: the token mean is almost the generation loss alone
-        assert abs(out.loss - out.loss_generation) < abs(loss - out.loss_generation)
-        torch.testing.assert_close(loss, (out.loss_understanding + out.loss_generation) / 2)
-        model.train()  # per-batch means are scaled for gradient accumulation by hand
-        trainer.current_gradient_accumulation_steps = 2
-        torch.testing.assert_close(trainer.compute_loss(model, batch), loss / 2)
-        und_batch = collator([und[0], und[1]])  # one task present: its own mean
-        torch.testing.assert_close(trainer.compute_loss(model, und_batch) * 2, model(**und_batch).loss)
-    model.eval()
-    with pytest.raises(ValueError, match="task_loss_weighting must be 'token' or 'task', got 'tasks'"):
-        training_args(tmp_path, task_loss_weighting="tasks")
-
-
 def test_cfg_dropout_rate_and_what_is_dropped(model):
     processor = model.processor
     rows = [{"task": GENERATION, "row": i, "prompt_length": 3, "input_ids": [7, 8, 9, 10, 11], "labels": [-100] * 3 + [1, 2]}

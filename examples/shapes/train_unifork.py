@@ -45,9 +45,6 @@ def main():
     parser.add_argument("--learn-code-embeddings", action=argparse.BooleanOptionalAction, default=True,
                         help="trainable image-code input table (see UniForkConfig.learn_image_code_embeddings)")
     parser.add_argument("--vq-tile-size", type=int, default=8, help="the tile the VQ was trained on (train_vq.py)")
-    parser.add_argument("--task-loss-weighting", choices=["token", "task"], default="token",
-                        help="see UniForkTrainingArguments.task_loss_weighting; 'task' did not help the demo recipe "
-                             "(length-grouped batches are mostly one task): understanding loss 0.65 vs 0.58 at step 1600")
     parser.add_argument("--sampler", choices=["group_by_length", "random"], default="group_by_length")
     parser.add_argument("--seed", type=int, default=0, help="model initialisation and data order")
     parser.add_argument("--data-seed", type=int, default=0, help="the Shapes scenes")
@@ -82,7 +79,6 @@ def main():
         output_dir=args.out,
         freeze="joint",
         cfg_dropout=0.1,
-        task_loss_weighting=args.task_loss_weighting,
         max_steps=args.max_steps,
         per_device_train_batch_size=args.batch_size,
         learning_rate=args.learning_rate,

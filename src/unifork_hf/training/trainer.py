@@ -69,12 +69,6 @@ class UniForkTrainingArguments(TrainingArguments):
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "UniFork's collator needs the prepared columns: keep them"}
     )
-    task_loss_weighting: str = field(
-        default="token",
-        metadata={"help": "token: every labelled token counts once (the model's loss); task: the mean of the "
-                          "per-task mean losses, so a task with few labelled tokens per sample (short answers) "
-                          "is not drowned by one with many (64 image codes)"},
-    )  # fmt: skip
 
     def __post_init__(self):
         super().__post_init__()
@@ -82,8 +76,6 @@ class UniForkTrainingArguments(TrainingArguments):
             raise ValueError(f"freeze must be one of {sorted(FREEZING_POLICIES) + ['none']}, got {self.freeze!r}.")
         if not 0 <= self.cfg_dropout < 1:
             raise ValueError(f"cfg_dropout must be in [0, 1), got {self.cfg_dropout}.")
-        if self.task_loss_weighting not in ("token", "task"):
-            raise ValueError(f"task_loss_weighting must be 'token' or 'task', got {self.task_loss_weighting!r}.")
 
 
 class _CollatorEpoch(TrainerCallback):
@@ -125,11 +117,6 @@ class UniForkTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
-        if getattr(self.args, "task_loss_weighting", "token") == "task":
-            task_losses = [value for value in (outputs.loss_understanding, outputs.loss_generation) if value is not None]
-            loss = torch.stack(task_losses).mean()
-            if model.training:  # per-batch means: Trainer does not scale them for gradient accumulation, so do it here
-                loss = loss / getattr(self, "current_gradient_accumulation_steps", 1)
         if model.training:
             for name in self._task_losses:
                 value = getattr(outputs, name, None)

@@ -137,37 +137,9 @@ def test_pixel_values_go_through_the_vq():
 
 
 def test_tiled_vq_codes_depend_on_their_own_tile_only(tmp_path):
-    # 16 px images, 4 px tiles: one code per tile (the VQ downsamples by 4)
-    model = tiny_model(image_size=16, vq_tile_size=4)
-    vq = model.model.image_tokenizer
-    pixels = torch.rand(2, 3, 16, 16) * 2 - 1
-    codes = vq.encode(pixels)
-    assert codes.shape == (2, N)
-    # code (row 2, column 3) of image 1 is the VQ's code of that tile alone
-    tile = pixels[1:2, :, 8:12, 12:16]
-    assert int(codes[1, 2 * 4 + 3]) == int(vq.vq.quantize(vq.vq.encode(tile).latents)[2][2])
-    # changing one tile changes that code only
-    changed = pixels.clone()
-    changed[:, :, 0:4, 0:4] = -pixels[:, :, 0:4, 0:4]
-    assert torch.equal(vq.encode(changed)[:, 1:], codes[:, 1:])
-    # decoding puts each code's tile back in its place
-    images = vq.decode(codes)
-    one = vq.vq.decode(vq.vq.quantize.get_codebook_entry(codes[1, 11:12], (1, 1, 1, vq.codebook.shape[1])),
-                       force_not_quantize=True).sample.clamp(-1, 1)  # fmt: skip
-    torch.testing.assert_close(images[1:2, :, 8:12, 12:16], one)
-    # the tile size survives save/load, for the model and for the processor-side loader
-    model.save_pretrained(tmp_path)
-    assert UniForkForConditionalGeneration.from_pretrained(tmp_path).model.image_tokenizer.tile_size == 4
-    assert type(vq).from_checkpoint(tmp_path).tile_size == 4
-    with pytest.raises(ValueError, match="vq_tile_size must be a positive multiple"):
-        tiny_config(image_size=16, vq_tile_size=6)
-    with pytest.raises(ValueError, match="multiples of the VQ tile size 4"):
-        vq.encode(torch.zeros(1, 3, 16, 18))
-
-
-def test_tiles_of_several_codes_keep_the_code_grid_in_image_order():
     # 16 px images, 8 px tiles, VQ factor 4: each tile is a 2x2 block of the 4x4 code grid
-    vq = tiny_model(image_size=16, vq_tile_size=8).model.image_tokenizer
+    model = tiny_model(image_size=16, vq_tile_size=8)
+    vq = model.model.image_tokenizer
     pixels = torch.rand(2, 3, 16, 16) * 2 - 1
     codes = vq.encode(pixels).reshape(2, 4, 4)
     tile = vq.vq.quantize(vq.vq.encode(pixels[1:2, :, 8:16, 0:8]).latents)[2][2].reshape(2, 2)
@@ -181,6 +153,14 @@ def test_tiles_of_several_codes_keep_the_code_grid_in_image_order():
     entries = vq.vq.quantize.get_codebook_entry(tile.flatten(), (1, 2, 2, vq.codebook.shape[1]))
     one = vq.vq.decode(entries, force_not_quantize=True).sample.clamp(-1, 1)
     torch.testing.assert_close(vq.decode(codes.reshape(2, -1))[1:2, :, 8:16, 0:8], one)
+    # the tile size survives save/load, for the model and for the processor-side loader
+    model.save_pretrained(tmp_path)
+    assert UniForkForConditionalGeneration.from_pretrained(tmp_path).model.image_tokenizer.tile_size == 8
+    assert type(vq).from_checkpoint(tmp_path).tile_size == 8
+    with pytest.raises(ValueError, match="vq_tile_size must be a positive multiple"):
+        tiny_config(image_size=16, vq_tile_size=6)
+    with pytest.raises(ValueError, match="multiples of the VQ tile size 8"):
+        vq.encode(torch.zeros(1, 3, 16, 18))
 
 
 def test_vq_is_frozen_and_the_rest_trains():

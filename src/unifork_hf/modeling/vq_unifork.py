@@ -148,9 +148,10 @@ class UniForkVQImageTokenizer(nn.Module):
         channels = grid.shape[1]
         return grid.unfold(2, side, side).unfold(3, side, side).permute(0, 2, 3, 1, 4, 5).reshape(-1, channels, side, side)
 
-    def _from_tiles(self, tiles: torch.Tensor, batch: int, height: int, width: int) -> torch.Tensor:
+    @staticmethod
+    def _from_tiles(tiles: torch.Tensor, batch: int, height: int, width: int) -> torch.Tensor:
         """Inverse of `_to_tiles`: `(B * tiles, C, s, s)` -> `(B, C, height, width)`."""
-        if not self.tile_size:
+        if tiles.shape[-2:] == (height, width):  # one tile per image, or no tiling
             return tiles
         channels, side = tiles.shape[1], tiles.shape[-1]
         tiles = tiles.reshape(batch, height // side, width // side, channels, side, side)

@@ -32,8 +32,29 @@ def test_batch_of_different_lengths_equals_each_alone(built_model):
 
 
 def test_sampling_follows_the_guided_logits_of_an_uncached_forward(built_model):
+    assert_sampling_follows_uncached_forward(built_model)
+
+
+def test_learned_image_position_embeddings_are_added_by_place_in_training_and_sampling(tiny_parts, tmp_path):
+    model = UniForkForConditionalGeneration.from_pretrained_llm(*tiny_parts, learn_image_position_embeddings=True)
+    table = model.model.image_projector.position_embeddings
+    assert table.shape == (64, model.config.text_config.hidden_size) and not table.any()  # starts as the paper's
+    with torch.no_grad():
+        table.normal_()
+    codes = torch.randint(0, 64, (1, 64))
+    inner = model.model
+    without = inner.embed_image_codes(codes)
+    torch.testing.assert_close(inner.embed_image_codes(codes, torch.arange(64)), without + table)
+    model.save_pretrained(tmp_path / "m")
+    model = UniForkForConditionalGeneration.from_pretrained(tmp_path / "m").eval()
+    assert torch.equal(model.model.image_projector.position_embeddings, table)
+    # the cached sampling loop adds each drawn code's place exactly as a full forward over the image does
+    assert_sampling_follows_uncached_forward(model)
+
+
+def assert_sampling_follows_uncached_forward(model):
     """top_k=1 makes sampling argmax; replay the codes through full forwards and check every step."""
-    model, processor = built_model, built_model.processor
+    processor = model.processor
     scale = 3.0
     codes = model.generate_image("a red circle", guidance_scale=scale, top_k=1, output_type="tokens", progress_bar=False)
     n = model.config.num_image_tokens

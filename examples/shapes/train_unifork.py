@@ -44,6 +44,8 @@ def main():
     parser.add_argument("--num-shared-layers", type=int, default=None, help="K, the fork point (default L/2)")
     parser.add_argument("--learn-code-embeddings", action=argparse.BooleanOptionalAction, default=True,
                         help="trainable image-code input table (see UniForkConfig.learn_image_code_embeddings)")
+    parser.add_argument("--learn-position-embeddings", action=argparse.BooleanOptionalAction, default=False,
+                        help="trainable image-position input table (UniForkConfig.learn_image_position_embeddings)")
     parser.add_argument("--vq-tile-size", type=int, default=8, help="the tile the VQ was trained on (train_vq.py)")
     parser.add_argument("--sampler", choices=["group_by_length", "random"], default="group_by_length")
     parser.add_argument("--seed", type=int, default=0, help="model initialisation and data order")
@@ -61,6 +63,7 @@ def main():
     model = UniForkForConditionalGeneration.from_pretrained_llm(llm, args.vq, tokenizer=tokenizer,
                                                                 num_shared_layers=args.num_shared_layers,
                                                                 learn_image_code_embeddings=args.learn_code_embeddings,
+                                                                learn_image_position_embeddings=args.learn_position_embeddings,
                                                                 image_size=32, vq_tile_size=args.vq_tile_size)  # fmt: skip
     model.card_data.update(datasets=[f"unifork_hf.data.shapes (procedural, seed {args.data_seed})"], license="apache-2.0")
     processor = model.processor

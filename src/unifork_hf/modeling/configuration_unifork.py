@@ -115,6 +115,12 @@ class UniForkConfig(PreTrainedConfig):
             the table is meant for VQs whose code vectors carry little meaning, e.g. a small VQ trained
             from scratch (the Shapes demo; there it lowered the generation loss early in training and
             ended about level, see the README). Decoding still uses the VQ codebook.
+        learn_image_position_embeddings (`bool`, defaults to `False`):
+            Add a trainable table of one embedding per place in the code grid
+            (`image_projector.position_embeddings`, zero at initialisation) to the image tokens. The
+            LLM's 1-D rotary positions give only distances between tokens; the paper's understanding
+            encoder (SigLIP) brings its own 2-D position embeddings, which a VQ's codes lack. For
+            models trained from scratch, such as the Shapes demo.
         image_token_id, boi_token_id, eoi_token_id (`int`, *optional*):
             Text-vocabulary ids of the image placeholder, begin-of-image and end-of-image tokens.
 
@@ -141,6 +147,7 @@ class UniForkConfig(PreTrainedConfig):
     projector_hidden_size: int | None = None
     projector_hidden_act: str = "gelu"
     learn_image_code_embeddings: bool = False
+    learn_image_position_embeddings: bool = False
     image_token_id: int | None = None
     boi_token_id: int | None = None
     eoi_token_id: int | None = None

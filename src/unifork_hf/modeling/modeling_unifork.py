@@ -157,6 +157,8 @@ class UniForkImageProjector(nn.Module):
     With `config.learn_image_code_embeddings` a trainable per-code table (`code_embeddings`, zero at
     initialisation) is added to the projection, so training can give each code the meaning a small
     VQ's vectors lack, as a language model's token embeddings do (Janus learns such a table too).
+    With `config.learn_image_position_embeddings` a trainable per-grid-cell table (`position_embeddings`,
+    zero at initialisation) is added too: each image token then knows where in the image it is.
     """
 
     def __init__(self, config: UniForkConfig):
@@ -170,11 +172,20 @@ class UniForkImageProjector(nn.Module):
             if config.learn_image_code_embeddings
             else None
         )
+        self.position_embeddings = (
+            nn.Parameter(torch.zeros(config.num_image_tokens, config.text_config.hidden_size))
+            if config.learn_image_position_embeddings
+            else None
+        )
 
-    def forward(self, code_vectors: torch.Tensor, code_ids: torch.LongTensor) -> torch.Tensor:
+    def forward(self, code_vectors: torch.Tensor, code_ids: torch.LongTensor,
+                positions: torch.LongTensor | None = None) -> torch.Tensor:  # fmt: skip
+        """`positions`: each code's index in the code grid (raster order); None adds no position term."""
         embeds = self.linear_2(self.act(self.linear_1(code_vectors)))
         if self.code_embeddings is not None:
             embeds = embeds + nn.functional.embedding(code_ids, self.code_embeddings)
+        if self.position_embeddings is not None and positions is not None:
+            embeds = embeds + nn.functional.embedding(positions, self.position_embeddings)
         return embeds
 
 
@@ -196,9 +207,11 @@ class UniForkPreTrainedModel(PreTrainedModel):
 
     def _init_weights(self, module):
         super()._init_weights(module)
-        if isinstance(module, UniForkImageProjector) and module.code_embeddings is not None:
-            # zero: a new model starts as the paper's projector, and training adds what each code needs
-            init.zeros_(module.code_embeddings)
+        if isinstance(module, UniForkImageProjector):
+            # zero: a new model starts as the paper's projector, and training adds what codes need
+            for table in (module.code_embeddings, module.position_embeddings):
+                if table is not None:
+                    init.zeros_(table)
 
 
 class UniForkModel(UniForkPreTrainedModel):
@@ -235,10 +248,11 @@ class UniForkModel(UniForkPreTrainedModel):
     def set_input_embeddings(self, value):
         self.embed_tokens = value
 
-    def embed_image_codes(self, image_ids: torch.LongTensor) -> torch.Tensor:
-        """VQ code ids `(..., n)` -> LLM input embeddings `(..., n, hidden)`."""
+    def embed_image_codes(self, image_ids: torch.LongTensor, positions: torch.LongTensor | None = None) -> torch.Tensor:
+        """VQ code ids `(..., n)` -> LLM input embeddings `(..., n, hidden)`; `positions` are the codes'
+        places in the code grid (None: no position term, e.g. for a table of every code)."""
         code_vectors = self.image_tokenizer.embed_codes(image_ids).to(self.image_projector.linear_1.weight.dtype)
-        return self.image_projector(code_vectors, image_ids)
+        return self.image_projector(code_vectors, image_ids, positions)
 
     def _insert_images(self, input_ids, inputs_embeds, image_ids):
         """Put the projected image codes at the image-placeholder positions of `input_ids`."""
@@ -255,7 +269,8 @@ class UniForkModel(UniForkPreTrainedModel):
                 f"{image_ids.shape[0]} image(s) x {self.config.num_image_tokens} tokens were given: the number of "
                 "image placeholders must match the number of images."
             )
-        image_embeds = self.embed_image_codes(image_ids).to(inputs_embeds.dtype)
+        positions = torch.arange(image_ids.shape[1], device=image_ids.device)  # whole images, checked above
+        image_embeds = self.embed_image_codes(image_ids, positions).to(inputs_embeds.dtype)
         return inputs_embeds.masked_scatter(is_image.unsqueeze(-1), image_embeds)
 
     def _causal_masks(self, inputs_embeds, attention_mask, past_key_values, position_ids):
@@ -672,8 +687,10 @@ class UniForkForConditionalGeneration(UniForkPreTrainedModel, GenerationMixin):
         cache = StaticCache(config=self.config.text_config, max_cache_len=total)
         full_mask = torch.cat([attention_mask, attention_mask.new_ones((attention_mask.shape[0], num_tokens))], 1)
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        # Every code's input embedding (VQ codebook vector through the projector), computed once.
+        # Every code's input embedding (VQ codebook vector through the projector), computed once;
+        # a step adds the grid position's embedding, if the model has them.
         code_embeddings = self.model.embed_image_codes(torch.arange(self.config.codebook_size, device=self.device))
+        position_embeddings = self.model.image_projector.position_embeddings
         codes = input_ids.new_empty((num_images, num_tokens))
         step_inputs = {"input_ids": input_ids}
         for step in range(num_tokens):
@@ -697,6 +714,8 @@ class UniForkForConditionalGeneration(UniForkPreTrainedModel, GenerationMixin):
             progress.update(num_images)
 
             embeds = code_embeddings[next_codes][:, None]
+            if position_embeddings is not None:  # the code just drawn sits at grid place `step`
+                embeds = embeds + position_embeddings[step]
             step_inputs = {"inputs_embeds": torch.cat([embeds, embeds]) if guided else embeds}
             position_ids = position_ids[:, -1:] + 1
         return codes

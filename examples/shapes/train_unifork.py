@@ -44,7 +44,7 @@ def main():
     parser.add_argument("--num-shared-layers", type=int, default=None, help="K, the fork point (default L/2)")
     parser.add_argument("--learn-code-embeddings", action=argparse.BooleanOptionalAction, default=True,
                         help="trainable image-code input table (see UniForkConfig.learn_image_code_embeddings)")
-    parser.add_argument("--learn-position-embeddings", action=argparse.BooleanOptionalAction, default=False,
+    parser.add_argument("--learn-position-embeddings", action=argparse.BooleanOptionalAction, default=True,
                         help="trainable image-position input table (UniForkConfig.learn_image_position_embeddings)")
     parser.add_argument("--vq-tile-size", type=int, default=8, help="the tile the VQ was trained on (train_vq.py)")
     parser.add_argument("--sampler", choices=["group_by_length", "random"], default="group_by_length")

@@ -38,19 +38,12 @@ def test_same_seed_same_data_other_seed_other_data(data):
 
 def test_splits_are_disjoint_and_heldout_pairs_never_train(data):
     train, test, heldout = (scene_keys(data[s]) for s in ("train", "test", "heldout"))
-    assert len(test) == 300 and len(heldout) == 300  # distinct evaluation scenes
-    assert len(data["train"]) == 1500
+    assert len(train) == 1500 and len(test) == 300 and len(heldout) == 300
     assert not train & test and not train & heldout and not test & heldout
     for split in ("train", "test"):
         pairs = {(o["colour"], o["shape"]) for objs in data[split]["objects"] for o in objs}
         assert not pairs & set(HELDOUT_PAIRS), split
     assert all(any((o["colour"], o["shape"]) in HELDOUT_PAIRS for o in objs) for objs in data["heldout"]["objects"])
-
-
-def test_train_keeps_one_object_scenes_at_half_although_test_uses_most_of_them(data):
-    # only 270 one-object scenes exist; the test split takes most, train still draws them half the time
-    share = {split: np.mean([len(objs) == 1 for objs in data[split]["objects"]]) for split in ("train", "test")}
-    assert 0.45 < share["train"] < 0.55 and share["test"] > 0.3
 
 
 def test_scene_contents(data):

@@ -1,6 +1,7 @@
 """UniFork generate_image vs transformers' Janus image generation, at equal language-model dims.
 
     python benchmarks/bench_generate_vs_janus.py [--sizes tiny,100m] [--repeats 5] [--batch 4] [--threads N]
+        [--jacobi-window 16]
 
 Both models have random weights and run in this process, with the same decoder layer class
 (Llama), hidden size, depth on the generated path (UniFork: K shared + L-K generation layers =
@@ -11,6 +12,11 @@ weights), only speed is compared. Neither side decodes codes to pixels. Timings 
 alternating repeats after one warm-up each; ratio = ours / janus in image tokens per second.
 On a machine that is busy with other work, `--threads 1` gives far steadier numbers (spinning
 OpenMP threads that do not get a core slow every step several-fold).
+
+A third contender, in the same alternation: UniFork with speculative Jacobi decoding
+(`jacobi_window`); with top-k=1 its tokens must equal plain decoding's (checked), so only the
+number of forwards differs, and that depends on how often drafts match: with random weights it
+says little about a trained model (see benchmarks/README.md for the Shapes checkpoint).
 """
 
 import argparse
@@ -90,6 +96,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--jacobi-window", type=int, default=16, help="for the speculative Jacobi contender")
     args = parser.parse_args()
     sizes = args.sizes.split(",")
     if unknown := [s for s in sizes if s not in SIZES]:
@@ -119,20 +126,29 @@ def main():
             return ours.generate_image(prompts, guidance_scale=GUIDANCE, top_k=1, output_type="tokens",
                                        progress_bar=False)  # fmt: skip
 
+        def run_jacobi():
+            return ours.generate_image(prompts, guidance_scale=GUIDANCE, top_k=1, output_type="tokens",
+                                       progress_bar=False, jacobi_window=args.jacobi_window)  # fmt: skip
+
         def run_janus():
             return janus.generate(ids, attention_mask=mask, generation_mode="image", generation_config=janus_config)
 
         tokens = args.batch * config.num_image_tokens
-        shapes = (run_ours().shape, run_janus().shape)  # warm-up
+        plain = run_ours()  # warm-ups
+        forwards = []
+        hook = ours.generation_head.register_forward_hook(lambda *_: forwards.append(1))
+        assert torch.equal(run_jacobi(), plain), "speculative Jacobi decoding must not change greedy tokens"
+        hook.remove()
+        shapes = (plain.shape, run_janus().shape)
         assert shapes[0] == shapes[1] == (args.batch, config.num_image_tokens), shapes
-        times = {"ours": [], "janus": []}
-        for _ in range(args.repeats):  # alternate, so drifting machine load hits both alike
-            for key, fn in (("ours", run_ours), ("janus", run_janus)):
+        times = {"ours": [], "jacobi": [], "janus": []}
+        for _ in range(args.repeats):  # alternate, so drifting machine load hits all alike
+            for key, fn in (("ours", run_ours), ("jacobi", run_jacobi), ("janus", run_janus)):
                 start = time.perf_counter()
                 fn()
                 times[key].append(time.perf_counter() - start)
-        ours_s, janus_s = statistics.median(times["ours"]), statistics.median(times["janus"])
-        results[name] = (tokens / ours_s, tokens / janus_s)
+        ours_s, jacobi_s, janus_s = (statistics.median(times[k]) for k in ("ours", "jacobi", "janus"))
+        results[name] = (tokens / ours_s, tokens / janus_s, tokens / jacobi_s)
         text = config.text_config
         print(f"{name}: llama H={text.hidden_size} L={text.num_hidden_layers} (UniFork K={config.num_shared_layers}) "
               f"heads={text.num_attention_heads} kv={text.num_key_value_heads} I={text.intermediate_size} | "
@@ -141,6 +157,8 @@ def main():
         print(f"  params on the generation path: unifork {n_ours / 1e6:.2f}M, janus {n_janus / 1e6:.2f}M")
         print(f"  unifork generate_image {tokens / ours_s:.1f} tok/s ({ours_s:.2f} s) | janus generate "
               f"{tokens / janus_s:.1f} tok/s ({janus_s:.2f} s) | ratio=ours/janus {janus_s / ours_s:.2f}")
+        print(f"  unifork jacobi_window={args.jacobi_window}: {len(forwards)} forwards for {config.num_image_tokens} "
+              f"tokens, {tokens / jacobi_s:.1f} tok/s ({jacobi_s:.2f} s) | ratio=jacobi/janus {janus_s / jacobi_s:.2f}")
         # The roofline: a step must read Janus's decoder + head weights once. At the copy bandwidth
         # measured now, how much faster than Janus could any loop at this dtype decode?
         jm = janus.model
@@ -154,8 +172,10 @@ def main():
               f"{ceilings[name]:.2f}x")
         del ours, janus
 
-    fields = [f"ratio_{k}={o / j:.2f}" for k, (o, j) in results.items()]
-    fields += [f"{side}_{k}_tok_s={v:.1f}" for k, (o, j) in results.items() for side, v in (("ours", o), ("janus", j))]
+    fields = [f"ratio_{k}={o / j:.2f}" for k, (o, j, _) in results.items()]
+    fields += [f"ratio_jacobi_{k}={sj / j:.2f}" for k, (_, j, sj) in results.items()]
+    fields += [f"{side}_{k}_tok_s={v:.1f}" for k, values in results.items()
+               for side, v in zip(("ours", "janus", "jacobi"), values)]  # fmt: skip
     fields += [f"ceiling_ratio_{k}={v:.2f}" for k, v in ceilings.items()]
     print("RESULT " + " ".join(fields))
 

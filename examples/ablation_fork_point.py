@@ -1,15 +1,17 @@
 """The fork-point ablation on Shapes: where should the Y split?
 
     nohup python examples/ablation_fork_point.py --vq runs/shapes/vq --tokenizer runs/shapes/tokenizer \
-        --out runs/ablation --max-steps 2000 > runs/ablation.log 2>&1 &
+        --out docs/ablation --max-steps 2000 > runs/ablation.log 2>&1 &
 
 Trains the Shapes configuration of the demo checkpoint (Qwen2-style, hidden 128, L = 4) with the fork
 at K = 0 (two separate stacks over shared embeddings), L/4, L/2, 3L/4 and L (one fully shared
 stack), same data, steps and seed; K = L/2 and K = L also with a second seed. Each run is
 `examples/shapes/train_unifork.py` (which evaluates the test and held-out splits with the Shapes
 judge), then the image-caption alignment of each task's path is measured on the test split.
-Runs that already have their metrics are skipped, so the script can be restarted. Writes
-`OUT/summary.json`, `OUT/alignment-*.png` and the markdown tables to `OUT/results.md`.
+Runs that already have their metrics are skipped, so the script can be restarted; the summary,
+tables and plots are rewritten after every run. Writes `OUT/summary.json`, `OUT/alignment-*.png`
+and the markdown tables to `OUT/results.md` (docs/ablation keeps these and each run's metrics.json
+and alignment.csv in git, not the weights).
 """
 
 import argparse
@@ -19,7 +21,6 @@ import subprocess
 import sys
 
 import pandas as pd
-import torch
 
 from unifork_hf import UniForkForConditionalGeneration
 from unifork_hf.analysis import modality_alignment, plot_alignment
@@ -29,9 +30,9 @@ ATTRIBUTES = ("colour", "shape", "size", "position", "count", "all")
 
 
 def runs(layers: int):
-    for k in (0, layers // 4, layers // 2, 3 * layers // 4, layers):
-        for seed in (0, 1) if k in (layers // 2, layers) else (0,):
-            yield k, seed
+    """(K, seed) pairs: every fork point with seed 0 first, so a cut-off run still covers all K."""
+    forks = (0, layers // 4, layers // 2, 3 * layers // 4, layers)
+    return [(k, 0) for k in forks] + [(k, 1) for k in (layers // 2, layers)]
 
 
 def train(args, k, seed, out):
@@ -40,7 +41,8 @@ def train(args, k, seed, out):
     command = [sys.executable, os.path.join(os.path.dirname(__file__), "shapes", "train_unifork.py"),
                "--vq", args.vq, "--tokenizer", args.tokenizer, "--out", out, "--layers", str(args.layers),
                "--num-shared-layers", str(k), "--seed", str(seed), "--max-steps", str(args.max_steps),
-               "--eval-n", str(args.eval_n), "--num-train", str(args.num_train)]  # fmt: skip
+               "--eval-n", str(args.eval_n), "--num-train", str(args.num_train),
+               "--data-cache", os.path.join(args.out, "data")]  # fmt: skip
     print("$", " ".join(command), flush=True)
     subprocess.run(command, check=True)
 
@@ -69,7 +71,6 @@ def main():
     parser.add_argument("--eval-n", type=int, default=500)
     parser.add_argument("--num-train", type=int, default=25000, help="training scenes")
     args = parser.parse_args()
-    torch.set_num_threads(torch.get_num_threads())
     test = shapes_dataset(num_train=0, num_test=args.eval_n, num_heldout=0, seed=0)["test"]
 
     summary = []
@@ -80,8 +81,12 @@ def main():
         summary.append({"K": k, "seed": seed, "metrics": result["metrics"], "losses": result.get("final_losses"),
                         "num_parameters": result.get("num_parameters"), "train_minutes": result["train_minutes"],
                         "alignment": alignment(out, test, args.eval_n).to_dict("records")})  # fmt: skip
-        with open(os.path.join(args.out, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=1)
+        report(sorted(summary, key=lambda row: (row["K"], row["seed"])), args)  # after every run: partial results
+
+
+def report(summary, args):
+    with open(os.path.join(args.out, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
 
     lines = []
     for split in ("heldout", "test"):

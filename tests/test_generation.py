@@ -4,6 +4,7 @@ import torch
 from PIL import Image
 
 from unifork_hf import UniForkForConditionalGeneration
+from unifork_hf.modeling.modeling_unifork import _verify_drafts
 
 
 def seeds(*values):
@@ -133,3 +134,66 @@ def test_batched_text_generation_with_left_padding_equals_single(built_model):
         single = processor(text=[text], return_tensors="pt")
         alone = built_model.generate(**single, max_new_tokens=6, do_sample=False)
         assert torch.equal(out[i, -6:], alone[0, -6:])
+
+
+class FixedLogits(torch.nn.Module):
+    """A generation head whose distribution ignores the context: exact reference for the sampler."""
+
+    def __init__(self, logits):
+        super().__init__()
+        self.logits = logits
+        self.calls = 0
+
+    def forward(self, hidden):
+        self.calls += 1
+        return self.logits.expand(*hidden.shape[:-1], -1)
+
+
+def test_speculative_jacobi_decoding_is_exact_for_greedy_and_uses_fewer_forwards(built_model):
+    prompts = ["a red circle", "two blue squares at the bottom right and a green triangle", "cat"]  # left padding
+    kwargs = dict(guidance_scale=3.0, top_k=1, output_type="tokens", progress_bar=False)
+    plain = built_model.generate_image(prompts, **kwargs)
+    for window in (2, 5, 100):
+        assert torch.equal(built_model.generate_image(prompts, jacobi_window=window, **kwargs), plain), window
+    # a context-free head: every draft (drawn from the last distribution seen) is accepted
+    head = FixedLogits(torch.randn(built_model.config.codebook_size))
+    built_model.generation_head = head
+    codes = built_model.generate_image(prompts, jacobi_window=16, **kwargs)
+    assert (codes == head.logits.argmax()).all()
+    assert head.calls == 1 + 4  # the prefill (1 code), then 15 drafts + 1 code a forward
+
+
+def test_verified_drafts_are_distributed_as_the_model():
+    # Speculative sampling's guarantee, per place: a draft drawn from q, kept with probability
+    # min(1, p/q) and otherwise replaced by a draw from max(0, p - q), is distributed as p.
+    torch.manual_seed(0)
+    size, images = 8, 20000
+    p = (2 * torch.randn(2, size)).softmax(-1).expand(images, 2, size)  # the drafted place and the next
+    q = (2 * torch.randn(size)).softmax(-1).expand(images, 1, size)
+    drafts = torch.multinomial(q[:, 0], 1)
+    accepted, codes = _verify_drafts(p, drafts, q, torch.Generator().manual_seed(0))
+    assert accepted == 0  # the batch advances by the fewest accepted: some image rejected its draft
+    kept = codes == drafts[:, 0]
+    assert 0 < kept.float().mean() < 1
+    assert total_variation(codes, p[0, 0]) < 0.015
+    # drafts drawn from p itself are all accepted, and the place after is a free draw from its p
+    drafts = torch.multinomial(p[:, 0], 1)
+    accepted, codes = _verify_drafts(p, drafts, p[:, :1], torch.Generator().manual_seed(1))
+    assert accepted == 1 and total_variation(codes, p[0, 1]) < 0.015
+
+
+def total_variation(codes, probs):
+    return 0.5 * (torch.bincount(codes, minlength=probs.numel()) / codes.numel() - probs).abs().sum()
+
+
+def test_speculative_jacobi_decoding_samples_the_model_distribution(built_model):
+    # end to end with a context-free head: the loop's bookkeeping keeps every code distributed as p
+    torch.manual_seed(0)
+    logits = 2 * torch.randn(built_model.config.codebook_size)
+    built_model.generation_head = head = FixedLogits(logits)
+    codes = built_model.generate_image(["a red circle"] * 64, guidance_scale=1.0, jacobi_window=8, output_type="tokens",
+                                       generator=torch.Generator().manual_seed(0), progress_bar=False)  # fmt: skip
+    assert total_variation(codes.flatten(), logits.softmax(-1)) < 0.06
+    assert head.calls < 64 / 4  # fewer forwards than codes
+    with pytest.raises(ValueError, match="jacobi_window must be None or a positive int, got 0"):
+        built_model.generate_image("x", jacobi_window=0)

@@ -13,6 +13,7 @@ import os
 import time
 
 import torch
+from datasets import load_from_disk
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 from unifork_hf import UniForkForConditionalGeneration
@@ -26,6 +27,29 @@ from unifork_hf.training import (
     prepare_understanding,
     pretokenize_images,
 )
+
+
+def encoded_training_rows(scenes, processor, args):
+    """Both tasks' training rows, tokenized and VQ-encoded (minutes of work); with `--data-cache`
+    saved there once and loaded by later runs whose data, VQ and tokenizer are the same."""
+    key = {name: getattr(args, name) for name in ("vq", "tokenizer", "num_train", "data_seed", "vq_tile_size")}
+    key["vq"], key["tokenizer"] = os.path.abspath(args.vq), os.path.abspath(args.tokenizer)
+    if args.data_cache and os.path.exists(os.path.join(args.data_cache, "key.json")):
+        cached = json.load(open(os.path.join(args.data_cache, "key.json")))
+        if cached != key:
+            raise SystemExit(f"--data-cache {args.data_cache} holds rows made with {cached}, not {key}.")
+        return [load_from_disk(os.path.join(args.data_cache, task)) for task in ("understanding", "generation")]
+    # VQ-encode each part before mixing: the mix cycles the smaller part, so it holds many more rows.
+    # Questions as multi-turn rows (about two per scene): the image tokens are paid for once per row.
+    conversations = to_understanding(scenes, conversation=True, seed=args.data_seed)
+    understanding = pretokenize_images(prepare_understanding(conversations, processor), processor)
+    generation = pretokenize_images(prepare_generation(to_generation(scenes), processor), processor)
+    if args.data_cache:
+        understanding.save_to_disk(os.path.join(args.data_cache, "understanding"))
+        generation.save_to_disk(os.path.join(args.data_cache, "generation"))
+        with open(os.path.join(args.data_cache, "key.json"), "w") as f:  # written last: marks a complete cache
+            json.dump(key, f)
+    return understanding, generation
 
 
 def main():
@@ -50,6 +74,8 @@ def main():
     parser.add_argument("--sampler", choices=["group_by_length", "random"], default="group_by_length")
     parser.add_argument("--seed", type=int, default=0, help="model initialisation and data order")
     parser.add_argument("--data-seed", type=int, default=0, help="the Shapes scenes")
+    parser.add_argument("--data-cache", default=None,
+                        help="keep the VQ-encoded training rows here and reuse them in runs with the same data")
     args = parser.parse_args()
     start = time.time()
 
@@ -69,11 +95,7 @@ def main():
     processor = model.processor
 
     data = shapes_dataset(num_train=args.num_train, num_test=500, num_heldout=500, seed=args.data_seed)
-    # VQ-encode each part before mixing: the mix cycles the smaller part, so it holds many more rows.
-    # Questions as multi-turn rows (about two per scene): the image tokens are paid for once per row.
-    conversations = to_understanding(data["train"], conversation=True, seed=args.data_seed)
-    understanding = pretokenize_images(prepare_understanding(conversations, processor), processor)
-    generation = pretokenize_images(prepare_generation(to_generation(data["train"]), processor), processor)
+    understanding, generation = encoded_training_rows(data["train"], processor, args)
     train = mix_tasks(understanding, generation, args.generation_ratio, seed=args.seed)
     train = train.add_column("length", [len(ids) for ids in train["input_ids"]])  # for group_by_length
     print(f"data ready in {time.time() - start:.0f} s: {len(train)} rows")

@@ -76,6 +76,7 @@ def cmd_generate_image(args) -> None:
         temperature=args.temperature,
         top_k=args.top_k,
         top_p=args.top_p,
+        jacobi_window=args.jacobi_window,
     )
     print(f"{len(args.prompt) * args.num_images_per_prompt} image(s) written to {args.out}")
 
@@ -105,7 +106,7 @@ def cmd_evaluate(args) -> None:
 
     model = _load(args.model)
     split = shapes_dataset(num_train=0, num_test=500, num_heldout=500, seed=0)[args.split]
-    metrics = evaluate_shapes(model, split, n=args.n, batch_size=args.batch_size)
+    metrics = evaluate_shapes(model, split, n=args.n, batch_size=args.batch_size, jacobi_window=args.jacobi_window)
     generation, understanding = metrics["generation"], metrics["understanding"]
     print(f"Shapes {args.split}, {metrics['num_scenes']} scenes / {metrics['num_questions']} questions:")
     print("  generation   " + "  ".join(f"{k} {v:.3f}" for k, v in generation.items()))
@@ -225,6 +226,8 @@ def main(argv=None) -> None:
     generate.add_argument("--top-k", type=int, default=None)
     generate.add_argument("--top-p", type=float, default=None)
     generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument("--jacobi-window", type=int, default=None,
+                          help="speculative Jacobi decoding: codes drafted and verified per forward (default: one code per forward)")
     generate.set_defaults(run=cmd_generate_image)
 
     answer_parser = commands.add_parser("answer", help="answer a question about an image")
@@ -247,6 +250,8 @@ def main(argv=None) -> None:
     evaluate.add_argument("-n", type=int, default=500, help="scenes (5 questions each)")
     evaluate.add_argument("--batch-size", type=int, default=100)
     evaluate.add_argument("--json", default=None, help="also write the metrics here")
+    evaluate.add_argument("--jacobi-window", type=int, default=None,
+                          help="speculative Jacobi decoding: codes drafted and verified per forward (default: one code per forward)")
     evaluate.set_defaults(run=cmd_evaluate)
 
     align = commands.add_parser("analyze-alignment", help="image-text alignment per layer along each task's path")

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from transformers import AutoProcessor, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
-from transformers.cache_utils import Cache, DynamicCache, StaticCache
+from transformers.cache_utils import Cache, DynamicCache, StaticCache, StaticLayer
 from transformers.generation.logits_process import (
     ClassifierFreeGuidanceLogitsProcessor,
     LogitsProcessorList,
@@ -90,6 +90,55 @@ def single_task(task: torch.Tensor) -> int | None:
     """The task of a batch whose samples all have the same one, else None."""
     first = int(task[0])
     return first if bool((task == first).all()) else None
+
+
+def _multinomial(probs, generator, rows_per_image=1):
+    """One draw per row of `probs`; with a list of generators (one per image), each image's rows use its own."""
+    if isinstance(generator, (list, tuple)):
+        rows = probs.split(rows_per_image)
+        return torch.cat([torch.multinomial(r, 1, generator=g).squeeze(1) for r, g in zip(rows, generator)])
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+def _verify_drafts(probs, drafts, draft_probs, generator):
+    """Speculative sampling's test of drafted codes, for a batch that advances together.
+
+    `probs` `(B, d + 1, V)`: the model's distributions at the d drafted places and the one after;
+    `drafts` `(B, d)`, drawn from `draft_probs` `(B, d, V)`. A draft x is accepted with probability
+    min(1, p(x) / q(x)); every image keeps `accepted` = the fewest leading drafts any image accepted,
+    plus `next_codes` `(B,)` at the place after: the image's own draft if it accepted that too, else a
+    draw from max(0, p - q) (rejected) or from p (no draft left). Each kept code is distributed as p.
+    """
+    num_drafts = drafts.shape[1]
+    if not num_drafts:
+        return 0, _multinomial(probs[:, 0], generator)
+    p = probs[:, :num_drafts].gather(-1, drafts[..., None]).squeeze(-1)
+    q = draft_probs.gather(-1, drafts[..., None]).squeeze(-1)
+    passed = (_uniform(p.shape, generator, probs.device) * q < p).long().cumprod(1).sum(1)
+    accepted = int(passed.min())
+    if accepted == num_drafts:  # all accepted: the last distribution gives one more code
+        return accepted, _multinomial(probs[:, accepted], generator)
+    residual = (probs[:, accepted] - draft_probs[:, accepted]).clamp(min=0)
+    residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, probs[:, accepted])
+    return accepted, torch.where(passed > accepted, drafts[:, accepted], _multinomial(residual, generator))
+
+
+def _rewind(cache: StaticCache, num_tokens: int):
+    """Forget the last `num_tokens` of a static cache; the next forward overwrites their slots.
+
+    (What `StaticLayer.crop` does from transformers 5.24 on; 5.23's static layers have no `crop`.)
+    """
+    for layer in cache.layers:
+        if type(layer) is not StaticLayer:  # a sliding window's slots are not positions
+            raise NotImplementedError(f"jacobi_window needs full-attention layers, got a {type(layer).__name__}.")
+        layer.cumulative_length.sub_(num_tokens)
+
+
+def _uniform(shape, generator, device):
+    """Uniform [0, 1) draws of `(num_images, n)`; with a list of generators, row i from generator i."""
+    if isinstance(generator, (list, tuple)):
+        return torch.stack([torch.rand(shape[1:], generator=g, device=device) for g in generator])
+    return torch.rand(shape, generator=generator, device=device)
 
 
 def _select_rows(value, rows: torch.Tensor):
@@ -591,6 +640,7 @@ class UniForkForConditionalGeneration(UniForkPreTrainedModel, GenerationMixin):
         output_type: str = "pil",
         max_batch_size: int | None = None,
         progress_bar: bool = True,
+        jacobi_window: int | None = None,
     ):
         """Generate images from text prompts with the generation branch, a KV cache and batched CFG.
 
@@ -608,6 +658,11 @@ class UniForkForConditionalGeneration(UniForkPreTrainedModel, GenerationMixin):
             output_type: `"pil"` (list of PIL images), `"pt"` (`(N, 3, H, W)` in [0, 1]) or `"tokens"`
                 (`(N, num_image_tokens)` VQ code ids).
             max_batch_size: at most this many images per forward batch (before doubling for CFG).
+            jacobi_window: speculative Jacobi decoding: each forward verifies up to `jacobi_window - 1`
+                drafted codes and keeps the accepted ones, so an image takes fewer forwards; the codes
+                are distributed as without it (greedy `top_k=1` gives the same codes). Images of one
+                batch advance together, so with it an image depends on the rest of its batch even
+                with one generator per image. None (default) decodes one code per forward.
 
         Example:
 
@@ -634,6 +689,8 @@ class UniForkForConditionalGeneration(UniForkPreTrainedModel, GenerationMixin):
             raise ValueError(f"temperature must be > 0, got {temperature}.")
         if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
             raise ValueError(f"num_images_per_prompt must be a positive int, got {num_images_per_prompt!r}.")
+        if jacobi_window is not None and (not isinstance(jacobi_window, int) or jacobi_window < 1):
+            raise ValueError(f"jacobi_window must be None or a positive int, got {jacobi_window!r}.")
         processor = self._require_processor()
 
         prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
@@ -659,7 +716,8 @@ class UniForkForConditionalGeneration(UniForkPreTrainedModel, GenerationMixin):
             texts = prompts[start:stop] + (negatives[start:stop] if guided else [])
             inputs = processor.image_generation_inputs(texts, return_tensors="pt").to(self.device)
             generators = generator[start:stop] if isinstance(generator, (list, tuple)) else generator
-            codes.append(self._sample_image_tokens(inputs.input_ids, inputs.attention_mask, processors, generators, steps))
+            codes.append(self._sample_image_tokens(inputs.input_ids, inputs.attention_mask, processors, generators,
+                                                   steps, window=jacobi_window or 1))  # fmt: skip
         steps.close()
         codes = torch.cat(codes)
         if output_type == "tokens":
@@ -667,57 +725,86 @@ class UniForkForConditionalGeneration(UniForkPreTrainedModel, GenerationMixin):
         images = (self.model.image_tokenizer.decode(codes).float() + 1) / 2
         return images if output_type == "pt" else processor.to_pil(images)
 
-    def _sample_image_tokens(self, input_ids, attention_mask, processors, generator, progress):
-        """The decoding loop: prefill the prompts once, then one cached forward per image token.
+    def _sample_image_tokens(self, input_ids, attention_mask, processors, generator, progress, window=1):
+        """The decoding loop: prefill the prompts once, then cached forwards along the generation path.
 
-        Everything sized by the sequence is allocated once (a `StaticCache`, the attention mask, the
-        output codes), and a step runs only the generation path: shared layers, generation branch,
-        generation head on the last position.
+        With `window` > 1 this is speculative Jacobi decoding (Teng et al., 2024, arXiv 2410.01699):
+        each forward feeds the last sampled code and `window - 1` drafted codes, verifies each draft
+        against the model's distribution with speculative sampling's test (accept a draft `x` drawn
+        from `q` with probability `min(1, p(x) / q(x))`, else resample from `max(0, p - q)`), and keeps
+        the distributions it computed past the first rejection as the next drafts (the Jacobi step).
+        The accepted codes are distributed exactly as one-at-a-time sampling's; a batch advances by
+        the fewest any of its images accepted. `window=1` is plain decoding: one code per forward.
+
+        Everything sized by the sequence is allocated once (a `StaticCache`, rolled back past rejected
+        drafts; the attention mask; the output codes), and a step runs only the generation path:
+        shared layers, generation branch, generation head on the positions that are sampled.
         """
         guided = any(isinstance(p, ClassifierFreeGuidanceLogitsProcessor) for p in processors)
         num_images = input_ids.shape[0] // 2 if guided else input_ids.shape[0]
-        num_tokens = self.config.num_image_tokens
+        num_tokens, codebook_size = self.config.num_image_tokens, self.config.codebook_size
+        prompt_length = input_ids.shape[1]
         max_positions = getattr(self.config.text_config, "max_position_embeddings", None)
-        total = input_ids.shape[1] + num_tokens
-        if max_positions is not None and total > max_positions:
+        if max_positions is not None and prompt_length + num_tokens > max_positions:
             raise ValueError(
-                f"The prompt ({input_ids.shape[1]} tokens) plus {num_tokens} image tokens is longer "
+                f"The prompt ({prompt_length} tokens) plus {num_tokens} image tokens is longer "
                 f"than the model's max_position_embeddings ({max_positions}); shorten the prompt."
             )
-        cache = StaticCache(config=self.config.text_config, max_cache_len=total)
+        cache = StaticCache(config=self.config.text_config, max_cache_len=prompt_length + num_tokens)
         full_mask = torch.cat([attention_mask, attention_mask.new_ones((attention_mask.shape[0], num_tokens))], 1)
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        prompt_positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        first_image_position = prompt_positions[:, -1:] + 1  # of image token 0, per row (left padding)
         # Every code's input embedding (VQ codebook vector through the projector), computed once;
-        # a step adds the grid position's embedding, if the model has them.
-        code_embeddings = self.model.embed_image_codes(torch.arange(self.config.codebook_size, device=self.device))
-        position_embeddings = self.model.image_projector.position_embeddings
+        # a fed code adds its grid position's embedding, if the model has them.
+        code_embeddings = self.model.embed_image_codes(torch.arange(codebook_size, device=self.device))
+        grid_embeddings = self.model.image_projector.position_embeddings
         codes = input_ids.new_empty((num_images, num_tokens))
-        step_inputs = {"input_ids": input_ids}
-        for step in range(num_tokens):
-            hidden = self.model(
-                **step_inputs,
-                attention_mask=full_mask[:, : input_ids.shape[1] + step],
-                position_ids=position_ids,
-                past_key_values=cache,
-                use_cache=True,
-                task=GENERATION,
-            ).last_hidden_state
-            scores = self.generation_head(hidden[:, -1]).float()
-            for processor in processors:  # (not LogitsProcessorList: it inspects signatures every call)
-                scores = processor(codes[:, :step], scores)
-            probs = scores.softmax(-1)
-            if isinstance(generator, (list, tuple)):
-                next_codes = torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, generator)])
-            else:
-                next_codes = torch.multinomial(probs, 1, generator=generator).squeeze(1)
-            codes[:, step] = next_codes
-            progress.update(num_images)
+        drafts = codes.new_empty((num_images, 0))  # codes proposed for the places after the last sampled one
+        draft_probs = torch.empty((num_images, 0, codebook_size), device=self.device)  # what each was drawn from
 
-            embeds = code_embeddings[next_codes][:, None]
-            if position_embeddings is not None:  # the code just drawn sits at grid place `step`
-                embeds = embeds + position_embeddings[step]
-            step_inputs = {"inputs_embeds": torch.cat([embeds, embeds]) if guided else embeds}
-            position_ids = position_ids[:, -1:] + 1
+        n = 0  # codes sampled so far
+        step_inputs = {"input_ids": input_ids, "position_ids": prompt_positions}
+        while n < num_tokens:
+            num_drafts = drafts.shape[1]
+            hidden = self.model(**step_inputs, attention_mask=full_mask[:, : prompt_length + n + num_drafts],
+                                past_key_values=cache, use_cache=True, task=GENERATION).last_hidden_state  # fmt: skip
+            # the distributions of places n .. n + num_drafts: (num_images, num_drafts + 1, codebook)
+            scores = self.generation_head(hidden[:, -(num_drafts + 1) :]).float().flatten(0, 1)
+            history = codes[:, :n] if not num_drafts else codes.new_empty((scores.shape[0] // (1 + guided), 0))
+            for processor in processors:  # (not LogitsProcessorList: it inspects signatures every call)
+                scores = processor(history, scores)
+            probs = scores.softmax(-1).view(num_images, num_drafts + 1, codebook_size)
+
+            accepted, next_codes = _verify_drafts(probs, drafts, draft_probs, generator)
+            codes[:, n : n + accepted] = drafts[:, :accepted]
+            codes[:, n + accepted] = next_codes
+            n += accepted + 1
+            progress.update(num_images * (accepted + 1))
+            if n == num_tokens:
+                break
+
+            # Roll the cache back to the codes kept (the last one is fed next), then draft the next window:
+            # the places this forward already has a distribution for sample from it, the rest from its last
+            # distribution (any proposal is exact; image codes repeat, so this beats a uniform one).
+            if num_drafts > accepted:
+                _rewind(cache, num_drafts - accepted)
+            num_drafts = min(window, num_tokens - n) - 1
+            if num_drafts:
+                known = probs[:, accepted + 1 : accepted + 1 + num_drafts]
+                last = probs[:, -1:].expand(-1, num_drafts - known.shape[1], -1)
+                draft_probs = torch.cat([known, last], 1)
+                drafts = _multinomial(draft_probs.flatten(0, 1), generator, rows_per_image=num_drafts)
+                drafts = drafts.view(num_images, num_drafts)
+            else:
+                drafts = codes.new_empty((num_images, 0))
+
+            fed = torch.cat([codes[:, n - 1 : n], drafts], 1)
+            places = torch.arange(n - 1, n + num_drafts, device=self.device)
+            embeds = code_embeddings[fed]
+            if grid_embeddings is not None:  # a code's grid place is its index among the image tokens
+                embeds = embeds + grid_embeddings[places]
+            step_inputs = {"inputs_embeds": torch.cat([embeds, embeds]) if guided else embeds,
+                           "position_ids": first_image_position + places}  # fmt: skip
         return codes
 
     # ------------------------------------------------------------------ building from an LLM

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import PIL.Image
 import torch
-from datasets import Dataset, Features, Image, IterableDataset, List, Value, interleave_datasets
+from datasets import Dataset, Features, Image, List, Value, interleave_datasets
 
 from ..modeling.modeling_unifork import GENERATION, UNDERSTANDING
 

@@ -785,7 +785,7 @@ class UniForkForConditionalGeneration(UniForkPreTrainedModel, GenerationMixin):
 
             # Roll the cache back to the codes kept (the last one is fed next), then draft the next window:
             # the places this forward already has a distribution for sample from it, the rest from its last
-            # distribution (any proposal is exact; image codes repeat, so this beats a uniform one).
+            # distribution (any proposal keeps the codes exact; this is the nearest one computed).
             if num_drafts > accepted:
                 _rewind(cache, num_drafts - accepted)
             num_drafts = min(window, num_tokens - n) - 1

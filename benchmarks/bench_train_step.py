@@ -97,9 +97,9 @@ def naive_loss(model, input_ids, image_ids, attention_mask, labels, task):
     embeds = embeds.masked_scatter(is_image.unsqueeze(-1), inner.embed_image_codes(image_ids).to(embeds.dtype))
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     mask = create_causal_mask(config=text, inputs_embeds=embeds, attention_mask=attention_mask,
-                              past_key_values=None, position_ids=position_ids)  # fmt: skip
+                              cache=None, position_ids=position_ids)  # fmt: skip
     layer_kwargs = {"attention_mask": mask, "position_embeddings": inner.rotary_emb(embeds, position_ids),
-                    "position_ids": position_ids, "past_key_values": None, "use_cache": False}  # fmt: skip
+                    "position_ids": position_ids, "cache": None, "use_cache": False}  # fmt: skip
 
     def run(layers, hidden):
         for layer in layers:

@@ -88,7 +88,18 @@ def report(summary, args):
     with open(os.path.join(args.out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
 
-    lines = []
+    lines = ["### Summary (all-correct images / answered questions, %; final training losses)", "",
+             "| K | seed | params | test gen. | test und. | held-out gen. | held-out und. | loss und. | loss gen. |",
+             "|" + " ---: |" * 9]  # fmt: skip
+    for row in summary:
+        metrics, losses = row["metrics"], row["losses"] or {}
+        lines.append(
+            f"| {row['K']} | {row['seed']} | {row['num_parameters'] / 1e6:.2f}M | "
+            + " | ".join(percent(metrics[split][task]["all"]) for split in ("test", "heldout")
+                         for task in ("generation", "understanding"))
+            + f" | {float(losses.get('loss_understanding') or 'nan'):.3f} | {float(losses.get('loss_generation') or 'nan'):.3f} |"
+        )  # fmt: skip
+    lines.append("")
     for split in ("heldout", "test"):
         lines += [f"### {split} split ({args.eval_n} scenes, {5 * args.eval_n} questions)", "",
                   "| K | seed | params | und. " + " | und. ".join(QUESTION_TYPES) + " | und. all | gen. "

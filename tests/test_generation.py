@@ -197,3 +197,6 @@ def test_speculative_jacobi_decoding_samples_the_model_distribution(built_model)
     assert head.calls < 64 / 4  # fewer forwards than codes
     with pytest.raises(ValueError, match="jacobi_window must be None or a positive int, got 0"):
         built_model.generate_image("x", jacobi_window=0)
+    built_model.model.layer_types[-1] = "sliding_attention"  # as in a Qwen2 with use_sliding_window
+    with pytest.raises(NotImplementedError, match="jacobi_window needs full-attention layers"):
+        built_model.generate_image("x", jacobi_window=2)

@@ -84,11 +84,11 @@ def test_cached_step_by_step_equals_uncached(task):
     out = model(input_ids=ids[:, :prefix], image_ids=image_ids, task=task, use_cache=True)
     steps = [out.logits if task == "understanding" else out.image_logits]
     for t in range(prefix, ids.shape[1]):
-        out = model(input_ids=ids[:, t : t + 1], task=task, past_key_values=out.past_key_values, use_cache=True)
+        out = model(input_ids=ids[:, t : t + 1], task=task, cache=out.cache, use_cache=True)
         steps.append(out.logits if task == "understanding" else out.image_logits)
     torch.testing.assert_close(torch.cat(steps, 1), full_logits, atol=1e-5, rtol=0)
-    assert out.past_key_values.get_seq_length() == ids.shape[1]
-    assert len(out.past_key_values.layers) == model.config.text_config.num_hidden_layers
+    assert out.cache.get_seq_length() == ids.shape[1]
+    assert len(out.cache.layers) == model.config.text_config.num_hidden_layers
 
 
 @pytest.mark.parametrize("k", [0, 4])
@@ -101,7 +101,7 @@ def test_extreme_fork_points(k):
     torch.testing.assert_close(mixed.logits, model(input_ids=ids[:1]).logits, atol=1e-5, rtol=0)
     torch.testing.assert_close(mixed.image_logits, model(input_ids=ids[1:], task=1).image_logits, atol=1e-5, rtol=0)
     out = model(input_ids=ids[:, :4], task=1, use_cache=True)
-    step = model(input_ids=ids[:, 4:], task=1, past_key_values=out.past_key_values, use_cache=True)
+    step = model(input_ids=ids[:, 4:], task=1, cache=out.cache, use_cache=True)
     torch.testing.assert_close(step.image_logits, model(input_ids=ids, task=1).image_logits[:, 4:], atol=1e-5, rtol=0)
 
 
@@ -236,7 +236,7 @@ def test_bad_inputs_raise_clear_errors():
         model(input_ids=torch.zeros(1, 3, dtype=torch.long), labels=torch.zeros(1, 4, dtype=torch.long))
     out = model(input_ids=torch.zeros(1, 3, dtype=torch.long), task="understanding", use_cache=True)
     with pytest.raises(ValueError, match="other branch"):
-        model(input_ids=torch.zeros(1, 1, dtype=torch.long), task="generation", past_key_values=out.past_key_values)
+        model(input_ids=torch.zeros(1, 1, dtype=torch.long), task="generation", cache=out.cache)
 
 
 def test_hidden_states_follow_each_sample_along_its_path():

@@ -175,10 +175,15 @@ def plot_alignment(tables: dict, path: str, title: str | None = None) -> str:
 
     figure, axes = plt.subplots(figsize=(6, 4))
     for label, table in tables.items():
-        axes.plot(table["layer"], table["alignment"], marker="o", label=label)
-        if "branch" in table and (table["branch"] == "shared").any():  # mark the fork point
+        (line,) = axes.plot(table["layer"], table["alignment"], marker="o", label=label)
+        if "branch" in table and (table["branch"] == "shared").any():  # mark the fork point in the curve's colour
             fork = table.loc[table["branch"] == "shared", "layer"].max()
-            axes.axvline(fork, color="grey", linestyle=":", linewidth=1)
+            axes.axvline(fork, color=line.get_color(), linestyle=":", linewidth=1)
+    chance = {k / n for table in tables.values() if {"k", "num_samples"} <= set(table.columns)
+              for k, n in zip(table["k"], table["num_samples"])}  # fmt: skip
+    if len(chance) == 1:  # what independent features would score: each kNN set overlaps by k/N on average
+        axes.axhline(chance.pop(), color="black", linestyle="--", linewidth=0.8, label="chance (k/N)")
+    axes.xaxis.get_major_locator().set_params(integer=True)
     axes.set_xlabel("layer (0 = embeddings)")
     axes.set_ylabel("mutual k-NN alignment (image vs caption)")
     axes.set_title(title or "Image-text alignment along depth")

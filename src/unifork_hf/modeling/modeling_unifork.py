@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from transformers import AutoProcessor, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
-from transformers.cache_utils import Cache, DynamicCache, StaticCache, StaticLayer
+from transformers.cache_utils import Cache, DynamicCache, StaticCache
 from transformers.generation.logits_process import (
     ClassifierFreeGuidanceLogitsProcessor,
     LogitsProcessorList,
@@ -123,17 +123,6 @@ def _verify_drafts(probs, drafts, draft_probs, generator):
     return accepted, torch.where(passed > accepted, drafts[:, accepted], _multinomial(residual, generator))
 
 
-def _rewind(cache: StaticCache, num_tokens: int):
-    """Forget the last `num_tokens` of a static cache; the next forward overwrites their slots.
-
-    (What `StaticLayer.crop` does from transformers 5.24 on; 5.23's static layers have no `crop`.)
-    """
-    for layer in cache.layers:
-        if type(layer) is not StaticLayer:  # a sliding window's slots are not positions
-            raise NotImplementedError(f"jacobi_window needs full-attention layers, got a {type(layer).__name__}.")
-        layer.cumulative_length.sub_(num_tokens)
-
-
 def _uniform(shape, generator, device):
     """Uniform [0, 1) draws of `(num_images, n)`; with a list of generators, row i from generator i."""
     if isinstance(generator, (list, tuple)):
@@ -164,7 +153,7 @@ class UniForkModelOutputWithPast(ModelOutput):
 
     Args:
         last_hidden_state: `(B, T, hidden)`; row b is the output of sample b's own branch, after its norm.
-        past_key_values: the cache (one path through the Y: shared layers + one branch).
+        cache: the cache (one path through the Y: shared layers + one branch).
         hidden_states: with `output_hidden_states`, the embeddings then the output of every layer on
             each sample's path (K shared + L-K branch layers), before the final norm.
         task: `(B,)` task ids (0 understanding, 1 generation).
@@ -172,7 +161,7 @@ class UniForkModelOutputWithPast(ModelOutput):
     """
 
     last_hidden_state: torch.FloatTensor | None = None
-    past_key_values: Cache | None = None
+    cache: Cache | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     task: torch.LongTensor | None = None
     image_ids: torch.LongTensor | None = None
@@ -194,7 +183,7 @@ class UniForkCausalLMOutputWithPast(ModelOutput):
     loss_generation: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None
     image_logits: torch.FloatTensor | None = None
-    past_key_values: Cache | None = None
+    cache: Cache | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     task: torch.LongTensor | None = None
     image_ids: torch.LongTensor | None = None
@@ -244,7 +233,7 @@ class UniForkPreTrainedModel(PreTrainedModel):
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
     _no_split_modules = ["UniForkVQImageTokenizer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["cache"]
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_flex_attn = True
@@ -322,14 +311,14 @@ class UniForkModel(UniForkPreTrainedModel):
         image_embeds = self.embed_image_codes(image_ids, positions).to(inputs_embeds.dtype)
         return inputs_embeds.masked_scatter(is_image.unsqueeze(-1), image_embeds)
 
-    def _causal_masks(self, inputs_embeds, attention_mask, past_key_values, position_ids):
+    def _causal_masks(self, inputs_embeds, attention_mask, cache, position_ids):
         if isinstance(attention_mask, dict):  # e.g. pre-built by `generate` for a static cache
             return attention_mask
         mask_kwargs = {
             "config": self.config.text_config,
             "inputs_embeds": inputs_embeds,
             "attention_mask": attention_mask,
-            "past_key_values": past_key_values,
+            "cache": cache,
             "position_ids": position_ids,
         }
         masks = {"full_attention": create_causal_mask(**mask_kwargs)}
@@ -366,21 +355,21 @@ class UniForkModel(UniForkPreTrainedModel):
             inputs_embeds = self._insert_images(input_ids, inputs_embeds, image_ids)
         return inputs_embeds, image_ids
 
-    def _prepare_cache(self, single_task, past_key_values, use_cache):
+    def _prepare_cache(self, single_task, cache, use_cache):
         if use_cache is None:
             use_cache = getattr(self.config.text_config, "use_cache", True) and not self.training
             use_cache = use_cache and single_task is not None
         if use_cache and single_task is None:
             raise ValueError("A KV cache holds one path through the Y: use_cache needs a batch of a single task.")
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config.text_config)
-        if past_key_values is not None and single_task is not None:
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config.text_config)
+        if cache is not None and single_task is not None:
             # The branches share layer indices, so a cache filled through one cannot go on through the other.
-            cache_task = getattr(past_key_values, "unifork_task", None)
-            if past_key_values.get_seq_length() and cache_task not in (None, single_task):
-                raise ValueError("past_key_values was filled through the other branch of the Y; start a new cache.")
-            past_key_values.unifork_task = single_task
-        return past_key_values, use_cache
+            cache_task = getattr(cache, "unifork_task", None)
+            if cache.get_seq_length() and cache_task not in (None, single_task):
+                raise ValueError("cache was filled through the other branch of the Y; start a new cache.")
+            cache.unifork_task = single_task
+        return cache, use_cache
 
     def forward(
         self,
@@ -390,7 +379,7 @@ class UniForkModel(UniForkPreTrainedModel):
         task=None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
@@ -406,8 +395,8 @@ class UniForkModel(UniForkPreTrainedModel):
         batch_size, seq_len = inputs_embeds.shape[:2]
         task = task_ids(task, batch_size, inputs_embeds.device)
         only_task = single_task(task)
-        past_key_values, use_cache = self._prepare_cache(only_task, past_key_values, use_cache)
-        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+        cache, use_cache = self._prepare_cache(only_task, cache, use_cache)
+        past_length = cache.get_seq_length() if cache is not None else 0
         if image_ids is None and past_length == 0 and input_ids is not None:
             if bool((input_ids == self.config.image_token_id).any()):
                 raise ValueError("input_ids contain image tokens but no pixel_values or image_ids were given.")
@@ -424,11 +413,11 @@ class UniForkModel(UniForkPreTrainedModel):
             else:
                 position_ids = torch.arange(past_length, past_length + seq_len, device=inputs_embeds.device)[None]
         context = {
-            "masks": self._causal_masks(inputs_embeds, attention_mask, past_key_values, position_ids),
+            "masks": self._causal_masks(inputs_embeds, attention_mask, cache, position_ids),
             "position_embeddings": self.rotary_emb(inputs_embeds, position_ids),
             "position_ids": position_ids,
         }
-        layer_kwargs = {"past_key_values": past_key_values, "use_cache": use_cache, **kwargs}
+        layer_kwargs = {"cache": cache, "use_cache": use_cache, **kwargs}
         shared_states = [inputs_embeds] if output_hidden_states else None
         branch_states = {UNDERSTANDING: [], GENERATION: []} if output_hidden_states else {}
 
@@ -465,7 +454,7 @@ class UniForkModel(UniForkPreTrainedModel):
             hidden_states = tuple(hidden_states)
         return UniForkModelOutputWithPast(
             last_hidden_state=last_hidden_state,
-            past_key_values=past_key_values if use_cache else None,
+            cache=cache if use_cache else None,
             hidden_states=hidden_states,
             task=task,
             image_ids=image_ids,
@@ -518,7 +507,7 @@ class UniForkForConditionalGeneration(UniForkPreTrainedModel, GenerationMixin):
         task=None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
@@ -554,7 +543,7 @@ class UniForkForConditionalGeneration(UniForkPreTrainedModel, GenerationMixin):
             task=task,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
@@ -600,7 +589,7 @@ class UniForkForConditionalGeneration(UniForkPreTrainedModel, GenerationMixin):
             loss_generation=loss_generation,
             logits=logits,
             image_logits=image_logits,
-            past_key_values=outputs.past_key_values,
+            cache=outputs.cache,
             hidden_states=outputs.hidden_states,
             task=task,
             image_ids=outputs.image_ids,
@@ -691,6 +680,9 @@ class UniForkForConditionalGeneration(UniForkPreTrainedModel, GenerationMixin):
             raise ValueError(f"num_images_per_prompt must be a positive int, got {num_images_per_prompt!r}.")
         if jacobi_window is not None and (not isinstance(jacobi_window, int) or jacobi_window < 1):
             raise ValueError(f"jacobi_window must be None or a positive int, got {jacobi_window!r}.")
+        if (jacobi_window or 1) > 1 and "sliding_attention" in self.model.layer_types:
+            # rejected drafts are undone by rewinding the cache, which a sliding window may already have evicted past
+            raise NotImplementedError("jacobi_window needs full-attention layers; this model has sliding-window ones.")
         processor = self._require_processor()
 
         prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
@@ -767,7 +759,7 @@ class UniForkForConditionalGeneration(UniForkPreTrainedModel, GenerationMixin):
         while n < num_tokens:
             num_drafts = drafts.shape[1]
             hidden = self.model(**step_inputs, attention_mask=full_mask[:, : prompt_length + n + num_drafts],
-                                past_key_values=cache, use_cache=True, task=GENERATION).last_hidden_state  # fmt: skip
+                                cache=cache, use_cache=True, task=GENERATION).last_hidden_state  # fmt: skip
             # the distributions of places n .. n + num_drafts: (num_images, num_drafts + 1, codebook)
             scores = self.generation_head(hidden[:, -(num_drafts + 1) :]).float().flatten(0, 1)
             history = codes[:, :n] if not num_drafts else codes.new_empty((scores.shape[0] // (1 + guided), 0))
@@ -787,7 +779,7 @@ class UniForkForConditionalGeneration(UniForkPreTrainedModel, GenerationMixin):
             # the places this forward already has a distribution for sample from it, the rest from its last
             # distribution (any proposal keeps the codes exact; this is the nearest one computed).
             if num_drafts > accepted:
-                _rewind(cache, num_drafts - accepted)
+                cache.crop(-(num_drafts - accepted))  # static layers: the next forward overwrites those slots
             num_drafts = min(window, num_tokens - n) - 1
             if num_drafts:
                 known = probs[:, accepted + 1 : accepted + 1 + num_drafts]

@@ -173,7 +173,7 @@ def plot_alignment(tables: dict, path: str, title: str | None = None) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(figsize=(6, 4))
+    figure, axes = plt.subplots(figsize=(7.5, 4))
     for label, table in tables.items():
         (line,) = axes.plot(table["layer"], table["alignment"], marker="o", label=label)
         if "branch" in table and (table["branch"] == "shared").any():  # mark the fork point in the curve's colour
@@ -187,7 +187,7 @@ def plot_alignment(tables: dict, path: str, title: str | None = None) -> str:
     axes.set_xlabel("layer (0 = embeddings)")
     axes.set_ylabel("mutual k-NN alignment (image vs caption)")
     axes.set_title(title or "Image-text alignment along depth")
-    axes.legend()
+    axes.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize="small")  # outside: curves cross a lot
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)

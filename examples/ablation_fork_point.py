@@ -84,6 +84,15 @@ def main():
         report(sorted(summary, key=lambda row: (row["K"], row["seed"])), args)  # after every run: partial results
 
 
+def run_cells(row):
+    return f"| {row['K']} | {row['seed']} | {row['num_parameters'] / 1e6:.2f}M | "
+
+
+def loss_cells(row):
+    losses = row["losses"] or {}
+    return " | " + " | ".join(f"{float(losses.get(f'loss_{task}') or 'nan'):.3f}" for task in ("understanding", "generation")) + " |"
+
+
 def report(summary, args):
     with open(os.path.join(args.out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
@@ -92,13 +101,9 @@ def report(summary, args):
              "| K | seed | params | test gen. | test und. | held-out gen. | held-out und. | loss und. | loss gen. |",
              "|" + " ---: |" * 9]  # fmt: skip
     for row in summary:
-        metrics, losses = row["metrics"], row["losses"] or {}
-        lines.append(
-            f"| {row['K']} | {row['seed']} | {row['num_parameters'] / 1e6:.2f}M | "
-            + " | ".join(percent(metrics[split][task]["all"]) for split in ("test", "heldout")
-                         for task in ("generation", "understanding"))
-            + f" | {float(losses.get('loss_understanding') or 'nan'):.3f} | {float(losses.get('loss_generation') or 'nan'):.3f} |"
-        )  # fmt: skip
+        lines.append(run_cells(row) + " | ".join(percent(row["metrics"][split][task]["all"])
+                                                 for split in ("test", "heldout") for task in ("generation", "understanding"))
+                     + loss_cells(row))  # fmt: skip
     lines.append("")
     for split in ("heldout", "test"):
         lines += [f"### {split} split ({args.eval_n} scenes, {5 * args.eval_n} questions)", "",
@@ -107,13 +112,8 @@ def report(summary, args):
                   "|" + " ---: |" * (5 + len(QUESTION_TYPES) + len(ATTRIBUTES) + 1)]  # fmt: skip
         for row in summary:
             und, gen = row["metrics"][split]["understanding"], row["metrics"][split]["generation"]
-            losses = row["losses"] or {}
-            lines.append(
-                f"| {row['K']} | {row['seed']} | {row['num_parameters'] / 1e6:.2f}M | "
-                + " | ".join(percent(und[t]) for t in QUESTION_TYPES) + f" | {percent(und['all'])} | "
-                + " | ".join(percent(gen[a]) for a in ATTRIBUTES)
-                + f" | {float(losses.get('loss_understanding') or 'nan'):.3f} | {float(losses.get('loss_generation') or 'nan'):.3f} |"
-            )  # fmt: skip
+            lines.append(run_cells(row) + " | ".join(percent(und[t]) for t in (*QUESTION_TYPES, "all")) + " | "
+                         + " | ".join(percent(gen[a]) for a in ATTRIBUTES) + loss_cells(row))  # fmt: skip
         lines.append("")
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write("\n".join(lines))

@@ -3,6 +3,8 @@ import pytest
 import torch
 from PIL import Image
 
+from transformers import CompileConfig
+
 from unifork_hf import UniForkForConditionalGeneration
 from unifork_hf.modeling.modeling_unifork import _verify_drafts
 
@@ -102,6 +104,8 @@ def test_generate_image_errors(built_model, built_dir):
         built_model.generate_image("x", guidance_scale=0.5)
     with pytest.raises(ValueError, match="generator is a list of 1, but 2 images"):
         built_model.generate_image("x", num_images_per_prompt=2, generator=seeds(0))
+    with pytest.raises(TypeError, match="compile must be a bool or a transformers CompileConfig, got 'max-autotune'"):
+        built_model.generate_image("x", compile="max-autotune")
     with pytest.raises(ValueError, match="max_position_embeddings"):
         built_model.generate_image("a very long prompt " * 60, progress_bar=False)
     bare = UniForkForConditionalGeneration.from_pretrained(built_dir)
@@ -161,6 +165,34 @@ def test_speculative_jacobi_decoding_is_exact_for_greedy_and_uses_fewer_forwards
     codes = built_model.generate_image(prompts, jacobi_window=16, **kwargs)
     assert (codes == head.logits.argmax()).all()
     assert head.calls == 1 + 4  # the prefill (1 code), then 15 drafts + 1 code a forward
+
+
+def test_compiled_decoding_equals_eager_reuses_its_compilation_and_follows_weight_changes(built_dir):
+    model = UniForkForConditionalGeneration.from_pretrained(built_dir).eval()
+    assert model._default_decoding_compile_config().options == {"max_autotune": True, "freezing": True}  # on CPU
+    # inductor with frozen weights, as `compile=True` on CPU, without the slow GEMM autotuning; no graph break allowed
+    config = CompileConfig(fullgraph=True, dynamic=False, mode=None, options={"freezing": True})
+    kwargs = dict(guidance_scale=3.0, top_k=1, output_type="tokens", progress_bar=False)
+    prompts = ["a red circle", "two blue squares at the bottom right and a green triangle"]  # left padding
+    eager = model.generate_image(prompts, **kwargs)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert torch.equal(model.generate_image(prompts, compile=config, **kwargs), eager)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs
+    compiled_step = model._decoding_state["forward"]
+
+    other = ["cat", "a green triangle"]  # another prompt length: the same compiled step and cache
+    assert torch.equal(model.generate_image(other, compile=config, **kwargs), model.generate_image(other, **kwargs))
+    assert model._decoding_state["forward"] is compiled_step
+    assert torch.equal(model.generate_image(prompts, compile=config, jacobi_window=4, **kwargs), eager)
+
+    # Weights changed in place behind autograd's back, as merging a LoRA adapter does: the frozen weights baked
+    # into the compiled step are stale, so it must compile again rather than return the old model's codes.
+    with torch.no_grad():
+        model.generation_head.weight.data.mul_(-1)
+    changed = model.generate_image(prompts, **kwargs)
+    assert not torch.equal(changed, eager)
+    assert torch.equal(model.generate_image(prompts, compile=config, **kwargs), changed)
+    assert model._decoding_state["forward"] is not compiled_step
 
 
 def test_verified_drafts_are_distributed_as_the_model():

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import AutoProcessor, GenerationMixin, PreTrainedModel
+from transformers import AutoProcessor, CompileConfig, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache, StaticCache
@@ -65,12 +65,14 @@ def llm_building_blocks(text_config):
     return classes
 
 
-def task_ids(task, batch_size: int, device) -> torch.Tensor:
-    """Normalise a task selector (None, "understanding"/"generation", a list of them, or 0/1 ids) to `(B,)` ids."""
-    if task is None:
-        return torch.full((batch_size,), UNDERSTANDING, dtype=torch.long, device=device)
-    if isinstance(task, str):
-        task = [task] * batch_size
+def task_ids(task, batch_size: int, device) -> tuple[torch.Tensor, int | None]:
+    """Normalise a task selector (None, "understanding"/"generation", a list of them, or 0/1 ids) to `(B,)`
+    ids, and the batch's task if all its samples have the same one (else None)."""
+    if task is None or isinstance(task, (str, int)):  # one task for the batch, known without reading a tensor
+        only = UNDERSTANDING if task is None else TASKS.get(task, task)
+        if only not in (UNDERSTANDING, GENERATION):
+            raise ValueError(f"task must be 'understanding' or 'generation' (or 0/1), got {task!r}.")
+        return torch.full((batch_size,), only, dtype=torch.long, device=device), only
     if isinstance(task, (list, tuple)):
         unknown = [t for t in task if isinstance(t, str) and t not in TASKS]
         if unknown:
@@ -83,13 +85,8 @@ def task_ids(task, batch_size: int, device) -> torch.Tensor:
         raise ValueError(f"task must have one entry per sample ({batch_size}), got {task.shape[0]}.")
     if ((task != UNDERSTANDING) & (task != GENERATION)).any():
         raise ValueError(f"task ids must be {UNDERSTANDING} (understanding) or {GENERATION} (generation).")
-    return task
-
-
-def single_task(task: torch.Tensor) -> int | None:
-    """The task of a batch whose samples all have the same one, else None."""
     first = int(task[0])
-    return first if bool((task == first).all()) else None
+    return task, first if bool((task == first).all()) else None
 
 
 def _multinomial(probs, generator, rows_per_image=1):
@@ -366,7 +363,7 @@ class UniForkModel(UniForkPreTrainedModel):
         if cache is not None and single_task is not None:
             # The branches share layer indices, so a cache filled through one cannot go on through the other.
             cache_task = getattr(cache, "unifork_task", None)
-            if cache.get_seq_length() and cache_task not in (None, single_task):
+            if cache_task not in (None, single_task) and cache.get_seq_length():
                 raise ValueError("cache was filled through the other branch of the Y; start a new cache.")
             cache.unifork_task = single_task
         return cache, use_cache
@@ -393,15 +390,15 @@ class UniForkModel(UniForkPreTrainedModel):
         """
         inputs_embeds, image_ids = self._embed(input_ids, inputs_embeds, pixel_values, image_ids)
         batch_size, seq_len = inputs_embeds.shape[:2]
-        task = task_ids(task, batch_size, inputs_embeds.device)
-        only_task = single_task(task)
+        task, only_task = task_ids(task, batch_size, inputs_embeds.device)
         cache, use_cache = self._prepare_cache(only_task, cache, use_cache)
         past_length = cache.get_seq_length() if cache is not None else 0
-        if image_ids is None and past_length == 0 and input_ids is not None:
+        if input_ids is not None and image_ids is None and past_length == 0:
             if bool((input_ids == self.config.image_token_id).any()):
                 raise ValueError("input_ids contain image tokens but no pixel_values or image_ids were given.")
         max_positions = getattr(self.config.text_config, "max_position_embeddings", None)
-        if max_positions is not None and past_length + seq_len > max_positions:
+        # (a compiled decoding step skips the check: reading a static cache's length would break the graph)
+        if max_positions is not None and not torch.compiler.is_compiling() and past_length + seq_len > max_positions:
             raise ValueError(
                 f"Sequence of {past_length + seq_len} tokens is longer than the model's "
                 f"max_position_embeddings ({max_positions})."
@@ -630,6 +627,7 @@ class UniForkForConditionalGeneration(UniForkPreTrainedModel, GenerationMixin):
         max_batch_size: int | None = None,
         progress_bar: bool = True,
         jacobi_window: int | None = None,
+        compile: bool | CompileConfig = False,
     ):
         """Generate images from text prompts with the generation branch, a KV cache and batched CFG.
 
@@ -652,6 +650,13 @@ class UniForkForConditionalGeneration(UniForkPreTrainedModel, GenerationMixin):
                 are distributed as without it (greedy `top_k=1` gives the same codes). Images of one
                 batch advance together, so with it an image depends on the rest of its batch even
                 with one generator per image. None (default) decodes one code per forward.
+            compile: run the decoding steps through `torch.compile` (the prompt's prefill stays eager).
+                True picks a config for the device: on CPU, inductor with frozen weights and its C++
+                GEMM templates (`max_autotune`), which read the weights several times faster than eager
+                matmuls at decoding's few rows; elsewhere transformers' default `CompileConfig`. Or pass
+                a `CompileConfig`. The first call compiles (a minute or more); later calls with the same
+                batch size reuse it, and a change to the weights (training, merging an adapter) is
+                detected and compiles again, since frozen weights are baked into the compiled code.
 
         Example:
 
@@ -680,6 +685,8 @@ class UniForkForConditionalGeneration(UniForkPreTrainedModel, GenerationMixin):
             raise ValueError(f"num_images_per_prompt must be a positive int, got {num_images_per_prompt!r}.")
         if jacobi_window is not None and (not isinstance(jacobi_window, int) or jacobi_window < 1):
             raise ValueError(f"jacobi_window must be None or a positive int, got {jacobi_window!r}.")
+        if not isinstance(compile, (bool, CompileConfig)):
+            raise TypeError(f"compile must be a bool or a transformers CompileConfig, got {compile!r}.")
         if (jacobi_window or 1) > 1 and "sliding_attention" in self.model.layer_types:
             # rejected drafts are undone by rewinding the cache, which a sliding window may already have evicted past
             raise NotImplementedError("jacobi_window needs full-attention layers; this model has sliding-window ones.")
@@ -709,7 +716,7 @@ class UniForkForConditionalGeneration(UniForkPreTrainedModel, GenerationMixin):
             inputs = processor.image_generation_inputs(texts, return_tensors="pt").to(self.device)
             generators = generator[start:stop] if isinstance(generator, (list, tuple)) else generator
             codes.append(self._sample_image_tokens(inputs.input_ids, inputs.attention_mask, processors, generators,
-                                                   steps, window=jacobi_window or 1))  # fmt: skip
+                                                   steps, window=jacobi_window or 1, compile=compile))  # fmt: skip
         steps.close()
         codes = torch.cat(codes)
         if output_type == "tokens":
@@ -717,7 +724,8 @@ class UniForkForConditionalGeneration(UniForkPreTrainedModel, GenerationMixin):
         images = (self.model.image_tokenizer.decode(codes).float() + 1) / 2
         return images if output_type == "pt" else processor.to_pil(images)
 
-    def _sample_image_tokens(self, input_ids, attention_mask, processors, generator, progress, window=1):
+    def _sample_image_tokens(self, input_ids, attention_mask, processors, generator, progress, window=1,
+                             compile=False):
         """The decoding loop: prefill the prompts once, then cached forwards along the generation path.
 
         With `window` > 1 this is speculative Jacobi decoding (Teng et al., 2024, arXiv 2410.01699):
@@ -742,7 +750,18 @@ class UniForkForConditionalGeneration(UniForkPreTrainedModel, GenerationMixin):
                 f"The prompt ({prompt_length} tokens) plus {num_tokens} image tokens is longer "
                 f"than the model's max_position_embeddings ({max_positions}); shorten the prompt."
             )
-        cache = StaticCache(config=self.config.text_config, max_cache_len=prompt_length + num_tokens)
+        if compile:
+            # One compiled step runs with one cache (its tensors' addresses are baked in): left-pad the prompt
+            # to a multiple of 64 so that prompts of other lengths reuse both.
+            padded_length = min(-(-prompt_length // 64) * 64, max_positions - num_tokens if max_positions else 2**31)
+            pad_id = getattr(self.config.text_config, "pad_token_id", None) or 0
+            input_ids = nn.functional.pad(input_ids, (padded_length - prompt_length, 0), value=pad_id)
+            attention_mask = nn.functional.pad(attention_mask, (padded_length - prompt_length, 0))
+            prompt_length = padded_length
+            compiled_forward, cache = self._compiled_decoding(compile, input_ids.shape[0], prompt_length + num_tokens)
+        else:
+            cache = StaticCache(config=self.config.text_config, max_cache_len=prompt_length + num_tokens)
+        # every step gets the whole mask: places past the cache's length are masked as the future
         full_mask = torch.cat([attention_mask, attention_mask.new_ones((attention_mask.shape[0], num_tokens))], 1)
         prompt_positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         first_image_position = prompt_positions[:, -1:] + 1  # of image token 0, per row (left padding)
@@ -758,10 +777,10 @@ class UniForkForConditionalGeneration(UniForkPreTrainedModel, GenerationMixin):
         step_inputs = {"input_ids": input_ids, "position_ids": prompt_positions}
         while n < num_tokens:
             num_drafts = drafts.shape[1]
-            hidden = self.model(**step_inputs, attention_mask=full_mask[:, : prompt_length + n + num_drafts],
-                                cache=cache, use_cache=True, task=GENERATION).last_hidden_state  # fmt: skip
             # the distributions of places n .. n + num_drafts: (num_images, num_drafts + 1, codebook)
-            scores = self.generation_head(hidden[:, -(num_drafts + 1) :]).float().flatten(0, 1)
+            # (the prefill, and Jacobi's shorter last windows, run eagerly: a compiled step has one shape)
+            forward = compiled_forward if compile and n > 0 and num_drafts + 1 == window else self._generation_logits
+            scores = forward(step_inputs, full_mask, cache, num_drafts + 1).float().flatten(0, 1)
             history = codes[:, :n] if not num_drafts else codes.new_empty((scores.shape[0] // (1 + guided), 0))
             for processor in processors:  # (not LogitsProcessorList: it inspects signatures every call)
                 scores = processor(history, scores)
@@ -798,6 +817,41 @@ class UniForkForConditionalGeneration(UniForkPreTrainedModel, GenerationMixin):
             step_inputs = {"inputs_embeds": torch.cat([embeds, embeds]) if guided else embeds,
                            "position_ids": first_image_position + places}  # fmt: skip
         return codes
+
+    def _generation_logits(self, step_inputs, attention_mask, cache, num_positions):
+        """One cached forward along the generation path -> generation-head logits of the last `num_positions` places."""
+        hidden = self.model(**step_inputs, attention_mask=attention_mask, cache=cache, use_cache=True,
+                            task=GENERATION).last_hidden_state  # fmt: skip
+        return self.generation_head(hidden[:, -num_positions:])
+
+    def _compiled_decoding(self, compile, batch_rows, cache_length):
+        """`torch.compile`d `_generation_logits` and the `StaticCache` it runs with, reused while the compile
+        config, the batch shape and the weights stay the same (checked by a checksum per parameter)."""
+        config = compile if isinstance(compile, CompileConfig) else self._default_decoding_compile_config()
+        checksums = torch.stack([p.detach().sum(dtype=torch.float64) for p in self.parameters()])
+        key = (config, batch_rows, cache_length, self.device, self.dtype)
+        state = getattr(self, "_decoding_state", None)
+        if state is None or state["key"] != key or not torch.equal(state["checksums"], checksums):
+            generation_logits = type(self)._generation_logits
+            if state is not None:  # drop the compiled code of older weights (it holds a frozen copy of them)
+                torch._dynamo.eval_frame.reset_code(generation_logits.__code__)
+            compiled = torch.compile(self._generation_logits, **config.to_dict())
+            freezing = bool((config.options or {}).get("freezing"))
+
+            def forward(*args):
+                # inductor reads `freezing` from its global config when it compiles, not from `options`
+                with torch._inductor.config.patch(freezing=freezing):
+                    return compiled(*args)
+
+            cache = StaticCache(config=self.config.text_config, max_cache_len=cache_length)
+            state = self._decoding_state = {"key": key, "checksums": checksums, "forward": forward, "cache": cache}
+        state["cache"].reset()
+        return state["forward"], state["cache"]
+
+    def _default_decoding_compile_config(self):
+        if self.device.type == "cpu":
+            return CompileConfig(dynamic=False, mode=None, options={"max_autotune": True, "freezing": True})
+        return CompileConfig(dynamic=False)
 
     # ------------------------------------------------------------------ building from an LLM
 

@@ -1,6 +1,6 @@
 """How close image-token decoding gets to the memory-bandwidth roofline, at ~100M parameters.
 
-    python benchmarks/bench_decode_roofline.py [--repeats 5] [--batch 1]
+    python benchmarks/bench_decode_roofline.py [--repeats 5] [--batch 1] [--compile]
 
 Past the loop's overhead, a decoding step is bound by reading every weight on the generation path
 once (shared layers, generation branch and head; the code embeddings are a table lookup). So
@@ -11,7 +11,8 @@ once (shared layers, generation branch and head; the code embeddings are a table
 Steps per second come from the decoding steps only (timestamps of the generation head's calls after
 the prompt's prefill), greedy (`top_k=1`) with CFG, so each step is one forward of 2 x batch rows.
 The copy moves 2 x its size (read + write), as STREAM's copy counts it; a read-only pass (sum) is
-printed too.
+printed too. `--compile` measures `generate_image(compile=True)` (its one-time compilation is a
+warm-up call, not counted); its steps are timed from the compiled step's returns.
 """
 
 import argparse
@@ -38,18 +39,31 @@ def copy_bandwidth(size_mb: int, repeats: int):
     return 2 * nbytes / statistics.median(copies), nbytes / statistics.median(reads)
 
 
-def decode_steps_per_second(model, prompts, repeats):
+def decode_steps_per_second(model, prompts, repeats, compile=False):
     """Median over repeats of the decoding-step rate of one `generate_image` call."""
     stamps = []
-    hook = model.generation_head.register_forward_hook(lambda *_: stamps.append(time.perf_counter()))
+    if compile:  # a hook inside the compiled step would not run: stamp the compiled step's returns
+        compiled_decoding = model._compiled_decoding
+
+        def stamped_decoding(*args):
+            forward, cache = compiled_decoding(*args)
+            return lambda *inputs: (forward(*inputs), stamps.append(time.perf_counter()))[0], cache
+
+        model._compiled_decoding = stamped_decoding
+    else:
+        hook = model.generation_head.register_forward_hook(lambda *_: stamps.append(time.perf_counter()))
     rates = []
     try:
-        for _ in range(repeats + 1):  # the first call warms up
+        for _ in range(repeats + 1):  # the first call warms up (and compiles)
             stamps.clear()
-            model.generate_image(prompts, guidance_scale=3.0, top_k=1, output_type="tokens", progress_bar=False)
-            rates.append((len(stamps) - 1) / (stamps[-1] - stamps[0]))  # stamps[0]: end of the prefill
+            model.generate_image(prompts, guidance_scale=3.0, top_k=1, output_type="tokens", progress_bar=False,
+                                 compile=compile)  # fmt: skip
+            rates.append((len(stamps) - 1) / (stamps[-1] - stamps[0]))  # eager stamps[0]: end of the prefill
     finally:
-        hook.remove()
+        if compile:
+            del model._compiled_decoding
+        else:
+            hook.remove()
     return statistics.median(rates[1:])
 
 
@@ -58,6 +72,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--copy-mb", type=int, default=1024)
+    parser.add_argument("--compile", action="store_true", help="generate_image(compile=True)")
     args = parser.parse_args()
 
     model = build("100m")
@@ -72,12 +87,12 @@ def main():
     for _ in range(2):
         copy_bw, read_bw = copy_bandwidth(args.copy_mb, args.repeats)
         bandwidths.append(copy_bw), reads.append(read_bw)
-        rates.append(decode_steps_per_second(model, prompts, args.repeats))
+        rates.append(decode_steps_per_second(model, prompts, args.repeats, args.compile))
     bandwidth, read_bandwidth, rate = max(bandwidths), max(reads), statistics.median(rates)
     achieved = weight_bytes * rate
     fraction = achieved / bandwidth
     print(f"generation path: {weight_bytes / 1e6:.0f} MB of fp32 weights read per step; batch {args.batch} with CFG "
-          f"({2 * args.batch} rows per step), torch threads {torch.get_num_threads()}")
+          f"({2 * args.batch} rows per step), torch threads {torch.get_num_threads()}, compile={args.compile}")
     print(f"decoding: {rate:.1f} steps/s = {args.batch * rate:.1f} image tokens/s -> {achieved / 1e9:.2f} GB/s of weights")
     print(f"memory: copy {bandwidth / 1e9:.2f} GB/s (read+write), read-only {read_bandwidth / 1e9:.2f} GB/s")
     print(f"fraction of copy bandwidth {fraction:.2f}, of read bandwidth {achieved / read_bandwidth:.2f}")

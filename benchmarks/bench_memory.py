@@ -1,6 +1,6 @@
 """Peak resident memory (RSS) of loading a UniFork and running `generate_image`, relative to the weights.
 
-    python benchmarks/bench_memory.py [--sizes 100m] [--batch 4]
+    python benchmarks/bench_memory.py [--sizes 100m] [--batch 4] [--compile]
 
 For each size a random UniFork (with its tiny tokenizer + UniForkProcessor) is saved with
 `save_pretrained` to a temporary directory; then a FRESH Python subprocess (so the peak is that of
@@ -24,6 +24,9 @@ image generation reads (not the understanding branch or the LM head). The RSS af
 of the decoding loop is sampled too (prefill, then one cached step per image token), to show
 whether the KV cache makes it grow. Sizes: "100m" is bench_generate_image.py's ~100M-parameter
 generation path (hidden 768, 12 layers, K=6: 157M parameters in the whole Y), "tiny" is unifork-tiny.
+`--compile` runs `generate_image(compile=True)` instead, its compilation included (on CPU inductor
+freezes the weights into packed copies, so expect about one more generation path; the compiled steps
+are not sampled: a hook inside them would split the compiled graph).
 """
 
 import argparse
@@ -66,7 +69,7 @@ def save_model(size: str, directory: str) -> None:
     build(size).save_pretrained(directory)  # weights, config, and the processor (tokenizer included)
 
 
-def child(directory: str, batch: int) -> None:
+def child(directory: str, batch: int, compile: bool = False) -> None:
     """The measured job: imports, load, generate; prints one JSON line."""
     import torch
 
@@ -93,11 +96,15 @@ def child(directory: str, batch: int) -> None:
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
 
     samples = []  # RSS after each forward of the decoding loop (on the backbone, which every step calls)
+    # (not when compiling: the hook would run inside the compiled step and split its graph)
     hook = model.model.register_forward_hook(lambda module, args, output: samples.append(proc_status()["VmRSS"]))
+    if compile:
+        hook.remove()
     report["peak_reset"] = reset_peak()
     prompts = (PROMPTS * batch)[:batch]
     with torch.inference_mode():
-        codes = model.generate_image(prompts, guidance_scale=3, top_k=1, output_type="tokens", progress_bar=False)
+        codes = model.generate_image(prompts, guidance_scale=3, top_k=1, output_type="tokens", progress_bar=False,
+                                     compile=compile)  # fmt: skip
     hook.remove()
     assert codes.shape == (batch, model.config.num_image_tokens), codes.shape
     report["after_generate"] = proc_status()
@@ -120,14 +127,14 @@ def run_python(*args) -> subprocess.CompletedProcess:
     return proc
 
 
-def measure(size: str, batch: int) -> dict:
+def measure(size: str, batch: int, compile: bool = False) -> dict:
     # Both the saving and the measured job run in subprocesses of this small parent, which never
     # imports torch: on Linux a child's ru_maxrss starts from the RSS of the process it was forked
     # from (the pre-exec copy), so forking from a parent holding a model would report its memory.
     with tempfile.TemporaryDirectory() as directory:
         run_python("--save", directory, "--size", size)
         files = {name: os.path.getsize(os.path.join(directory, name)) for name in os.listdir(directory)}
-        proc = run_python("--child", directory, "--batch", str(batch))
+        proc = run_python("--child", directory, "--batch", str(batch), *(["--compile"] if compile else []))
     line = [line for line in proc.stdout.splitlines() if line.startswith("CHILD_REPORT ")][-1]
     report = json.loads(line.removeprefix("CHILD_REPORT "))
     report["safetensors_bytes"] = sum(n for name, n in files.items() if name.endswith(".safetensors"))
@@ -138,12 +145,13 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--sizes", default="100m", help=f"comma-separated, from {list(SIZES)}")
     parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--compile", action="store_true", help="generate_image(compile=True), compilation included")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--save", help=argparse.SUPPRESS)
     parser.add_argument("--size", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        return child(args.child, args.batch)
+        return child(args.child, args.batch, args.compile)
     if args.save:
         return save_model(args.size, args.save)
     parent_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -154,7 +162,7 @@ def main():
 
     result = None
     for size in sizes:
-        r = measure(size, args.batch)
+        r = measure(size, args.batch, args.compile)
         weights, base, load, gen = r["weights"], r["baseline"], r["after_load"], r["after_generate"]
         # The job's peak: ru_maxrss (at least the tiny parent's RSS it was forked from) and VmHWM agree
         # up to rounding; take the larger.

@@ -2,7 +2,7 @@
 
     python benchmarks/bench_train_step.py [--repeats 5] [--warmup 1] [--sizes small,medium] [--batch 16] [--threads N]
 
-One step = forward with labels, backward, AdamW step, zero_grad, on the same mixed batch: half the
+One step = forward with labels, backward, AdamW step (fused, the Trainer's default), zero_grad, on the same mixed batch: half the
 samples understanding (task 0, loss on the answer text after the image), half generation (task 1,
 loss on the 64 image positions, targets = the VQ codes in `image_ids`), interleaved, a few rows left
 padded. The VQ is frozen (as in the "joint" training stage). Variants:
@@ -125,7 +125,8 @@ def routed_loss(model, **batch):
 
 
 def make_step(model, loss_fn, batch):
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    # fused, as transformers' Trainer runs it by default (optim="adamw_torch_fused")
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=True)
 
     def step():
         """One optimizer step; returns the seconds spent in (forward, backward, AdamW step + zero_grad)."""

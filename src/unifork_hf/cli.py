@@ -77,6 +77,7 @@ def cmd_generate_image(args) -> None:
         top_k=args.top_k,
         top_p=args.top_p,
         jacobi_window=args.jacobi_window,
+        compile=args.compile,
     )
     print(f"{len(args.prompt) * args.num_images_per_prompt} image(s) written to {args.out}")
 
@@ -106,7 +107,8 @@ def cmd_evaluate(args) -> None:
 
     model = _load(args.model)
     split = shapes_dataset(num_train=0, num_test=500, num_heldout=500, seed=0)[args.split]
-    metrics = evaluate_shapes(model, split, n=args.n, batch_size=args.batch_size, jacobi_window=args.jacobi_window)
+    metrics = evaluate_shapes(model, split, n=args.n, batch_size=args.batch_size, jacobi_window=args.jacobi_window,
+                              compile=args.compile)  # fmt: skip
     generation, understanding = metrics["generation"], metrics["understanding"]
     print(f"Shapes {args.split}, {metrics['num_scenes']} scenes / {metrics['num_questions']} questions:")
     print("  generation   " + "  ".join(f"{k} {v:.3f}" for k, v in generation.items()))
@@ -228,6 +230,8 @@ def main(argv=None) -> None:
     generate.add_argument("--seed", type=int, default=0)
     generate.add_argument("--jacobi-window", type=int, default=None,
                           help="speculative Jacobi decoding: codes drafted and verified per forward (default: one code per forward)")
+    generate.add_argument("--compile", action="store_true",
+                          help="decode through torch.compile: faster steps after a one-time compilation (a minute or more)")
     generate.set_defaults(run=cmd_generate_image)
 
     answer_parser = commands.add_parser("answer", help="answer a question about an image")
@@ -252,6 +256,8 @@ def main(argv=None) -> None:
     evaluate.add_argument("--json", default=None, help="also write the metrics here")
     evaluate.add_argument("--jacobi-window", type=int, default=None,
                           help="speculative Jacobi decoding: codes drafted and verified per forward (default: one code per forward)")
+    evaluate.add_argument("--compile", action="store_true",
+                          help="decode through torch.compile: faster steps after a one-time compilation (a minute or more)")
     evaluate.set_defaults(run=cmd_evaluate)
 
     align = commands.add_parser("analyze-alignment", help="image-text alignment per layer along each task's path")

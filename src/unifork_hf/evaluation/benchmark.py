@@ -50,13 +50,14 @@ def answer_questions(model, images, questions, batch_size=100, max_new_tokens=4,
 
 
 def evaluate_shapes(model, dataset, n: int | None = None, batch_size: int = 100, seed: int = 0,
-                    progress_bar: bool = True, jacobi_window: int | None = None) -> dict:  # fmt: skip
+                    progress_bar: bool = True, jacobi_window: int | None = None, compile: bool = False) -> dict:  # fmt: skip
     """Generation (judged images, per attribute and all-correct) and understanding (exact match per
     question type) on the first `n` scenes of a Shapes split. `jacobi_window` samples the images with
-    speculative Jacobi decoding (see `generate_image`)."""
+    speculative Jacobi decoding, `compile` through torch.compile (see `generate_image`)."""
     if n is not None:
         dataset = dataset.select(range(min(n, len(dataset))))
-    settings = {**GENERATION_SETTINGS, **({"jacobi_window": jacobi_window} if jacobi_window else {})}
+    settings = {**GENERATION_SETTINGS, **({"jacobi_window": jacobi_window} if jacobi_window else {}),
+                **({"compile": True} if compile else {})}  # fmt: skip
     images = generate_for_captions(model, dataset["caption"], batch_size, seed, progress_bar, **settings)
     generation = score_images(images, dataset["objects"])
     questions = to_understanding(dataset)

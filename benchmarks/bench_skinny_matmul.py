@@ -12,7 +12,10 @@ fp32, far beyond any cache), for each way torch offers to store and multiply the
   reads `W.T` contiguously;
 - `int8_weight_only`: `torch._weight_int8pack_mm` on per-row int8 weights (a quarter of the bytes):
   the CPU kernel behind weight-only int8;
-- `int8_dequantize`: dequantize each int8 weight to fp32, then `F.linear`.
+- `int8_dequantize`: dequantize each int8 weight to fp32, then `F.linear`;
+- `inductor_frozen`: all the `F.linear`s as one function through `torch.compile` with inductor's
+  weight freezing and `max_autotune` (what `generate_image(compile=True)` uses on CPU): its C++ GEMM
+  templates run on weights packed once at compile time (compiled before timing; `--no-compile` skips it).
 
 Each prints the weight bytes it reads divided by its time, next to the bandwidth of a large copy
 (STREAM's count: read + write) measured in the same run.
@@ -36,11 +39,27 @@ def quantize(weight):
     return (weight / scales[:, None]).round().to(torch.int8), scales
 
 
+def compile_frozen(weights):
+    """All the linears as one compiled pass (returns every output, so nothing is optimized away)."""
+    linears = torch.nn.ModuleList(torch.nn.Linear(w.shape[1], w.shape[0], bias=False) for w in weights).eval()
+    for linear, w in zip(linears, weights):
+        linear.weight.data = w
+    compiled = torch.compile(lambda xs: [linear(xs[linear.in_features]) for linear in linears], dynamic=False,
+                             options={"max_autotune": True})  # fmt: skip
+
+    def run(xs):
+        with torch.no_grad(), torch._inductor.config.patch(freezing=True):  # (not honoured from `options`)
+            return compiled(xs)
+
+    return run
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--rows", default="2,8", help="rows of x (2 x batch with CFG)")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--no-compile", action="store_true", help="skip the inductor_frozen contender")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -65,12 +84,19 @@ def main():
     result = {"copy_gb_s": copy / 1e9}
     for rows in (int(r) for r in args.rows.split(",")):
         inputs = {inp: torch.randn(rows, inp) for inp in (HIDDEN, MLP)}
-        for name, (multiply, nbytes) in contenders.items():
+        passes = {name: (lambda m=multiply: [m(inputs[w.shape[1]], i) for i, w in enumerate(weights)], nbytes)
+                  for name, (multiply, nbytes) in contenders.items()}  # fmt: skip
+        if not args.no_compile:
+            frozen = compile_frozen(weights)
+            reference = [F.linear(inputs[w.shape[1]], w) for w in weights]
+            error = max((a - b).abs().max().item() for a, b in zip(frozen(inputs), reference))
+            print(f"rows {rows:2d} inductor_frozen compiled; max abs difference from F.linear {error:.1e}")
+            passes["inductor_frozen"] = (lambda: frozen(inputs), fp32_bytes)
+        for name, (one_pass, nbytes) in passes.items():
             times = []
             for _ in range(args.repeats + 1):  # the first pass warms up
                 start = time.perf_counter()
-                for i, w in enumerate(weights):
-                    multiply(inputs[w.shape[1]], i)
+                one_pass()
                 times.append(time.perf_counter() - start)
             seconds = statistics.median(times[1:])
             result[f"{name}_rows{rows}_gb_s"] = nbytes / seconds / 1e9

@@ -738,7 +738,8 @@ class UniForkForConditionalGeneration(UniForkPreTrainedModel, GenerationMixin):
 
         Everything sized by the sequence is allocated once (a `StaticCache`, rolled back past rejected
         drafts; the attention mask; the output codes), and a step runs only the generation path:
-        shared layers, generation branch, generation head on the positions that are sampled.
+        shared layers, generation branch, generation head on the positions that are sampled. With
+        `compile`, the steps after the prefill run through `_compiled_decoding`'s compiled step.
         """
         guided = any(isinstance(p, ClassifierFreeGuidanceLogitsProcessor) for p in processors)
         num_images = input_ids.shape[0] // 2 if guided else input_ids.shape[0]

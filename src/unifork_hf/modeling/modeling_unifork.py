@@ -840,8 +840,10 @@ class UniForkForConditionalGeneration(UniForkPreTrainedModel, GenerationMixin):
             freezing = bool((config.options or {}).get("freezing"))
 
             def forward(*args):
-                # inductor reads `freezing` from its global config when it compiles, not from `options`
-                with torch._inductor.config.patch(freezing=freezing):
+                # Inductor reads `freezing` from its global config when it compiles, not from `options`;
+                # and it would print every GEMM autotuning table to stderr.
+                quiet = {"autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False}
+                with torch._inductor.config.patch(freezing=freezing, **quiet):
                     return compiled(*args)
 
             cache = StaticCache(config=self.config.text_config, max_cache_len=cache_length)

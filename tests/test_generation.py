@@ -185,12 +185,19 @@ def test_compiled_decoding_equals_eager_reuses_its_compilation_and_follows_weigh
     assert model._decoding_state["forward"] is compiled_step
     assert torch.equal(model.generate_image(prompts, compile=config, jacobi_window=4, **kwargs), eager)
 
-    # Weights changed in place behind autograd's back, as merging a LoRA adapter does: the frozen weights baked
-    # into the compiled step are stale, so it must compile again rather than return the old model's codes.
+    # Weights changed in place behind autograd's back, as merging a LoRA adapter does.
+    checksums = model._decoding_state["checksums"]
     with torch.no_grad():
         model.generation_head.weight.data.mul_(-1)
     changed = model.generate_image(prompts, **kwargs)
     assert not torch.equal(changed, eager)
+    # The compiled step holds a frozen copy of the weights (where its speed comes from): had the change gone
+    # unnoticed, its steps would still decode with the old weights (only the eager prefill sees the new ones)...
+    model._decoding_state["checksums"] = model._parameter_checksums()
+    assert not torch.equal(model.generate_image(prompts, compile=config, **kwargs), changed)
+    assert model._decoding_state["forward"] is compiled_step
+    # ...so the checksums make it compile again.
+    model._decoding_state["checksums"] = checksums
     assert torch.equal(model.generate_image(prompts, compile=config, **kwargs), changed)
     assert model._decoding_state["forward"] is not compiled_step
 

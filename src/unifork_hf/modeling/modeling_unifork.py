@@ -352,20 +352,20 @@ class UniForkModel(UniForkPreTrainedModel):
             inputs_embeds = self._insert_images(input_ids, inputs_embeds, image_ids)
         return inputs_embeds, image_ids
 
-    def _prepare_cache(self, single_task, cache, use_cache):
+    def _prepare_cache(self, only_task, cache, use_cache):
         if use_cache is None:
             use_cache = getattr(self.config.text_config, "use_cache", True) and not self.training
-            use_cache = use_cache and single_task is not None
-        if use_cache and single_task is None:
+            use_cache = use_cache and only_task is not None
+        if use_cache and only_task is None:
             raise ValueError("A KV cache holds one path through the Y: use_cache needs a batch of a single task.")
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config.text_config)
-        if cache is not None and single_task is not None:
+        if cache is not None and only_task is not None:
             # The branches share layer indices, so a cache filled through one cannot go on through the other.
             cache_task = getattr(cache, "unifork_task", None)
-            if cache_task not in (None, single_task) and cache.get_seq_length():
+            if cache_task not in (None, only_task) and cache.get_seq_length():
                 raise ValueError("cache was filled through the other branch of the Y; start a new cache.")
-            cache.unifork_task = single_task
+            cache.unifork_task = only_task
         return cache, use_cache
 
     def forward(
@@ -761,6 +761,7 @@ class UniForkForConditionalGeneration(UniForkPreTrainedModel, GenerationMixin):
             prompt_length = padded_length
             compiled_forward, cache = self._compiled_decoding(compile, input_ids.shape[0], prompt_length + num_tokens)
         else:
+            compiled_forward = self._generation_logits
             cache = StaticCache(config=self.config.text_config, max_cache_len=prompt_length + num_tokens)
         # every step gets the whole mask: places past the cache's length are masked as the future
         full_mask = torch.cat([attention_mask, attention_mask.new_ones((attention_mask.shape[0], num_tokens))], 1)
@@ -780,7 +781,7 @@ class UniForkForConditionalGeneration(UniForkPreTrainedModel, GenerationMixin):
             num_drafts = drafts.shape[1]
             # the distributions of places n .. n + num_drafts: (num_images, num_drafts + 1, codebook)
             # (the prefill, and Jacobi's shorter last windows, run eagerly: a compiled step has one shape)
-            forward = compiled_forward if compile and n > 0 and num_drafts + 1 == window else self._generation_logits
+            forward = compiled_forward if n > 0 and num_drafts + 1 == window else self._generation_logits
             scores = forward(step_inputs, full_mask, cache, num_drafts + 1).float().flatten(0, 1)
             history = codes[:, :n] if not num_drafts else codes.new_empty((scores.shape[0] // (1 + guided), 0))
             for processor in processors:  # (not LogitsProcessorList: it inspects signatures every call)
@@ -829,27 +830,30 @@ class UniForkForConditionalGeneration(UniForkPreTrainedModel, GenerationMixin):
         """`torch.compile`d `_generation_logits` and the `StaticCache` it runs with, reused while the compile
         config, the batch shape and the weights stay the same (checked by a checksum per parameter)."""
         config = compile if isinstance(compile, CompileConfig) else self._default_decoding_compile_config()
-        checksums = torch.stack([p.detach().sum(dtype=torch.float64) for p in self.parameters()])
+        checksums = self._parameter_checksums()
         key = (config, batch_rows, cache_length, self.device, self.dtype)
         state = getattr(self, "_decoding_state", None)
         if state is None or state["key"] != key or not torch.equal(state["checksums"], checksums):
-            generation_logits = type(self)._generation_logits
             if state is not None:  # drop the compiled code of older weights (it holds a frozen copy of them)
-                torch._dynamo.eval_frame.reset_code(generation_logits.__code__)
+                torch._dynamo.eval_frame.reset_code(self._generation_logits.__code__)
             compiled = torch.compile(self._generation_logits, **config.to_dict())
-            freezing = bool((config.options or {}).get("freezing"))
+            # Dynamo reads `freezing` from inductor's global config when it traces (any call may retrace),
+            # so `options` alone does not freeze; and inductor would print every GEMM autotuning table.
+            # The patch is built once: entering a ready one costs ~10 us a step, building one ~70.
+            patch = torch._inductor.config.patch(freezing=bool((config.options or {}).get("freezing")),
+                                                 autotune_num_choices_displayed=0, max_autotune_report_choices_stats=False)  # fmt: skip
 
             def forward(*args):
-                # Inductor reads `freezing` from its global config when it compiles, not from `options`;
-                # and it would print every GEMM autotuning table to stderr.
-                quiet = {"autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False}
-                with torch._inductor.config.patch(freezing=freezing, **quiet):
+                with patch:
                     return compiled(*args)
 
             cache = StaticCache(config=self.config.text_config, max_cache_len=cache_length)
             state = self._decoding_state = {"key": key, "checksums": checksums, "forward": forward, "cache": cache}
         state["cache"].reset()
         return state["forward"], state["cache"]
+
+    def _parameter_checksums(self):
+        return torch.stack([p.detach().sum(dtype=torch.float64) for p in self.parameters()])
 
     def _default_decoding_compile_config(self):
         if self.device.type == "cpu":

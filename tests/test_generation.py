@@ -5,7 +5,7 @@ from PIL import Image
 
 from transformers import CompileConfig
 
-from unifork_hf import UniForkForConditionalGeneration
+from unifork_hf import DEFAULT_IMAGE_GENERATION, UniForkForConditionalGeneration
 from unifork_hf.modeling.modeling_unifork import _verify_drafts
 
 
@@ -102,6 +102,15 @@ def test_generate_image_errors(built_model, built_dir):
         built_model.generate_image("x", output_type="np")
     with pytest.raises(ValueError, match="guidance_scale"):
         built_model.generate_image("x", guidance_scale=0.5)
+    for bad in (float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="guidance_scale must be a finite number"):
+            built_model.generate_image("x", guidance_scale=bad)
+    with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
+        built_model.generate_image("x", temperature=0)
+    with pytest.raises(ValueError, match=r"top_k must be None or an int >= 0"):
+        built_model.generate_image("x", top_k=-1)
+    with pytest.raises(ValueError, match=r"top_p must be None or in \(0, 1\]"):
+        built_model.generate_image("x", top_p=1.5)
     with pytest.raises(ValueError, match="generator is a list of 1, but 2 images"):
         built_model.generate_image("x", num_images_per_prompt=2, generator=seeds(0))
     with pytest.raises(TypeError, match="compile must be a bool or a transformers CompileConfig, got 'max-autotune'"):
@@ -112,6 +121,36 @@ def test_generate_image_errors(built_model, built_dir):
     bare.processor = None
     with pytest.raises(ValueError, match="needs a processor.*model.processor = UniForkProcessor.from_pretrained"):
         bare.generate_image("a red circle")
+
+
+def test_sampling_defaults_come_from_the_checkpoints_generation_config(built_model, tmp_path):
+    def tokens(model, **kwargs):
+        return model.generate_image(["a red circle", "a blue square"], generator=seeds(0, 1), output_type="tokens",
+                                    progress_bar=False, **kwargs)  # fmt: skip
+
+    # a fresh model: the library defaults (guidance 5, temperature 1)
+    assert built_model.image_generation_settings() == DEFAULT_IMAGE_GENERATION
+    assert torch.equal(tokens(built_model), tokens(built_model, guidance_scale=5.0, temperature=1.0))
+    built_model.generation_config.image_generation = {"guidance_scale": 1.0, "temperature": 0.5, "top_k": 8}
+    built_model.save_pretrained(tmp_path)
+    saved = UniForkForConditionalGeneration.from_pretrained(tmp_path).eval()
+    assert saved.generation_config.image_generation == {"guidance_scale": 1.0, "temperature": 0.5, "top_k": 8}
+    unguided = tokens(saved)
+    assert torch.equal(unguided, tokens(saved, guidance_scale=1.0, temperature=0.5, top_k=8))
+    assert not torch.equal(unguided, tokens(saved, guidance_scale=5.0, temperature=0.5, top_k=8))
+    assert not torch.equal(unguided, tokens(built_model, guidance_scale=5.0, temperature=1.0))
+    # explicit arguments win over the checkpoint; 0 / 1.0 turn its top-k / top-p off
+    assert torch.equal(tokens(saved, temperature=1.0, top_k=0), tokens(built_model, guidance_scale=1.0))
+    assert saved.image_generation_settings(top_p=0.9) == {"guidance_scale": 1.0, "temperature": 0.5, "top_k": 8,
+                                                          "top_p": 0.9}  # fmt: skip
+    # text generation ignores them (greedy answers stay greedy)
+    assert saved.generation_config.temperature is None and not saved.generation_config.do_sample
+    saved.generation_config.image_generation = {"guidance_scale": 0.5}
+    with pytest.raises(ValueError, match=r"guidance_scale must be a finite number >= 1.*generation_config.image_generation"):
+        saved.generate_image("x")
+    saved.generation_config.image_generation = {"guidance": 2.0}
+    with pytest.raises(ValueError, match="must be a dict with keys from"):
+        saved.generate_image("x")
 
 
 def test_text_generation_with_an_image_uses_the_cache_correctly(built_model):

@@ -7,7 +7,7 @@ import time
 
 import pytest
 import torch
-from datasets import Dataset
+from datasets import Dataset, concatenate_datasets
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -222,6 +222,89 @@ def test_streaming_datasets_train(model, prepared, tmp_path):
     trainer.train()
     logged = [log for log in trainer.state.log_history if "loss" in log]
     assert len(logged) == 3 and all("loss_understanding" in log or "loss_generation" in log for log in logged)
+
+
+def test_task_stratified_batches_hold_each_task_in_proportion(model, tmp_path):
+    processor = model.processor
+    rows = colour_dataset(64, seed=1)
+    # understanding rows of two kinds (lengths): length grouping would put each kind in batches of its own
+    long = rows["understanding"].map(lambda row: {"messages": [{**row["messages"][0], "content": row["messages"][0]["content"][:1] + [
+        {"type": "text", "text": "What colour is the shape in this picture, would you say?"}]}, row["messages"][1]]})  # fmt: skip
+    und = prepare_understanding(concatenate_datasets([rows["understanding"], long]), processor)
+    train = mix_tasks(und, prepare_generation(rows["generation"], processor), generation_ratio=0.3, seed=0)
+    share = sum(t == UNDERSTANDING for t in train["task"]) / len(train)
+
+    def batches(seed, strategy="task_stratified"):
+        trainer = UniForkTrainer(model=model, args=training_args(tmp_path, per_device_train_batch_size=10, seed=seed,
+                                                                 train_sampling_strategy=strategy),
+                                 train_dataset=train, processing_class=processor)  # fmt: skip
+        return list(trainer.get_train_dataloader())
+
+    first = batches(0)
+    assert len(first) == len(train) // 10 + (len(train) % 10 > 0)
+    for batch in first[:-1]:
+        understanding = int((batch["task"] == UNDERSTANDING).sum())
+        assert abs(understanding - 10 * share) < 1, (understanding, 10 * share)
+    lengths = [set(batch["attention_mask"][batch["task"] == UNDERSTANDING].sum(1).tolist()) for batch in first]
+    assert sum(len(kinds) > 1 for kinds in lengths) > len(first) / 2  # both kinds mixed in most batches
+    assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(first, batches(0)))  # seeded
+    assert not all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(first, batches(1)))
+    grouped = batches(0, "group_by_length")  # what the recipe used to do: whole batches of one task
+    assert any(int((batch["task"] == UNDERSTANDING).sum()) in (0, 10) for batch in grouped)
+
+
+@pytest.mark.parametrize("share", [0.25, 0.8, None])
+def test_understanding_loss_share_sets_each_tasks_share_of_loss_and_gradient(model, prepared, tmp_path, share):
+    und, gen, _ = prepared
+    processor = model.processor
+    collator = UniForkDataCollator(processor, cfg_dropout=0.0)
+    mixed = collator([und[0], gen[0], und[1], gen[1], gen[2]])
+    alone = {task: collator(rows) for task, rows in ((UNDERSTANDING, [und[0], und[1]]),
+                                                     (GENERATION, [gen[0], gen[1], gen[2]]))}  # fmt: skip
+    trainer = UniForkTrainer(model=model, args=training_args(tmp_path, understanding_loss_share=share),
+                             train_dataset=und, processing_class=processor)  # fmt: skip
+    model.train()
+
+    def gradients(loss):
+        model.zero_grad()
+        loss.backward()
+        return model.lm_head.weight.grad.clone(), model.generation_head.weight.grad.clone()
+
+    items = trainer._get_num_items_in_batch([mixed], torch.device("cpu"))
+    loss = trainer.compute_loss(model, mixed, num_items_in_batch=items)
+    und_grad, gen_grad = gradients(loss)
+    # independent values: each task's own batch, its plain token-mean loss
+    und_loss, gen_loss = (model(**alone[task]).loss for task in (UNDERSTANDING, GENERATION))
+    und_tokens, gen_tokens = ((alone[task]["labels"][:, 1:] != -100).sum() for task in (UNDERSTANDING, GENERATION))
+    if share is None:  # one token mean: each task weighs its share of the labelled tokens
+        weights = (und_tokens / (und_tokens + gen_tokens), gen_tokens / (und_tokens + gen_tokens))
+    else:
+        weights = (share, 1 - share)
+    torch.testing.assert_close(loss, weights[0] * und_loss + weights[1] * gen_loss)
+    # the understanding loss alone reaches the LM head, the generation loss alone the image head
+    torch.testing.assert_close(und_grad, weights[0] * gradients(model(**alone[UNDERSTANDING]).loss)[0])
+    torch.testing.assert_close(gen_grad, weights[1] * gradients(model(**alone[GENERATION]).loss)[1])
+    trainer._logged["understanding_share"].zero_()
+    trainer._log_task_losses(model(**mixed), mixed, share, token_mean=share is None)
+    part = weights[0] * und_loss
+    torch.testing.assert_close(trainer._logged["understanding_share"][0], (part / (part + weights[1] * gen_loss)).detach())
+    model.zero_grad()
+    model.eval()
+
+
+def test_training_logs_the_understanding_share(model, prepared, tmp_path):
+    und, gen, _ = prepared
+    trainer = UniForkTrainer(model=model, args=training_args(tmp_path, max_steps=2, understanding_loss_share=0.4),
+                             train_dataset=mix_tasks(und, gen, 0.5), processing_class=model.processor)  # fmt: skip
+    trainer.train()
+    for log in [log for log in trainer.state.log_history if "loss" in log]:
+        part = 0.4 * log["loss_understanding"]
+        assert log["understanding_share"] == pytest.approx(part / (part + 0.6 * log["loss_generation"]), abs=2e-3)
+        assert log["loss"] == pytest.approx(part + 0.6 * log["loss_generation"], abs=2e-3)
+    with pytest.raises(ValueError, match=r"understanding_loss_share must be in \(0, 1\) or None"):
+        training_args(tmp_path, understanding_loss_share=1.0)
+    with pytest.raises(ValueError, match="train_sampling_strategy must be one of"):
+        training_args(tmp_path, train_sampling_strategy="by_task")
 
 
 def test_gradient_accumulation_equals_one_large_batch(tmp_path):

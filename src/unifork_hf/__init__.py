@@ -16,6 +16,7 @@ from transformers import (
 from .modeling.configuration_unifork import UniForkConfig
 from .modeling.image_processing_unifork import UniForkImageProcessorPil
 from .modeling.modeling_unifork import (
+    DEFAULT_IMAGE_GENERATION,
     GENERATION,
     UNDERSTANDING,
     UniForkForConditionalGeneration,
@@ -46,6 +47,7 @@ UniForkImageProcessorPil.register_for_auto_class("AutoImageProcessor")
 UniForkProcessor.register_for_auto_class("AutoProcessor")
 
 __all__ = [
+    "DEFAULT_IMAGE_GENERATION",
     "DEMO_CHECKPOINT",
     "GENERATION",
     "UNDERSTANDING",

@@ -1,23 +1,40 @@
 """Shapes: a procedural benchmark for unified models that runs on a CPU.
 
 32x32 images with 1-2 flat-coloured shapes (circle, square, triangle; 6 colours; 2 sizes) in the cells
-of a 3x3 grid on a white background. Each scene has a caption ("a small red circle at the top left
-and a large blue square at the bottom right") and questions about colour, shape, position, size and
-count. Everything is a function of the seed.
+of a 3x3 grid on a white background, each shape moved by up to one pixel inside its cell. Each scene
+has a caption ("a small red circle at the top left and a large blue square at the bottom right") and
+questions about colour, shape, position, size and count. Everything is a function of the seed.
 
-Splits: `train` and `test` draw from the same scenes (disjoint), `heldout` contains only scenes with a
-colour+shape pair that never occurs in `train`/`test` (compositional generalisation).
+Splits (each scene has one or two shapes with equal probability, in every split):
+
+- `train` / `test`: scenes of the colour+shape pairs outside `HELDOUT_PAIRS`. A scene's content
+  (its shapes' colour, shape, size and cell, ignoring the pixel offsets) is either for training or
+  for evaluation, by a seeded hash: no test scene, nor any shift of it, is ever trained on.
+  There are only 270 one-shape contents, so training repeats its ~135 one-shape contents (each in
+  up to 9 offsets, ~10 times per image at 25,000 scenes) to keep one-shape scenes at half.
+- `heldout`: every scene uses a colour+shape pair that never occurs in `train`/`test` (compositional
+  generalisation).
+- `paraphrase`: the `test` scenes, captioned only in phrasings that training never uses.
+
+Captions come in phrasings (`STYLES`): the size word as is, as a synonym ("little"/"big", with
+"middle" for "center") or left out; "at the" or "in the"; objects in reading order or reversed; and
+"two red circles at the top and the left" for two shapes of the same colour and shape. `train`
+uses `TRAIN_STYLES`, `test` and `heldout` the canonical one, `paraphrase` only `PARAPHRASE_STYLES`:
+a synonym or no size word together with "in the", which training never says (it says "in the" only
+with the plain size words, and the synonyms or no size word only with "at the"). The `asked` column holds what a
+caption asks for: an attribute the caption leaves out is None.
 
 Example:
 
 ```python
 >>> from unifork_hf.data.shapes import shapes_dataset
 >>> data = shapes_dataset(num_train=1000, num_test=200, num_heldout=200, seed=0)
->>> data["train"][0]["caption"]
-'a large purple triangle at the center'
+>>> data["test"][0]["caption"]
+'a large green circle at the top left and a small orange square at the center'
 ```
 """
 
+import hashlib
 import random
 import re
 
@@ -36,62 +53,111 @@ COLOURS = {
     "orange": (245, 130, 30),
 }
 SHAPES = ("circle", "square", "triangle")
-SIZES = {"small": 6, "large": 9}  # bounding-box side in pixels; 9 keeps a gap between neighbouring cells
+SIZES = {"small": 6, "large": 9}  # bounding-box side in pixels
 POSITIONS = ("top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right")
+CELL_CENTRES = (5, 16, 27)  # pixel centre of each grid column (x) and row (y): 2 px between large shapes
+JITTER = 1  # a shape moves by up to this many pixels in x and in y, staying in its cell and in the image
+MIN_GAP = 2  # pixels of background kept between shapes, so a slight blur cannot join two of them
+ONE_SHAPE_SHARE = 0.5
 # Colour+shape pairs that never occur in train/test: the held-out split is made of scenes using them.
 HELDOUT_PAIRS = (("red", "triangle"), ("blue", "circle"), ("yellow", "square"))
 QUESTION_TYPES = ("colour", "shape", "position", "size", "count")
 NUMBERS = {1: "one", 2: "two"}
+ATTRIBUTES = ("colour", "shape", "size", "position")
+
+# Phrasings: (size words, preposition, order). "synonym" also says "middle" for "center".
+SIZE_SYNONYMS = {"small": "little", "large": "big"}
+STYLES = tuple((size, preposition, order) for size in ("plain", "synonym", "omitted") for preposition in ("at", "in")
+               for order in ("reading", "reversed"))  # fmt: skip
+CANONICAL_STYLE = ("plain", "at", "reading")
+# Held out by size words and preposition only: a one-shape caption reads the same in either order.
+PARAPHRASE_STYLES = tuple(style for style in STYLES if style[:2] in (("synonym", "in"), ("omitted", "in")))
+TRAIN_STYLES = tuple(style for style in STYLES if style not in PARAPHRASE_STYLES)
 
 OBJECT_FEATURES = {"colour": Value("string"), "shape": Value("string"), "size": Value("string"),
-                   "position": Value("string")}  # fmt: skip
+                   "position": Value("string"), "dx": Value("int8"), "dy": Value("int8")}  # fmt: skip
+ASKED_FEATURES = {"colour": Value("string"), "shape": Value("string"), "size": Value("string"),
+                  "position": Value("string")}  # fmt: skip
 FEATURES = Features(
     {
         "image": Image(),
         "caption": Value("string"),
         "objects": List(OBJECT_FEATURES),
+        "asked": List(ASKED_FEATURES),
         "questions": List({"type": Value("string"), "question": Value("string"), "answer": Value("string")}),
     }
 )
 
 
-def cell_centre(position: str) -> tuple[float, float]:
+def cell_centre(position: str) -> tuple[int, int]:
     """Pixel centre (x, y) of a grid cell."""
     row, column = divmod(POSITIONS.index(position), 3)
-    cell = IMAGE_SIZE / 3
-    return (column + 0.5) * cell, (row + 0.5) * cell
+    return CELL_CENTRES[column], CELL_CENTRES[row]
 
 
 def bounding_box(obj: dict) -> tuple[int, int, int, int]:
-    """Pixel box (left, top, right, bottom), inclusive, of an object centred in its cell."""
+    """Pixel box (left, top, right, bottom), inclusive, of an object: centred in its cell, moved by its
+    offset (`dx`, `dy`, default 0)."""
     x, y = cell_centre(obj["position"])
     side = SIZES[obj["size"]]
-    left, top = round(x - side / 2), round(y - side / 2)
+    left, top = x - side // 2 + obj.get("dx", 0), y - side // 2 + obj.get("dy", 0)
     return left, top, left + side - 1, top + side - 1
 
 
+def draw_shape(draw: PIL.ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int, int], fill) -> None:
+    """Draw one flat shape filling the inclusive pixel box (the judge draws its templates the same way)."""
+    left, top, right, bottom = box
+    if shape == "circle":
+        draw.ellipse((left, top, right, bottom), fill=fill)
+    elif shape == "square":
+        draw.rectangle((left, top, right, bottom), fill=fill)
+    elif shape == "triangle":
+        draw.polygon([(left, bottom), (right, bottom), ((left + right) / 2, top)], fill=fill)
+    else:
+        raise ValueError(f"shape must be one of {SHAPES}, got {shape!r}.")
+
+
 def render(objects: list[dict]) -> PIL.Image.Image:
-    """Draw a scene: each object {colour, shape, size, position} centred in its cell."""
+    """Draw a scene: each object {colour, shape, size, position[, dx, dy]} in its cell."""
     image = PIL.Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), BACKGROUND)
     draw = PIL.ImageDraw.Draw(image)
     for obj in objects:
-        left, top, right, bottom = bounding_box(obj)
-        colour = COLOURS[obj["colour"]]
-        if obj["shape"] == "circle":
-            draw.ellipse((left, top, right, bottom), fill=colour)
-        elif obj["shape"] == "square":
-            draw.rectangle((left, top, right, bottom), fill=colour)
-        else:
-            draw.polygon([(left, bottom), (right, bottom), ((left + right) / 2, top)], fill=colour)
+        draw_shape(draw, obj["shape"], bounding_box(obj), COLOURS[obj["colour"]])
     return image
 
 
-def describe(obj: dict) -> str:
-    return f"a {obj['size']} {obj['colour']} {obj['shape']} at the {obj['position']}"
+def _gap(a: tuple, b: tuple) -> int:
+    """Background pixels between two inclusive boxes (along the axis where they are furthest apart)."""
+    return max(b[0] - a[2], a[0] - b[2], b[1] - a[3], a[1] - b[3]) - 1
 
 
-def caption(objects: list[dict]) -> str:
-    return " and ".join(describe(obj) for obj in objects)
+def caption(objects: list[dict], style: tuple = CANONICAL_STYLE) -> tuple[str, list[dict]]:
+    """A scene's caption in a phrasing (`STYLES`), and the objects it asks for (a left-out size is None)."""
+    size_words, preposition, order = style
+    objects = sorted(objects, key=lambda obj: POSITIONS.index(obj["position"]), reverse=order == "reversed")
+
+    def size_word(size):
+        return {"plain": size, "synonym": SIZE_SYNONYMS[size], "omitted": None}[size_words]
+
+    def place(position):
+        return "middle" if size_words == "synonym" and position == "center" else position
+
+    def words(*parts):
+        return " ".join(part for part in parts if part)
+
+    asked = [{key: obj[key] for key in ATTRIBUTES} | ({"size": None} if size_words == "omitted" else {})
+             for obj in objects]  # fmt: skip
+    same = len(objects) == 2 and all(asked[0][key] == asked[1][key] for key in ("colour", "shape", "size"))
+    if same:  # "two big red circles in the top and the left"
+        first, second = (place(obj["position"]) for obj in objects)
+        text = words("two", size_word(objects[0]["size"]), objects[0]["colour"], objects[0]["shape"] + "s",
+                     preposition, "the", first, "and the", second)  # fmt: skip
+    else:
+        text = " and ".join(
+            words("a", size_word(obj["size"]), obj["colour"], obj["shape"], preposition, "the", place(obj["position"]))
+            for obj in objects
+        )
+    return text, asked
 
 
 def questions(objects: list[dict], rng: random.Random) -> list[dict]:
@@ -109,7 +175,7 @@ def questions(objects: list[dict], rng: random.Random) -> list[dict]:
 
 
 def _random_scene(rng: random.Random, heldout: bool) -> list[dict]:
-    count = rng.choice((1, 2))
+    count = 1 if rng.random() < ONE_SHAPE_SHARE else 2
     positions = rng.sample(POSITIONS, count)
     objects = []
     for index, position in enumerate(positions):
@@ -120,49 +186,74 @@ def _random_scene(rng: random.Random, heldout: bool) -> list[dict]:
             if (heldout and index == 0) == is_heldout or (heldout and index > 0):
                 break
         objects.append({"colour": colour, "shape": shape, "size": rng.choice(sorted(SIZES)), "position": position})
-    objects.sort(key=lambda obj: POSITIONS.index(obj["position"]))  # captions read top-left to bottom-right
-    return objects
+    for _ in range(20):  # offsets that keep MIN_GAP between shapes (no offsets always do)
+        for obj in objects:  # (a large shape in the last row or column has no room to move out)
+            left, top, right, bottom = bounding_box({**obj, "dx": 0, "dy": 0})
+            obj["dx"] = rng.randint(max(-JITTER, -left), min(JITTER, IMAGE_SIZE - 1 - right))
+            obj["dy"] = rng.randint(max(-JITTER, -top), min(JITTER, IMAGE_SIZE - 1 - bottom))
+        if len(objects) < 2 or _gap(bounding_box(objects[0]), bounding_box(objects[1])) >= MIN_GAP:
+            break
+    else:
+        for obj in objects:
+            obj["dx"] = obj["dy"] = 0
+    return sorted(objects, key=lambda obj: POSITIONS.index(obj["position"]))
 
 
-def _scene_key(objects: list[dict]) -> tuple:
+def scene_content(objects: list[dict]) -> tuple:
+    """What a scene shows, ignoring the pixel offsets: the key that keeps training and evaluation apart."""
     return tuple((o["colour"], o["shape"], o["size"], o["position"]) for o in objects)
 
 
+def _scene_key(objects: list[dict]) -> tuple:
+    return tuple((*content, o.get("dx", 0), o.get("dy", 0)) for content, o in zip(scene_content(objects), objects))
+
+
+def is_evaluation_content(objects: list[dict], seed: int = 0) -> bool:
+    """Whether a scene's content belongs to evaluation (test) rather than training: half of all contents,
+    by a hash seeded with `seed`."""
+    digest = hashlib.blake2b(f"{seed}-{scene_content(objects)}".encode(), digest_size=8).digest()
+    return digest[0] % 2 == 0
+
+
 def shapes_dataset(num_train: int = 20000, num_test: int = 500, num_heldout: int = 500, seed: int = 0) -> DatasetDict:
-    """The three splits, each row `{image, caption, objects, questions}`; no scene is in two splits.
+    """The splits `train`, `test`, `heldout`, `paraphrase`, each row `{image, caption, objects, asked, questions}`.
 
-    Each split draws from its own random stream (seeded by `seed` and its name): held-out first, then
-    test, then train skipping the scenes already drawn. So a split does not depend on the sizes of the
-    splits drawn after it: the test split of `num_train=0` is the one a model trained with any
-    `num_train` never saw.
-
-    Only 270 one-object scenes exist and the test split takes about 195, so train holds few (75 of
-    25000): a model then learns one-object scenes from the two-object ones. Drawing half the train
-    scenes with one object (repeating the 75, or also sharing the test's) was measured worse: the demo
-    recipe drew 6% of test captions right instead of 60%, placing and sizing shapes but ignoring their
-    colour and shape words.
+    Each split draws from its own random stream (seeded by `seed` and its name), so a split does not
+    depend on the sizes of the others: the test split of `num_train=0` is the one a model trained with
+    any `num_train` never saw. Scenes are distinct within `test` and `heldout`; `train` repeats some
+    one-shape scenes (there are too few to keep them at half otherwise). `paraphrase` holds the `test`
+    scenes with captions in `PARAPHRASE_STYLES`.
     """
-    seen, splits = set(), {}
-    for name, size, heldout in (("heldout", num_heldout, True), ("test", num_test, False),
-                                ("train", num_train, False)):  # fmt: skip
+    splits = {}
+    for name, size in (("heldout", num_heldout), ("test", num_test), ("train", num_train)):
         rng = random.Random(f"shapes-{seed}-{name}")
-        rows = {"image": [], "caption": [], "objects": [], "questions": []}
-        attempts = 0
+        rows = {"image": [], "caption": [], "objects": [], "asked": [], "questions": []}
+        seen, attempts = set(), 0
         while len(rows["caption"]) < size:
             attempts += 1
             if attempts > 50 * size + 1000:
                 raise ValueError(f"Cannot draw {size} distinct {name} scenes (only {len(rows['caption'])} exist).")
-            objects = _random_scene(rng, heldout)
-            key = _scene_key(objects)
-            if key in seen:
+            objects = _random_scene(rng, heldout=name == "heldout")
+            if name != "heldout" and is_evaluation_content(objects, seed) != (name == "test"):
                 continue
-            seen.add(key)
+            if name != "train":  # evaluation scenes are distinct
+                if _scene_key(objects) in seen:
+                    continue
+                seen.add(_scene_key(objects))
+            style = rng.choice(TRAIN_STYLES) if name == "train" else CANONICAL_STYLE
+            text, asked = caption(objects, style)
             rows["image"].append(render(objects))
-            rows["caption"].append(caption(objects))
+            rows["caption"].append(text)
             rows["objects"].append(objects)
+            rows["asked"].append(asked)
             rows["questions"].append(questions(objects, rng))
         splits[name] = Dataset.from_dict(rows, features=FEATURES)
-    return DatasetDict({name: splits[name] for name in ("train", "test", "heldout")})
+    rng = random.Random(f"shapes-{seed}-paraphrase")
+    paraphrased = [caption(objects, rng.choice(PARAPHRASE_STYLES)) for objects in splits["test"]["objects"]]
+    splits["paraphrase"] = splits["test"].map(
+        lambda row, index: dict(zip(("caption", "asked"), paraphrased[index])), with_indices=True, features=FEATURES
+    )
+    return DatasetDict({name: splits[name] for name in ("train", "test", "heldout", "paraphrase")})
 
 
 def to_generation(dataset: Dataset) -> Dataset:

@@ -13,17 +13,18 @@ Example:
 import torch
 from tqdm.auto import tqdm
 
-from ..data.shapes import to_understanding
-from .shapes_judge import score_answers, score_images
+from ..data.shapes import COLOURS, NUMBERS, POSITIONS, SHAPES, SIZES, to_understanding
+from .shapes_judge import answer_baselines, score_answers, score_images
 
-# Sampling used for the reported numbers: near-greedy, no guidance (guidance >= 3 hurt in small models).
-GENERATION_SETTINGS = {"guidance_scale": 1.0, "temperature": 0.1}
+# How many answers each question type has: the chance baseline.
+ANSWER_CHOICES = {"colour": len(COLOURS), "shape": len(SHAPES), "position": len(POSITIONS), "size": len(SIZES),
+                  "count": len(NUMBERS)}  # fmt: skip
 
 
 @torch.no_grad()
 def generate_for_captions(model, captions, batch_size=100, seed=0, progress_bar=True, **settings):
-    """One image per caption, each from its own seeded generator (so results do not depend on batching)."""
-    settings = {**GENERATION_SETTINGS, **settings}
+    """One image per caption, each from its own seeded generator (so results do not depend on batching).
+    Sampling settings not given come from the checkpoint (see `generate_image`)."""
     generators = [torch.Generator().manual_seed(seed + i) for i in range(len(captions))]
     return model.generate_image(list(captions), generator=generators, max_batch_size=batch_size,
                                 progress_bar=progress_bar, **settings)  # fmt: skip
@@ -50,28 +51,35 @@ def answer_questions(model, images, questions, batch_size=100, max_new_tokens=4,
 
 
 def evaluate_shapes(model, dataset, n: int | None = None, batch_size: int = 100, seed: int = 0,
-                    progress_bar: bool = True, jacobi_window: int | None = None, compile: bool = False) -> dict:  # fmt: skip
+                    progress_bar: bool = True, jacobi_window: int | None = None, compile: bool = False,
+                    understanding: bool = True, **sampling) -> dict:  # fmt: skip
     """Generation (judged images, per attribute and all-correct) and understanding (exact match per
-    question type) on the first `n` scenes of a Shapes split. `jacobi_window` samples the images with
-    speculative Jacobi decoding, `compile` through torch.compile (see `generate_image`)."""
+    question type, with the majority-answer and chance baselines) on the first `n` scenes of a Shapes
+    split. Images are judged against what each caption asks for (the `asked` column). Sampling uses the
+    checkpoint's own settings unless `sampling` (guidance_scale, temperature, top_k, top_p) overrides
+    them; `jacobi_window` samples with speculative Jacobi decoding, `compile` through torch.compile.
+    `understanding=False` skips the questions (e.g. for the `paraphrase` split, whose scenes are `test`'s)."""
     if n is not None:
         dataset = dataset.select(range(min(n, len(dataset))))
-    settings = {**GENERATION_SETTINGS, **({"jacobi_window": jacobi_window} if jacobi_window else {}),
-                **({"compile": True} if compile else {})}  # fmt: skip
-    images = generate_for_captions(model, dataset["caption"], batch_size, seed, progress_bar, **settings)
-    generation = score_images(images, dataset["objects"])
-    questions = to_understanding(dataset)
-    asked = [messages[0]["content"][1]["text"] for messages in questions["messages"]]
-    predictions = answer_questions(model, [imgs[0] for imgs in questions["images"]], asked, batch_size,
-                                   progress_bar=progress_bar)  # fmt: skip
-    understanding = score_answers(predictions, questions["answer"], questions["type"])
-    return {
-        "generation": {k: round(v, 4) for k, v in generation.items()},
-        "understanding": {k: round(v, 4) for k, v in understanding.items()},
-        "num_scenes": len(dataset),
-        "num_questions": len(questions),
-        "settings": settings,
-    }
+    settings = model.image_generation_settings(**sampling)
+    extra = {**({"jacobi_window": jacobi_window} if jacobi_window else {}), **({"compile": True} if compile else {})}
+    images = generate_for_captions(model, dataset["caption"], batch_size, seed, progress_bar, **settings, **extra)
+    generation = score_images(images, dataset["asked"])
+    result = {"num_scenes": len(dataset), "settings": {**settings, **extra}, "generation": rounded(generation)}
+    if understanding:
+        questions = to_understanding(dataset)
+        asked = [messages[0]["content"][1]["text"] for messages in questions["messages"]]
+        predictions = answer_questions(model, [imgs[0] for imgs in questions["images"]], asked, batch_size,
+                                       progress_bar=progress_bar)  # fmt: skip
+        baselines = answer_baselines(questions["answer"], questions["type"], ANSWER_CHOICES)
+        result["understanding"] = rounded(score_answers(predictions, questions["answer"], questions["type"]))
+        result["understanding_baselines"] = {name: rounded(values) for name, values in baselines.items()}
+        result["num_questions"] = len(questions)
+    return result
+
+
+def rounded(scores: dict) -> dict:
+    return {k: None if v is None else round(v, 4) for k, v in scores.items()}
 
 
 def eval_results_for_card(metrics: dict) -> list[dict]:
@@ -80,6 +88,8 @@ def eval_results_for_card(metrics: dict) -> list[dict]:
     for split, values in metrics.items():
         for task_type, key, name in (("text-to-image", "generation", "all attributes correct"),
                                      ("visual-question-answering", "understanding", "exact match")):  # fmt: skip
+            if key not in values:
+                continue
             results.append({
                 "task_type": task_type, "dataset_type": "unifork_hf.data.shapes", "dataset_name": "Shapes",
                 "dataset_split": split, "metric_type": "accuracy", "metric_name": f"{name} ({split})",

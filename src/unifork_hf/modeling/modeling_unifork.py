@@ -36,6 +36,12 @@ from .modelcard_unifork import write_model_card
 from .vq_unifork import UniForkVQImageTokenizer
 
 
+# What `generate_image` samples with when neither the call nor the checkpoint's
+# `generation_config.image_generation` says otherwise: the usual settings of large autoregressive image
+# models (Janus, LlamaGen). Small models trained from scratch often want less guidance and a lower
+# temperature: their training recipes write what they measured into the checkpoint.
+DEFAULT_IMAGE_GENERATION = {"guidance_scale": 5.0, "temperature": 1.0, "top_k": None, "top_p": None}
+
 # Task ids of the per-sample selector `task`.
 UNDERSTANDING = 0
 GENERATION = 1
@@ -617,8 +623,8 @@ class UniForkForConditionalGeneration(UniForkPreTrainedModel, GenerationMixin):
         self,
         prompt: str | list[str],
         negative_prompt: str | list[str] | None = None,
-        guidance_scale: float = 5.0,
-        temperature: float = 1.0,
+        guidance_scale: float | None = None,
+        temperature: float | None = None,
         top_k: int | None = None,
         top_p: float | None = None,
         num_images_per_prompt: int = 1,
@@ -635,10 +641,18 @@ class UniForkForConditionalGeneration(UniForkPreTrainedModel, GenerationMixin):
         one batch, mixes their logits as `uncond + guidance_scale * (cond - uncond)`, then samples
         with temperature / top-k / top-p (transformers' logits processors).
 
+        The sampling settings left as None come from the checkpoint: `generation_config.image_generation`
+        (a dict that training recipes write, since the settings that work depend on the model), then
+        `DEFAULT_IMAGE_GENERATION` (guidance 5.0, temperature 1.0, no top-k, no top-p). See
+        [`image_generation_settings`].
+
         Args:
             prompt: one prompt or a list of prompts.
             negative_prompt: what the unconditional sequence sees (default: an empty prompt).
             guidance_scale: CFG scale; 1 disables guidance (no unconditional sequence is run).
+            temperature: softmax temperature (> 0).
+            top_k: sample among the k likeliest codes; 0 turns off a checkpoint's top-k.
+            top_p: sample among the likeliest codes holding probability p; 1.0 turns off a checkpoint's top-p.
             num_images_per_prompt: images per prompt; images come out prompt by prompt.
             generator: a `torch.Generator`, or one per image: with one per image, every image is the
                 same whatever else is in the batch.
@@ -677,10 +691,9 @@ class UniForkForConditionalGeneration(UniForkPreTrainedModel, GenerationMixin):
                 raise ValueError(f"negative_prompt has {len(negatives)} entries for {len(prompts)} prompts.")
         if output_type not in ("pil", "pt", "tokens"):
             raise ValueError(f"output_type must be 'pil', 'pt' or 'tokens', got {output_type!r}.")
-        if guidance_scale < 1:
-            raise ValueError(f"guidance_scale must be >= 1 (1 disables guidance), got {guidance_scale}.")
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}.")
+        settings = self.image_generation_settings(guidance_scale=guidance_scale, temperature=temperature,
+                                                  top_k=top_k, top_p=top_p)  # fmt: skip
+        guidance_scale, temperature, top_k, top_p = (settings[key] for key in DEFAULT_IMAGE_GENERATION)
         if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
             raise ValueError(f"num_images_per_prompt must be a positive int, got {num_images_per_prompt!r}.")
         if jacobi_window is not None and (not isinstance(jacobi_window, int) or jacobi_window < 1):
@@ -697,9 +710,9 @@ class UniForkForConditionalGeneration(UniForkPreTrainedModel, GenerationMixin):
         if isinstance(generator, (list, tuple)) and len(generator) != len(prompts):
             raise ValueError(f"generator is a list of {len(generator)}, but {len(prompts)} images are generated.")
         warpers = [TemperatureLogitsWarper(temperature)] if temperature != 1.0 else []
-        if top_k is not None:
+        if top_k:
             warpers.append(TopKLogitsWarper(top_k))
-        if top_p is not None:
+        if top_p is not None and top_p < 1:
             warpers.append(TopPLogitsWarper(top_p))
         guided = guidance_scale != 1
         processors = LogitsProcessorList(
@@ -723,6 +736,40 @@ class UniForkForConditionalGeneration(UniForkPreTrainedModel, GenerationMixin):
             return codes
         images = (self.model.image_tokenizer.decode(codes).float() + 1) / 2
         return images if output_type == "pt" else processor.to_pil(images)
+
+    def image_generation_settings(self, **explicit) -> dict:
+        """The sampling settings `generate_image` uses: explicit values (not None) over the checkpoint's
+        `generation_config.image_generation` over `DEFAULT_IMAGE_GENERATION`, checked.
+
+        Example:
+
+        ```python
+        >>> model.generation_config.image_generation = {"guidance_scale": 1.0, "temperature": 0.1}
+        >>> model.image_generation_settings(temperature=0.5)
+        {'guidance_scale': 1.0, 'temperature': 0.5, 'top_k': None, 'top_p': None}
+        ```
+        """
+        unknown = sorted(set(explicit) - set(DEFAULT_IMAGE_GENERATION))
+        if unknown:
+            raise TypeError(f"Unknown image sampling settings {unknown}; known: {list(DEFAULT_IMAGE_GENERATION)}.")
+        saved = getattr(self.generation_config, "image_generation", None) or {}
+        if not isinstance(saved, dict) or set(saved) - set(DEFAULT_IMAGE_GENERATION):
+            raise ValueError(
+                f"generation_config.image_generation must be a dict with keys from {list(DEFAULT_IMAGE_GENERATION)}, "
+                f"got {saved!r}."
+            )
+        settings = {**DEFAULT_IMAGE_GENERATION, **saved, **{k: v for k, v in explicit.items() if v is not None}}
+        where = "" if not saved else " (explicitly or in generation_config.image_generation)"
+        guidance, temperature, top_k, top_p = (settings[key] for key in DEFAULT_IMAGE_GENERATION)
+        if not isinstance(guidance, (int, float)) or not 1 <= guidance < float("inf"):
+            raise ValueError(f"guidance_scale must be a finite number >= 1 (1 disables guidance){where}, got {guidance!r}.")
+        if not isinstance(temperature, (int, float)) or not 0 < temperature < float("inf"):
+            raise ValueError(f"temperature must be a finite number > 0{where}, got {temperature!r}.")
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0):
+            raise ValueError(f"top_k must be None or an int >= 0 (0: off){where}, got {top_k!r}.")
+        if top_p is not None and (not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
+            raise ValueError(f"top_p must be None or in (0, 1] (1: off){where}, got {top_p!r}.")
+        return settings
 
     def _sample_image_tokens(self, input_ids, attention_mask, processors, generator, progress, window=1,
                              compile=False):
@@ -1043,4 +1090,4 @@ def _load_processor(path, kwargs, image_tokenizer):
     )
 
 
-__all__ = ["UniForkModel", "UniForkForConditionalGeneration", "UniForkPreTrainedModel"]
+__all__ = ["DEFAULT_IMAGE_GENERATION", "UniForkModel", "UniForkForConditionalGeneration", "UniForkPreTrainedModel"]

@@ -1,6 +1,7 @@
 """Training UniFork: data preparation and collation, the multi-task Trainer, freezing stages, LoRA per branch."""
 
 from .data import (
+    TaskStratifiedSampler,
     UniForkDataCollator,
     colour_dataset,
     mix_tasks,

@@ -7,7 +7,8 @@
 tasks the same columns, so `mix_tasks` can interleave them with sampling ratios; `pretokenize_images`
 optionally replaces the images by their VQ codes once, so epochs do not re-encode images. All of it
 works on `Dataset` and streaming `IterableDataset` alike. `UniForkDataCollator` pads a list of rows
-into one batch for the model's per-sample task routing, with classifier-free-guidance prompt dropout.
+into one batch for the model's per-sample task routing, with classifier-free-guidance prompt dropout;
+`TaskStratifiedSampler` orders rows so that every batch holds each task in proportion.
 
 Example:
 
@@ -160,12 +161,54 @@ def mix_tasks(understanding, generation, generation_ratio: float = 0.5, seed: in
         raise ValueError(f"generation_ratio must be in [0, 1], got {generation_ratio}.")
     if generation_ratio in (0, 1):
         return generation if generation_ratio == 1 else understanding
+    # (an interleaved Dataset is ordered by its draw; UniForkTrainer's default sampler re-orders it so that
+    # each batch holds both tasks in proportion)
     return interleave_datasets(
         [understanding, generation],
         probabilities=[1 - generation_ratio, generation_ratio],
         seed=seed,
         stopping_strategy="all_exhausted",
     )
+
+
+class TaskStratifiedSampler(torch.utils.data.Sampler):
+    """A random order of the rows in which every run of consecutive rows (so every batch, also when batches
+    are split over processes or accumulated) holds each task in proportion to the dataset, within one row.
+
+    Each task's rows are shuffled and spread evenly over the epoch (row i of a task with n rows sits at
+    `(i + phase) / n`, with a random phase per task); merging the tasks by that place gives the order.
+    Seeded by `seed` and the epoch (`set_epoch`, which Trainer calls), so a resumed run sees the same order.
+
+    Example:
+
+    ```python
+    >>> sampler = TaskStratifiedSampler([0, 1, 1, 1] * 25, seed=0)
+    >>> order = list(sampler)  # every 8 consecutive rows: 2 of task 0 and 6 of task 1
+    ```
+    """
+
+    def __init__(self, tasks, seed: int = 0):
+        self.tasks = torch.as_tensor(list(tasks), dtype=torch.long)
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.tasks)
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        places, rows = [], []
+        for task in self.tasks.unique():
+            members = (self.tasks == task).nonzero().squeeze(1)
+            members = members[torch.randperm(len(members), generator=generator)]
+            phase = torch.rand((), generator=generator, dtype=torch.float64)
+            places.append((torch.arange(len(members), dtype=torch.float64) + phase) / len(members))
+            rows.append(members)
+        order = torch.cat(rows)[torch.cat(places).argsort(stable=True)]
+        return iter(order.tolist())
 
 
 def pretokenize_images(dataset, processor, batch_size: int = 64):

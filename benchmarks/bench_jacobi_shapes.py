@@ -23,7 +23,6 @@ import unifork_hf
 from unifork_hf import UniForkForConditionalGeneration
 from unifork_hf.data.shapes import shapes_dataset
 from unifork_hf.evaluation import score_images
-from unifork_hf.evaluation.benchmark import GENERATION_SETTINGS
 
 
 def main():
@@ -38,7 +37,8 @@ def main():
     torch.set_num_threads(args.threads)
     model = UniForkForConditionalGeneration.from_pretrained(unifork_hf.DEMO_CHECKPOINT).eval()
     test = shapes_dataset(num_train=0, num_test=500, num_heldout=0, seed=0)["test"].select(range(args.n))
-    captions, objects = list(test["caption"]), test["objects"]
+    captions, objects = list(test["caption"]), test["asked"]
+    settings = model.image_generation_settings()  # the checkpoint's own sampling
     forwards = []
 
     def run(window, compile=False):
@@ -49,7 +49,7 @@ def main():
             batch = captions[start : start + args.batch]
             generators = [torch.Generator().manual_seed(start + i) for i in range(len(batch))]
             images += model.generate_image(batch, generator=generators, jacobi_window=window, progress_bar=False,
-                                           compile=compile, **GENERATION_SETTINGS)  # fmt: skip
+                                           compile=compile, **settings)  # fmt: skip
         if hook is not None:
             hook.remove()
         return images
@@ -71,7 +71,7 @@ def main():
     num_batches = -(-len(captions) // args.batch)
     plain = statistics.median(times[None])
     print(f"{len(captions)} test captions, batch {args.batch}, {model.config.num_image_tokens} codes per image, "
-          f"temperature {GENERATION_SETTINGS['temperature']}, guidance {GENERATION_SETTINGS['guidance_scale']}, "
+          f"sampling {settings}, "
           f"{torch.get_num_threads()} threads, median of {args.repeats}")
     print("| decoding | forwards per batch | time | speedup | all correct | colour | shape | size | position | count |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")

@@ -3,6 +3,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -83,9 +84,24 @@ def test_cli_generate_image_and_answer(built_dir, tmp_path, capsys):
     assert capsys.readouterr().out.strip() != ""
 
 
+def test_cli_samples_with_the_checkpoints_settings_unless_told(built_dir, tmp_path):
+    model = UniForkForConditionalGeneration.from_pretrained(built_dir)
+    model.generation_config.image_generation = {"guidance_scale": 1.0, "temperature": 0.3}
+    model.save_pretrained(tmp_path / "model")
+
+    def grid(*flags):
+        out = tmp_path / f"grid{len(flags)}-{'-'.join(flags)}.png"
+        main(["generate-image", "--model", str(tmp_path / "model"), "--prompt", "a red circle", "--out", str(out), *flags])
+        return np.asarray(Image.open(out))
+
+    default = grid()
+    assert np.array_equal(default, grid("--guidance-scale", "1", "--temperature", "0.3"))
+    assert not np.array_equal(default, grid("--guidance-scale", "5", "--temperature", "0.3"))
+
+
 def test_cli_reports_bad_input_without_a_traceback(built_dir, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["generate-image", "--model", built_dir, "--prompt", "x", "--guidance-scale", "0.1", "--out",
               str(tmp_path / "x.png")])  # fmt: skip
     assert exit_info.value.code == 2
-    assert "guidance_scale must be >= 1" in capsys.readouterr().err
+    assert "guidance_scale must be a finite number >= 1" in capsys.readouterr().err

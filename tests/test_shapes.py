@@ -75,13 +75,13 @@ def test_no_scene_content_in_two_splits_and_heldout_pairs_never_train(data):
 def test_train_count_distribution_matches_test_without_a_handful_of_scenes_repeated():
     data = shapes_dataset(num_train=25000, num_test=500, num_heldout=500, seed=0)
     train, test = one_shape_share(data["train"]), one_shape_share(data["test"])
-    assert abs(train - test) <= 0.05 and 0.4 <= test <= 0.6, (train, test)
+    assert abs(train - test) <= 0.05 and 0.25 <= test <= 0.4, (train, test)
     one_shape_images = collections.Counter(
         scene_content(objs) + tuple((o["dx"], o["dy"]) for o in objs) for objs in data["train"]["objects"] if len(objs) == 1
     )
     assert len(one_shape_images) > 1000 and max(one_shape_images.values()) < 40  # not 75 scenes x 170
     answers = collections.Counter(qas[-1]["answer"] for qas in data["test"]["questions"])
-    assert set(answers) == {"one", "two"} and min(answers.values()) >= 0.4 * len(data["test"])
+    assert set(answers) == {"one", "two"} and min(answers.values()) >= 0.25 * len(data["test"])
 
 
 def test_shapes_stay_in_their_cell_apart_and_inside_the_image(data):

@@ -360,13 +360,17 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path):
 
 def test_recipe_trains_both_tasks_and_both_losses_fall(tmp_path, capsys):
     trainer = run_recipe(RECIPE, {"training": {"output_dir": str(tmp_path), "max_steps": 60, "logging_steps": 10,
-                                               "save_strategy": "no"}})  # fmt: skip
+                                               "save_strategy": "no"},
+                                  "image_generation": {"guidance_scale": 1.5}})  # fmt: skip
     logs = [log for log in trainer.state.log_history if "loss" in log]
     for name in ("loss_understanding", "loss_generation"):
         assert logs[-1][name] < 0.8 * logs[0][name], (name, logs)
     assert os.path.exists(tmp_path / "model.safetensors") and os.path.exists(tmp_path / "processor_config.json")
     reloaded = UniForkForConditionalGeneration.from_pretrained(tmp_path)
     assert reloaded.processor is not None
+    # the checkpoint says how to sample it: the recipe's settings over the library's
+    assert reloaded.generation_config.image_generation == {"guidance_scale": 1.5, "temperature": 1.0, "top_k": None,
+                                                           "top_p": None}  # fmt: skip
 
 
 def test_trainer_writes_the_unifork_card_with_a_training_summary(model, prepared, tmp_path):
@@ -394,6 +398,9 @@ def test_recipe_errors_name_the_key(tmp_path):
         load_recipe(str(bad))
     bad.write_text("modle: {}\n")
     with pytest.raises(ValueError, match=r"unknown sections \['modle'\]"):
+        load_recipe(str(bad))
+    bad.write_text("image_generation: {cfg: 2}\n")
+    with pytest.raises(ValueError, match=r"section 'image_generation' has unknown keys \['cfg'\]"):
         load_recipe(str(bad))
     bad.write_text("training: {freeze: everything}\n")
     with pytest.raises(ValueError, match="freeze must be one of"):

@@ -17,7 +17,7 @@ import time
 
 import torch
 from datasets import load_from_disk
-from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM, TrainerCallback
 
 from unifork_hf import UniForkForConditionalGeneration
 from unifork_hf.data.shapes import shapes_dataset, to_generation, to_understanding
@@ -55,6 +55,23 @@ def encoded_training_rows(scenes, processor, args):
     return understanding, generation
 
 
+class LearningCurve(TrainerCallback):
+    """Judges a few test scenes every `every` steps: how each question type and attribute is learned."""
+
+    def __init__(self, model, scenes, every, path):
+        self.model, self.scenes, self.every, self.path = model, scenes, every, path
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step % self.every:
+            return
+        self.model.eval()
+        metrics = evaluate_shapes(self.model, self.scenes, progress_bar=False)
+        self.model.train()
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": state.global_step, "generation": metrics["generation"],
+                                "understanding": metrics["understanding"]}) + "\n")  # fmt: skip
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--vq", required=True)
@@ -67,6 +84,8 @@ def main():
     parser.add_argument("--hidden-size", type=int, default=128)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--eval-n", type=int, default=500)
+    parser.add_argument("--eval-every", type=int, default=0,
+                        help="also judge 100 test scenes every this many steps (learning_curve.jsonl)")
     parser.add_argument("--num-train", type=int, default=25000, help="training scenes (5 questions each)")
     parser.add_argument("--num-shared-layers", type=int, default=None, help="K, the fork point (default L/2)")
     parser.add_argument("--learn-code-embeddings", action=argparse.BooleanOptionalAction, default=True,
@@ -137,6 +156,9 @@ def main():
         **overrides,
     )
     trainer = UniForkTrainer(model=model, args=training_args, train_dataset=train, processing_class=processor)
+    if args.eval_every:
+        trainer.add_callback(LearningCurve(model, data["test"].select(range(100)), args.eval_every,
+                                           os.path.join(args.out, "learning_curve.jsonl")))  # fmt: skip
     trainer.train(resume_from_checkpoint=any(n.startswith("checkpoint-") for n in os.listdir(args.out))
                   if os.path.isdir(args.out) else None)  # fmt: skip
     train_minutes = (time.time() - start) / 60

@@ -108,11 +108,13 @@ def cmd_evaluate(args) -> None:
     model = _load(args.model)
     split = shapes_dataset(num_train=0, num_test=500, num_heldout=500, seed=0)[args.split]
     metrics = evaluate_shapes(model, split, n=args.n, batch_size=args.batch_size, jacobi_window=args.jacobi_window,
-                              compile=args.compile)  # fmt: skip
-    generation, understanding = metrics["generation"], metrics["understanding"]
-    print(f"Shapes {args.split}, {metrics['num_scenes']} scenes / {metrics['num_questions']} questions:")
-    print("  generation   " + "  ".join(f"{k} {v:.3f}" for k, v in generation.items()))
-    print("  understanding " + "  ".join(f"{k} {v:.3f}" for k, v in understanding.items()))
+                              compile=args.compile, understanding=args.split != "paraphrase")  # fmt: skip
+    print(f"Shapes {args.split}, {metrics['num_scenes']} scenes, sampling {metrics['settings']}:")
+    print("  generation      " + "  ".join(f"{k} {v:.3f}" for k, v in metrics["generation"].items() if v is not None))
+    if "understanding" in metrics:
+        print(f"  understanding ({metrics['num_questions']} questions, exact match):")
+        for name, scores in (("model", metrics["understanding"]), *metrics["understanding_baselines"].items()):
+            print(f"    {name:<9}" + "  ".join(f"{k} {v:.3f}" for k, v in scores.items()))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(metrics, f, indent=2)
@@ -153,7 +155,8 @@ def cmd_demo(args) -> None:
     from unifork_hf import DEMO_CHECKPOINT
     from unifork_hf.data.shapes import shapes_dataset, to_understanding
     from unifork_hf.evaluation import detect, score_answers, score_image, score_images
-    from unifork_hf.evaluation.benchmark import answer_questions, generate_for_captions
+    from unifork_hf.evaluation.benchmark import ANSWER_CHOICES, answer_questions, generate_for_captions
+    from unifork_hf.evaluation.shapes_judge import answer_baselines
 
     start = time.time()
     model = _load(DEMO_CHECKPOINT)
@@ -164,25 +167,28 @@ def cmd_demo(args) -> None:
     os.makedirs(args.out, exist_ok=True)
     grid = os.path.join(args.out, "generated.png")
     _label_grid(images, list(scenes["caption"]), columns=4, cell=96).save(grid)
-    expected = [objects for objects in scenes["objects"] for _ in range(4)]
-    generation = score_images(images, expected)
+    asked = [objects for objects in scenes["asked"] for _ in range(4)]
+    generation = score_images(images, asked)
 
     questions = to_understanding(test.select(range(4, 8)))
     asked = [messages[0]["content"][1]["text"] for messages in questions["messages"]]
     replies = answer_questions(model, [imgs[0] for imgs in questions["images"]], asked, progress_bar=False)
     understanding = score_answers(replies, questions["answer"], questions["type"])
+    majority = answer_baselines(questions["answer"], questions["type"], ANSWER_CHOICES)["majority"]
 
     print(f"UniFork Shapes demo ({model.num_parameters() / 1e6:.2f}M parameters, {DEMO_CHECKPOINT})")
     print(f"\nText -> image: {len(images)} images of {len(scenes)} test captions -> {grid}")
+    print(f"  sampling: {model.image_generation_settings()} (the checkpoint's generation_config)")
     for index, caption in enumerate(scenes["caption"]):
-        per_image = [score_image(scenes["objects"][index], detect(image))["all"]
+        per_image = [score_image(scenes["asked"][index], detect(image))["all"]
                      for image in images[4 * index : 4 * index + 4]]  # fmt: skip
         print(f"  {int(sum(per_image))}/4 judged fully correct  {caption}")
-    print("  judged: " + ", ".join(f"{k} {v:.0%}" for k, v in generation.items()))
+    print("  judged: " + ", ".join(f"{k} {v:.0%}" for k, v in generation.items() if v is not None))
     print(f"\nImage -> text: {len(asked)} questions about {len(questions) // 5} test images")
     for question, reply, answer in list(zip(asked, replies, questions["answer"]))[:5]:
         print(f"  {question:<40} -> {reply:<12} ({'right' if reply == answer else 'expected ' + answer})")
     print("  exact match: " + ", ".join(f"{k} {v:.0%}" for k, v in understanding.items()))
+    print("  (always the most common answer: " + ", ".join(f"{k} {v:.0%}" for k, v in majority.items()) + ")")
     print(f"\nDone in {time.time() - start:.1f} s. Full benchmark: unifork evaluate --model {DEMO_CHECKPOINT}")
 
 
@@ -223,10 +229,10 @@ def main(argv=None) -> None:
     generate.add_argument("--prompt", required=True, action="append", help="repeat for several prompts")
     generate.add_argument("--out", required=True, help="PNG file")
     generate.add_argument("--num-images-per-prompt", type=int, default=1)
-    generate.add_argument("--guidance-scale", type=float, default=5.0)
-    generate.add_argument("--temperature", type=float, default=1.0)
-    generate.add_argument("--top-k", type=int, default=None)
-    generate.add_argument("--top-p", type=float, default=None)
+    for flag, kind, what in (("--guidance-scale", float, "CFG scale (1: off)"), ("--temperature", float, "> 0"),
+                             ("--top-k", int, "0: off"), ("--top-p", float, "1.0: off")):  # fmt: skip
+        generate.add_argument(flag, type=kind, default=None,
+                              help=f"{what}; default: the checkpoint's generation_config.image_generation")
     generate.add_argument("--seed", type=int, default=0)
     generate.add_argument("--jacobi-window", type=int, default=None,
                           help="speculative Jacobi decoding: codes drafted and verified per forward (default: one code per forward)")
@@ -250,7 +256,8 @@ def main(argv=None) -> None:
 
     evaluate = commands.add_parser("evaluate", help="the Shapes benchmark for a checkpoint")
     evaluate.add_argument("--model", required=True)
-    evaluate.add_argument("--split", choices=["test", "heldout"], default="test")
+    evaluate.add_argument("--split", choices=["test", "heldout", "paraphrase"], default="test",
+                          help="paraphrase: the test scenes in caption phrasings training never used (generation only)")
     evaluate.add_argument("-n", type=int, default=500, help="scenes (5 questions each)")
     evaluate.add_argument("--batch-size", type=int, default=100)
     evaluate.add_argument("--json", default=None, help="also write the metrics here")

@@ -12,6 +12,9 @@ data:
 training:                   # any UniForkTrainingArguments field
   output_dir: runs/tiny
   max_steps: 200
+image_generation:           # how the trained model samples images: generate_image's defaults, saved in
+  guidance_scale: 1.0       #   generation_config.image_generation of every checkpoint (omitted keys: the
+  temperature: 0.5          #   model's own, else DEFAULT_IMAGE_GENERATION)
 ```
 
 Run with `unifork train --recipe FILE`.
@@ -24,6 +27,7 @@ import torch
 import yaml
 from transformers import HfArgumentParser
 
+from ..modeling.modeling_unifork import DEFAULT_IMAGE_GENERATION
 from .data import colour_dataset, mix_tasks, prepare_generation, prepare_understanding, pretokenize_images
 from .trainer import UniForkTrainer, UniForkTrainingArguments
 
@@ -54,6 +58,9 @@ class Recipe:
     model: ModelRecipe = field(default_factory=ModelRecipe)
     data: DataRecipe = field(default_factory=DataRecipe)
     training: UniForkTrainingArguments | None = None
+    image_generation: dict = field(default_factory=dict)
+
+SECTIONS = ("model", "data", "training", "image_generation")
 
 
 def _dataclass_from(cls, values: dict, section: str):
@@ -69,12 +76,18 @@ def load_recipe(path: str, overrides: dict | None = None) -> Recipe:
     with open(path) as f:
         raw = yaml.safe_load(f) or {}
     if not isinstance(raw, dict):
-        raise ValueError(f"Recipe {path!r} must be a mapping with sections model, data, training.")
-    unknown = sorted(set(raw) - {"model", "data", "training"})
+        raise ValueError(f"Recipe {path!r} must be a mapping with sections {', '.join(SECTIONS)}.")
+    unknown = sorted(set(raw) - set(SECTIONS))
     if unknown:
-        raise ValueError(f"Recipe {path!r} has unknown sections {unknown}; expected model, data, training.")
+        raise ValueError(f"Recipe {path!r} has unknown sections {unknown}; expected {', '.join(SECTIONS)}.")
     for section, values in (overrides or {}).items():
-        raw.setdefault(section, {}).update(values)
+        raw[section] = {**(raw.get(section) or {}), **values}
+    sampling = raw.get("image_generation") or {}
+    unknown = sorted(set(sampling) - set(DEFAULT_IMAGE_GENERATION))
+    if unknown:
+        raise ValueError(
+            f"Recipe section 'image_generation' has unknown keys {unknown}; known: {list(DEFAULT_IMAGE_GENERATION)}."
+        )
     training = dict(raw.get("training") or {})
     training.setdefault("output_dir", os.path.splitext(os.path.basename(path))[0])
     (arguments,) = HfArgumentParser(UniForkTrainingArguments).parse_dict(training)
@@ -82,6 +95,7 @@ def load_recipe(path: str, overrides: dict | None = None) -> Recipe:
         model=_dataclass_from(ModelRecipe, raw.get("model") or {}, "model"),
         data=_dataclass_from(DataRecipe, raw.get("data") or {}, "data"),
         training=arguments,
+        image_generation=dict(sampling),
     )
 
 
@@ -148,9 +162,11 @@ def build_dataset(recipe: DataRecipe, processor):
 
 
 def run_recipe(path: str, overrides: dict | None = None) -> UniForkTrainer:
-    """Train as a recipe says; saves the final model (with processor) to `output_dir`."""
+    """Train as a recipe says; saves the final model (with processor) to `output_dir`. Every checkpoint states
+    its image sampling settings (`generation_config.image_generation`): the recipe's over the model's."""
     recipe = load_recipe(path, overrides)
     model = build_model(recipe.model)
+    model.generation_config.image_generation = model.image_generation_settings(**recipe.image_generation)
     train_dataset = build_dataset(recipe.data, model.processor)
     trainer = UniForkTrainer(model=model, args=recipe.training, train_dataset=train_dataset,
                              processing_class=model.processor)  # fmt: skip

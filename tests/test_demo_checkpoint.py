@@ -1,7 +1,10 @@
 """The bundled Shapes checkpoint: it loads, reproduces recorded outputs, and `unifork demo` runs."""
 
+import contextlib
+import io
 import json
 import os
+import re
 
 import pytest
 from transformers import AutoModel
@@ -62,3 +65,21 @@ def test_unifork_demo_runs(tmp_path, capsys):
     report = capsys.readouterr().out
     assert "Text -> image: 16 images of 4 test captions" in report and "exact match:" in report
     assert (tmp_path / "generated.png").exists()
+
+
+def readme_demo_examples():
+    """(code, shown output) of every README example that targets the demo checkpoint: a ```python block
+    that loads `DEMO_CHECKPOINT`, followed by a ``` block with what it prints."""
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
+    pairs = re.findall(r"```python\n(.*?)```\n+(?:Prints:?\n+)?```(?:text)?\n(.*?)```", readme, re.S)
+    return [(code, output) for code, output in pairs if "DEMO_CHECKPOINT" in code]
+
+
+def test_readme_examples_on_the_demo_checkpoint_print_what_the_readme_shows():
+    examples = readme_demo_examples()
+    assert examples, "the README has no example on the demo checkpoint"
+    for code, shown in examples:
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            exec(compile(code, "README.md", "exec"), {})
+        assert printed.getvalue().strip() == shown.strip(), code

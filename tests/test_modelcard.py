@@ -150,6 +150,7 @@ def test_card_metadata_and_body(tmp_path):
         'AutoProcessor.from_pretrained("unifork-tiny", trust_remote_code=True)',
         "import unifork_hf",
         "model.generate_image(",
+        "`guidance_scale=5.0`, `temperature=1.0`, `top_k=None`, `top_p=None`",  # the model's own sampling
         "model.generate(**inputs",
         "## Training",
         "Stage 1: 1 epoch of captions.",

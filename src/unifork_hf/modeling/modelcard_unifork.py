@@ -98,7 +98,7 @@ def build_model_card(
         f"# {model_name}\n\n{MODEL_CARD_MARKER}",
         _summary(model, base_hub, base_local),
         _architecture(model),
-        _usage(repo_id),
+        _usage(repo_id, model.image_generation_settings()),
     ]
     if training_summary or datasets_hub or datasets_local:
         sections.append(_training(training_summary, datasets_hub, datasets_local))
@@ -210,8 +210,12 @@ def _architecture(model) -> str:
     )
 
 
-def _usage(repo_id: str) -> str:
+def _usage(repo_id: str, sampling: dict) -> str:
+    settings = ", ".join(f"`{key}={value}`" for key, value in sampling.items())
     return f"""## Usage
+
+`generate_image` samples with this checkpoint's settings (`generation_config.image_generation`):
+{settings}; arguments override them.
 
 ```python
 import torch
@@ -223,10 +227,9 @@ from transformers import AutoModel, AutoProcessor
 model = AutoModel.from_pretrained("{repo_id}", trust_remote_code=True)
 processor = AutoProcessor.from_pretrained("{repo_id}", trust_remote_code=True)
 
-# text -> image (classifier-free guidance; one generator per image makes every image reproducible)
+# text -> image (the checkpoint's sampling settings; one generator per image makes every image reproducible)
 images = model.generate_image(
-    ["a red circle at the top left", "two blue squares"],
-    guidance_scale=5.0,
+    ["a red circle at the top left", "a small blue square at the bottom right"],
     generator=[torch.Generator().manual_seed(i) for i in range(2)],
 )
 images[0].save("image.png")

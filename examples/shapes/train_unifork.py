@@ -35,7 +35,7 @@ from unifork_hf.training import (
 def encoded_training_rows(scenes, processor, args):
     """Both tasks' training rows, tokenized and VQ-encoded (minutes of work); with `--data-cache`
     saved there once and loaded by later runs whose data, VQ and tokenizer are the same."""
-    key = {name: getattr(args, name) for name in ("vq", "tokenizer", "num_train", "data_seed", "vq_tile_size", "jitter")}
+    key = {name: getattr(args, name) for name in ("vq", "tokenizer", "num_train", "data_seed", "vq_tile_size")}
     key["vq"], key["tokenizer"] = os.path.abspath(args.vq), os.path.abspath(args.tokenizer)
     if args.data_cache and os.path.exists(os.path.join(args.data_cache, "key.json")):
         cached = json.load(open(os.path.join(args.data_cache, "key.json")))
@@ -53,61 +53,6 @@ def encoded_training_rows(scenes, processor, args):
         with open(os.path.join(args.data_cache, "key.json"), "w") as f:  # written last: marks a complete cache
             json.dump(key, f)
     return understanding, generation
-
-
-def init_code_embeddings_from_appearance(model):
-    """EXPERIMENT: start the learned per-code input table from what each code looks like (the VQ decoding a
-    tile made of that code alone), through a fixed random projection."""
-    tokenizer = model.model.image_tokenizer
-    codes = torch.arange(tokenizer.codebook_size)
-    per_tile = tokenizer.tile_size // tokenizer.downsampling_factor
-    with torch.no_grad():
-        tiles = tokenizer.decode(codes[:, None].expand(-1, per_tile * per_tile), grid_size=(per_tile, per_tile))
-        f = tokenizer.downsampling_factor
-        patches = tiles.unfold(2, f, f).unfold(3, f, f).mean((2, 3)).flatten(1)  # (codebook, 3 * f * f)
-        patches = patches - patches.mean(0)
-        projection = torch.randn(patches.shape[1], model.config.text_config.hidden_size,
-                                 generator=torch.Generator().manual_seed(0))  # fmt: skip
-        table = patches @ projection
-        table = table / table.std() * model.model.embed_tokens.weight.std()
-        model.model.image_projector.code_embeddings.copy_(table)
-
-
-def code_appearance(tokenizer):
-    """What each code looks like alone: the VQ decoding a tile of only that code, its code-sized quadrants
-    averaged: `(codebook, 3 * f * f)` pixels in [-1, 1]."""
-    codes = torch.arange(tokenizer.codebook_size)
-    per_tile = tokenizer.tile_size // tokenizer.downsampling_factor
-    with torch.no_grad():
-        tiles = tokenizer.decode(codes[:, None].expand(-1, per_tile * per_tile), grid_size=(per_tile, per_tile))
-    f = tokenizer.downsampling_factor
-    return tiles.unfold(2, f, f).unfold(3, f, f).mean((2, 3)).flatten(1)
-
-
-def add_appearance_features(model):
-    """EXPERIMENT: add a learned linear map of each code's (fixed) appearance to its input embedding."""
-    projector = model.model.image_projector
-    projector.register_buffer("appearance", code_appearance(model.model.image_tokenizer), persistent=False)
-    projector.appearance_proj = torch.nn.Linear(projector.appearance.shape[1], model.config.text_config.hidden_size)
-    original = projector.forward
-
-    def forward(code_vectors, code_ids, positions=None):
-        return original(code_vectors, code_ids, positions) + projector.appearance_proj(projector.appearance[code_ids])
-
-    projector.forward = forward
-
-
-def init_position_embeddings_sincos(model):
-    """EXPERIMENT: start the learned image position table as a 2-D sin-cos encoding of (row, column)."""
-    grid, hidden = model.config.image_grid_size, model.config.text_config.hidden_size
-    quarter = hidden // 4
-    frequencies = 1.0 / (grid ** (torch.arange(quarter) / quarter))
-    rows, columns = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
-    angles = [axis.flatten()[:, None].float() * frequencies for axis in (rows, columns)]
-    table = torch.cat([f(a) for a in angles for f in (torch.sin, torch.cos)], 1)
-    table = table / table.std() * model.model.embed_tokens.weight.std()
-    with torch.no_grad():
-        model.model.image_projector.position_embeddings.copy_(table)
 
 
 class LearningCurve(TrainerCallback):
@@ -147,7 +92,7 @@ def main():
                         help="trainable image-code input table (see UniForkConfig.learn_image_code_embeddings)")
     parser.add_argument("--learn-position-embeddings", action=argparse.BooleanOptionalAction, default=True,
                         help="trainable image-position input table (UniForkConfig.learn_image_position_embeddings)")
-    parser.add_argument("--vq-tile-size", type=int, default=8, help="the tile the VQ was trained on (train_vq.py)")
+    parser.add_argument("--vq-tile-size", type=int, default=4, help="the tile the VQ was trained on (train_vq.py)")
     parser.add_argument("--sampler", choices=["task_stratified", "random", "group_by_length"], default=None,
                         help="train_sampling_strategy (default: UniForkTrainingArguments')")
     parser.add_argument("--understanding-loss-share", default=None,
@@ -157,10 +102,6 @@ def main():
     parser.add_argument("--top-k", type=int, default=None, help="the checkpoint's image sampling default")
     parser.add_argument("--seed", type=int, default=0, help="model initialisation and data order")
     parser.add_argument("--data-seed", type=int, default=0, help="the Shapes scenes")
-    parser.add_argument("--init-code-embeddings", choices=["zero", "appearance"], default="zero")
-    parser.add_argument("--init-position-embeddings", choices=["zero", "sincos"], default="zero")
-    parser.add_argument("--appearance-features", action="store_true")
-    parser.add_argument("--jitter", type=int, default=1, help="pixels a shape may move in its cell (shapes_dataset)")
     parser.add_argument("--data-cache", default=None,
                         help="keep the VQ-encoded training rows here and reuse them in runs with the same data")
     args = parser.parse_args()
@@ -178,17 +119,10 @@ def main():
                                                                 learn_image_code_embeddings=args.learn_code_embeddings,
                                                                 learn_image_position_embeddings=args.learn_position_embeddings,
                                                                 image_size=32, vq_tile_size=args.vq_tile_size)  # fmt: skip
-    if args.init_code_embeddings == "appearance":
-        init_code_embeddings_from_appearance(model)
-    if args.init_position_embeddings == "sincos":
-        init_position_embeddings_sincos(model)
-    if args.appearance_features:
-        add_appearance_features(model)
     model.card_data.update(datasets=[f"unifork_hf.data.shapes (procedural, seed {args.data_seed})"], license="apache-2.0")
     processor = model.processor
 
-    data = shapes_dataset(num_train=args.num_train, num_test=500, num_heldout=500, seed=args.data_seed,
-                          jitter=args.jitter)  # fmt: skip
+    data = shapes_dataset(num_train=args.num_train, num_test=500, num_heldout=500, seed=args.data_seed)
     understanding, generation = encoded_training_rows(data["train"], processor, args)
     train = mix_tasks(understanding, generation, args.generation_ratio, seed=args.seed)
     if args.sampler == "group_by_length":

@@ -133,6 +133,7 @@ def test_sampling_defaults_come_from_the_checkpoints_generation_config(built_mod
     assert torch.equal(tokens(built_model), tokens(built_model, guidance_scale=5.0, temperature=1.0))
     built_model.generation_config.image_generation = {"guidance_scale": 1.0, "temperature": 0.5, "top_k": 8}
     built_model.save_pretrained(tmp_path)
+    built_model.generation_config.image_generation = None  # back to the library defaults
     saved = UniForkForConditionalGeneration.from_pretrained(tmp_path).eval()
     assert saved.generation_config.image_generation == {"guidance_scale": 1.0, "temperature": 0.5, "top_k": 8}
     unguided = tokens(saved)

@@ -1030,6 +1030,9 @@ class UniForkForConditionalGeneration(UniForkPreTrainedModel, GenerationMixin):
         auto_map = dict(getattr(self.config, "auto_map", None) or {})
         auto_map["AutoModel"] = f"modeling_unifork.{type(self).__name__}"
         self.config.auto_map = auto_map
+        if getattr(self.generation_config, "image_generation", None):
+            # a generation config marked as derived from the model config drops unknown keys when loaded
+            self.generation_config._from_model_config = False
         super().save_pretrained(save_directory, *args, **kwargs)
         if kwargs.get("is_main_process", True):
             if self.processor is not None:

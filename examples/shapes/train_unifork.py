@@ -20,7 +20,7 @@ from datasets import load_from_disk
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM, TrainerCallback
 
 from unifork_hf import UniForkForConditionalGeneration
-from unifork_hf.data.shapes import shapes_dataset, to_generation, to_understanding
+from unifork_hf.data.shapes import JITTER, shapes_dataset, to_generation, to_understanding
 from unifork_hf.evaluation.benchmark import evaluate_shapes, eval_results_for_card
 from unifork_hf.training import (
     UniForkTrainer,
@@ -35,7 +35,7 @@ from unifork_hf.training import (
 def encoded_training_rows(scenes, processor, args):
     """Both tasks' training rows, tokenized and VQ-encoded (minutes of work); with `--data-cache`
     saved there once and loaded by later runs whose data, VQ and tokenizer are the same."""
-    key = {name: getattr(args, name) for name in ("vq", "tokenizer", "num_train", "data_seed", "vq_tile_size")}
+    key = {name: getattr(args, name) for name in ("vq", "tokenizer", "num_train", "data_seed", "vq_tile_size", "jitter")}
     key["vq"], key["tokenizer"] = os.path.abspath(args.vq), os.path.abspath(args.tokenizer)
     if args.data_cache and os.path.exists(os.path.join(args.data_cache, "key.json")):
         cached = json.load(open(os.path.join(args.data_cache, "key.json")))
@@ -102,6 +102,7 @@ def main():
     parser.add_argument("--top-k", type=int, default=None, help="the checkpoint's image sampling default")
     parser.add_argument("--seed", type=int, default=0, help="model initialisation and data order")
     parser.add_argument("--data-seed", type=int, default=0, help="the Shapes scenes")
+    parser.add_argument("--jitter", type=int, default=JITTER, help="pixels a shape may move in its cell")
     parser.add_argument("--data-cache", default=None,
                         help="keep the VQ-encoded training rows here and reuse them in runs with the same data")
     args = parser.parse_args()
@@ -122,7 +123,8 @@ def main():
     model.card_data.update(datasets=[f"unifork_hf.data.shapes (procedural, seed {args.data_seed})"], license="apache-2.0")
     processor = model.processor
 
-    data = shapes_dataset(num_train=args.num_train, num_test=500, num_heldout=500, seed=args.data_seed)
+    data = shapes_dataset(num_train=args.num_train, num_test=500, num_heldout=500, seed=args.data_seed,
+                          jitter=args.jitter)  # fmt: skip
     understanding, generation = encoded_training_rows(data["train"], processor, args)
     train = mix_tasks(understanding, generation, args.generation_ratio, seed=args.seed)
     if args.sampler == "group_by_length":

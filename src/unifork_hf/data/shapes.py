@@ -1,21 +1,22 @@
 """Shapes: a procedural benchmark for unified models that runs on a CPU.
 
 32x32 images with 1-2 flat-coloured shapes (circle, square, triangle; 6 colours; 2 sizes) in the cells
-of a 3x3 grid on a white background, each shape moved by up to one pixel inside its cell. Each scene
-has a caption ("a small red circle at the top left and a large blue square at the bottom right") and
-questions about colour, shape, position, size and count. Everything is a function of the seed.
+of a 3x3 grid on a white background, at least 2 px apart (`shapes_dataset(jitter=n)` also moves each
+shape by up to n px inside its cell; off by default, see `JITTER`). Each scene has a caption ("a small
+red circle at the top left and a large blue square at the bottom right") and questions about colour,
+shape, position, size and count. Everything is a function of the seed.
 
-Splits (a third of the scenes of every split have one shape, the rest two):
+Splits (a quarter of the scenes of every split have one shape, the rest two):
 
 - `train` / `test`: scenes of the colour+shape pairs outside `HELDOUT_PAIRS`. A scene's content
-  (its shapes' colour, shape, size and cell, ignoring the pixel offsets) is either for training or
-  for evaluation (`EVALUATION_SHARE`, a quarter), by a seeded hash: no test scene, nor any shift of
-  it, is ever trained on. There are only 270 one-shape contents, so training repeats its ~200
-  (each in up to 9 offsets: ~5 times per image at 25,000 scenes) to keep one-shape scenes at a third.
-  With half the contents reserved and half the scenes one-shape, the model spent half its drawing
-  on 135 memorised images (83% of them drawn right after 1200 steps, 15% of the unseen ones).
+  (its shapes' colour, shape, size and cell) is either for training or for evaluation
+  (`EVALUATION_SHARE`, half), by a seeded hash: no test scene is ever trained on. Only 270 one-shape
+  contents exist, so training repeats its ~135 (about 45 times each at 25,000 scenes) to keep one-shape
+  scenes at a quarter. With a quarter of the contents for evaluation and half the scenes one-shape,
+  the model spent half its drawing on 135 memorised images (83% of them drawn right after 1200 steps,
+  15% of the unseen ones).
 - `heldout`: every scene uses a colour+shape pair that never occurs in `train`/`test` (compositional
-  generalisation).
+  generalisation). Only 54 one-shape held-out scenes exist: the rest of its one-shape quarter has two.
 - `paraphrase`: the `test` scenes, captioned only in phrasings that training never uses.
 
 Captions come in phrasings (`STYLES`): the size word as is, as a synonym ("little"/"big", with

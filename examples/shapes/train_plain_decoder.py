@@ -31,6 +31,7 @@ def main():
     parser.add_argument("--max-steps", type=int, default=6800)
     parser.add_argument("--num-train", type=int, default=25000)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--vq-tile-size", type=int, default=4, help="the tile the VQ was trained on (train_vq.py)")
     args = parser.parse_args()
     start = time.time()
 
@@ -42,7 +43,7 @@ def main():
     # The UniFork builder only to get the same processor (special tokens, prompt template, VQ) as the demo.
     processor = UniForkForConditionalGeneration.from_pretrained_llm(
         Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tokenizer), **dims)), args.vq, tokenizer=tokenizer,
-        image_size=32, vq_tile_size=8).processor  # fmt: skip  # the tile train_vq.py uses
+        image_size=32, vq_tile_size=args.vq_tile_size).processor  # fmt: skip
     offset = len(processor.tokenizer)
     codebook_size = processor.image_tokenizer.codebook_size
 

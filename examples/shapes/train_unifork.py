@@ -35,7 +35,7 @@ from unifork_hf.training import (
 def encoded_training_rows(scenes, processor, args):
     """Both tasks' training rows, tokenized and VQ-encoded (minutes of work); with `--data-cache`
     saved there once and loaded by later runs whose data, VQ and tokenizer are the same."""
-    key = {name: getattr(args, name) for name in ("vq", "tokenizer", "num_train", "data_seed", "vq_tile_size", "jitter")}
+    key = {name: getattr(args, name) for name in ("vq", "tokenizer", "num_train", "data_seed", "vq_tile_size", "jitter", "question_first")}
     key["vq"], key["tokenizer"] = os.path.abspath(args.vq), os.path.abspath(args.tokenizer)
     if args.data_cache and os.path.exists(os.path.join(args.data_cache, "key.json")):
         cached = json.load(open(os.path.join(args.data_cache, "key.json")))
@@ -45,6 +45,8 @@ def encoded_training_rows(scenes, processor, args):
     # VQ-encode each part before mixing: the mix cycles the smaller part, so it holds many more rows.
     # Questions as multi-turn rows (about two per scene): the image tokens are paid for once per row.
     conversations = to_understanding(scenes, conversation=True, seed=args.data_seed)
+    if args.question_first:
+        conversations = conversations.map(question_before_image)
     understanding = pretokenize_images(prepare_understanding(conversations, processor), processor)
     generation = pretokenize_images(prepare_generation(to_generation(scenes), processor), processor)
     if args.data_cache:
@@ -53,6 +55,31 @@ def encoded_training_rows(scenes, processor, args):
         with open(os.path.join(args.data_cache, "key.json"), "w") as f:  # written last: marks a complete cache
             json.dump(key, f)
     return understanding, generation
+
+
+def question_before_image(row):
+    """EXPERIMENT: the first user turn says its question before the image, so the image tokens can attend to it."""
+    first = row["messages"][0]
+    first["content"] = sorted(first["content"], key=lambda item: item["type"] != "text")
+    return row
+
+
+def ask_questions_first():
+    """EXPERIMENT: evaluation asks each question before its image, as `--question-first` trained."""
+    from unifork_hf.evaluation import benchmark
+
+    def answer_questions(model, images, questions, batch_size=100, max_new_tokens=4, progress_bar=True):
+        processor = model._require_processor()
+        answers = []
+        for start in range(0, len(questions), batch_size):
+            texts = [processor.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": q}, {"type": "image"}]}],
+                                                   add_generation_prompt=True) for q in questions[start : start + batch_size]]  # fmt: skip
+            inputs = processor(images=list(images[start : start + batch_size]), text=texts, padding=True, return_tensors="pt")
+            output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+            answers += processor.batch_decode(output[:, inputs.input_ids.shape[1] :], skip_special_tokens=True)
+        return [a.strip() for a in answers]
+
+    benchmark.answer_questions = answer_questions
 
 
 class LearningCurve(TrainerCallback):
@@ -103,9 +130,12 @@ def main():
     parser.add_argument("--seed", type=int, default=0, help="model initialisation and data order")
     parser.add_argument("--data-seed", type=int, default=0, help="the Shapes scenes")
     parser.add_argument("--jitter", type=int, default=JITTER, help="pixels a shape may move in its cell")
+    parser.add_argument("--question-first", action="store_true", help="EXPERIMENT: questions before the image")
     parser.add_argument("--data-cache", default=None,
                         help="keep the VQ-encoded training rows here and reuse them in runs with the same data")
     args = parser.parse_args()
+    if args.question_first:
+        ask_questions_first()
     start = time.time()
 
     torch.manual_seed(args.seed)
@@ -130,7 +160,7 @@ def main():
     if args.sampler == "group_by_length":
         train = train.add_column("length", [len(ids) for ids in train["input_ids"]])
     print(f"data ready in {time.time() - start:.0f} s: {len(train)} rows")
-    # the checkpoint says how to sample it: near-greedy without guidance suits this small model (measured)
+    # the checkpoint says how to sample it: no guidance suits this small model (benchmarks/sweep_sampling_shapes.py)
     model.generation_config.image_generation = model.image_generation_settings(
         guidance_scale=args.guidance_scale, temperature=args.temperature, top_k=args.top_k
     )

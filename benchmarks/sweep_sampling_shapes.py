@@ -30,18 +30,17 @@ def main():
     model = AutoModel.from_pretrained(args.model).eval()
     data = shapes_dataset(num_train=25000, num_test=500 + args.n, num_heldout=0, seed=0)
     splits = {split: data[split].select(range(500, 500 + args.n)) for split in ("test", "paraphrase")}
-    best, rows = None, []
+    best = None
     print(f"{'guidance':>8} {'temp':>5} {'test all':>9} {'paraphrase all':>15} {'s':>5}")
     for guidance, temperature in itertools.product(args.guidance, args.temperature):
         start = time.time()
         scores = {split: evaluate_shapes(model, scenes, understanding=False, progress_bar=False, top_k=0, top_p=1.0,
                                          guidance_scale=guidance, temperature=temperature)["generation"]["all"]
                   for split, scenes in splits.items()}  # fmt: skip
-        rows.append((guidance, temperature, scores))
         print(f"{guidance:8.1f} {temperature:5.1f} {scores['test']:9.1%} {scores['paraphrase']:15.1%} "
               f"{time.time() - start:5.0f}")  # fmt: skip
         if best is None or scores["test"] + scores["paraphrase"] > sum(best[2].values()):
-            best = rows[-1]
+            best = (guidance, temperature, scores)
     guidance, temperature, scores = best
     print(f"RESULT best_guidance={guidance} best_temperature={temperature} test_all={scores['test']} "
           f"paraphrase_all={scores['paraphrase']} n={args.n}")

@@ -279,3 +279,26 @@ def test_speculative_jacobi_decoding_samples_the_model_distribution(built_model)
     built_model.model.layer_types[-1] = "sliding_attention"  # as in a Qwen2 with use_sliding_window
     with pytest.raises(NotImplementedError, match="jacobi_window needs full-attention layers"):
         built_model.generate_image("x", jacobi_window=2)
+
+
+@pytest.mark.parametrize("question_first", [False, True])
+def test_benchmark_answers_put_the_question_where_asked(built_model, monkeypatch, question_first):
+    from unifork_hf.evaluation.benchmark import answer_questions
+
+    processor = built_model.processor
+    prompts, fed = [], []
+    render = processor.apply_chat_template
+    monkeypatch.setattr(processor, "apply_chat_template", lambda *a, **k: prompts.append(render(*a, **k)) or prompts[-1])
+    generate = built_model.generate
+    monkeypatch.setattr(built_model, "generate", lambda **k: fed.append(k["input_ids"]) or generate(**k))
+    images = [Image.new("RGB", (32, 32), (200, 30, 30))] * 2
+    questions = ["What colour is the shape?", "How many shapes are there?"]
+    answers = answer_questions(built_model, images, questions, progress_bar=False, question_first=question_first)
+    assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
+    for prompt, question in zip(prompts, questions):
+        assert (prompt.index(question) < prompt.index(processor.image_token)) == question_first, prompt
+    # the model is fed those prompts: the first question token comes after the image tokens only if asked so
+    image_id = built_model.config.image_token_id
+    question_id = processor.tokenizer.convert_tokens_to_ids(processor.tokenizer.tokenize("What")[0])
+    row = fed[0][0].tolist()
+    assert (row.index(question_id) < row.index(image_id)) == question_first

@@ -64,35 +64,18 @@ def question_before_image(row):
     return row
 
 
-def ask_questions_first():
-    """EXPERIMENT: evaluation asks each question before its image, as `--question-first` trained."""
-    from unifork_hf.evaluation import benchmark
-
-    def answer_questions(model, images, questions, batch_size=100, max_new_tokens=4, progress_bar=True):
-        processor = model._require_processor()
-        answers = []
-        for start in range(0, len(questions), batch_size):
-            texts = [processor.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": q}, {"type": "image"}]}],
-                                                   add_generation_prompt=True) for q in questions[start : start + batch_size]]  # fmt: skip
-            inputs = processor(images=list(images[start : start + batch_size]), text=texts, padding=True, return_tensors="pt")
-            output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-            answers += processor.batch_decode(output[:, inputs.input_ids.shape[1] :], skip_special_tokens=True)
-        return [a.strip() for a in answers]
-
-    benchmark.answer_questions = answer_questions
-
-
 class LearningCurve(TrainerCallback):
     """Judges a few test scenes every `every` steps: how each question type and attribute is learned."""
 
-    def __init__(self, model, scenes, every, path):
+    def __init__(self, model, scenes, every, path, question_first=False):
         self.model, self.scenes, self.every, self.path = model, scenes, every, path
+        self.question_first = question_first
 
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step % self.every:
             return
         self.model.eval()
-        metrics = evaluate_shapes(self.model, self.scenes, progress_bar=False)
+        metrics = evaluate_shapes(self.model, self.scenes, progress_bar=False, question_first=self.question_first)
         self.model.train()
         with open(self.path, "a") as f:
             f.write(json.dumps({"step": state.global_step, "generation": metrics["generation"],
@@ -134,8 +117,6 @@ def main():
     parser.add_argument("--data-cache", default=None,
                         help="keep the VQ-encoded training rows here and reuse them in runs with the same data")
     args = parser.parse_args()
-    if args.question_first:
-        ask_questions_first()
     start = time.time()
 
     torch.manual_seed(args.seed)
@@ -190,13 +171,14 @@ def main():
     trainer = UniForkTrainer(model=model, args=training_args, train_dataset=train, processing_class=processor)
     if args.eval_every:
         trainer.add_callback(LearningCurve(model, data["test"].select(range(100)), args.eval_every,
-                                           os.path.join(args.out, "learning_curve.jsonl")))  # fmt: skip
+                                           os.path.join(args.out, "learning_curve.jsonl"), args.question_first))  # fmt: skip
     trainer.train(resume_from_checkpoint=any(n.startswith("checkpoint-") for n in os.listdir(args.out))
                   if os.path.isdir(args.out) else None)  # fmt: skip
     train_minutes = (time.time() - start) / 60
 
     model.eval()
-    metrics = {split: evaluate_shapes(model, data[split], n=args.eval_n, understanding=split != "paraphrase")
+    metrics = {split: evaluate_shapes(model, data[split], n=args.eval_n, understanding=split != "paraphrase",
+                                      question_first=args.question_first)
                for split in ("test", "heldout", "paraphrase")}  # (paraphrase: test's scenes, other captions)
     model.card_data["eval_results"] = eval_results_for_card(metrics)
     trainer.create_model_card()

@@ -31,18 +31,18 @@ def generate_for_captions(model, captions, batch_size=100, seed=0, progress_bar=
 
 
 @torch.no_grad()
-def answer_questions(model, images, questions, batch_size=100, max_new_tokens=4, progress_bar=True):
-    """Greedy answers (one image + one question per row), batched with left padding."""
+def answer_questions(model, images, questions, batch_size=100, max_new_tokens=4, progress_bar=True,
+                     question_first: bool = False):  # fmt: skip
+    """Greedy answers (one image + one question per row), batched with left padding. The user turn holds
+    the image, then the question; `question_first` asks a model trained the other way round."""
     processor = model._require_processor()
     answers = []
     for start in tqdm(range(0, len(questions), batch_size), desc="answers", disable=not progress_bar):
-        texts = [
-            processor.apply_chat_template(
-                [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}],
-                add_generation_prompt=True,
-            )
-            for q in questions[start : start + batch_size]
-        ]
+        texts = []
+        for question in questions[start : start + batch_size]:
+            content = [{"type": "image"}, {"type": "text", "text": question}]
+            content = content[::-1] if question_first else content
+            texts.append(processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True))
         inputs = processor(images=list(images[start : start + batch_size]), text=texts, padding=True,
                            return_tensors="pt").to(model.device)  # fmt: skip
         output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
@@ -52,13 +52,14 @@ def answer_questions(model, images, questions, batch_size=100, max_new_tokens=4,
 
 def evaluate_shapes(model, dataset, n: int | None = None, batch_size: int = 100, seed: int = 0,
                     progress_bar: bool = True, jacobi_window: int | None = None, compile: bool = False,
-                    understanding: bool = True, **sampling) -> dict:  # fmt: skip
+                    understanding: bool = True, question_first: bool = False, **sampling) -> dict:  # fmt: skip
     """Generation (judged images, per attribute and all-correct) and understanding (exact match per
     question type, with the majority-answer and chance baselines) on the first `n` scenes of a Shapes
     split. Images are judged against what each caption asks for (the `asked` column). Sampling uses the
     checkpoint's own settings unless `sampling` (guidance_scale, temperature, top_k, top_p) overrides
     them; `jacobi_window` samples with speculative Jacobi decoding, `compile` through torch.compile.
-    `understanding=False` skips the questions (e.g. for the `paraphrase` split, whose scenes are `test`'s)."""
+    `understanding=False` skips the questions (e.g. for the `paraphrase` split, whose scenes are `test`'s);
+    `question_first` asks each question before its image (see `answer_questions`)."""
     if n is not None:
         dataset = dataset.select(range(min(n, len(dataset))))
     settings = model.image_generation_settings(**sampling)
@@ -70,7 +71,7 @@ def evaluate_shapes(model, dataset, n: int | None = None, batch_size: int = 100,
         questions = to_understanding(dataset)
         asked = [messages[0]["content"][1]["text"] for messages in questions["messages"]]
         predictions = answer_questions(model, [imgs[0] for imgs in questions["images"]], asked, batch_size,
-                                       progress_bar=progress_bar)  # fmt: skip
+                                       progress_bar=progress_bar, question_first=question_first)  # fmt: skip
         baselines = answer_baselines(questions["answer"], questions["type"], ANSWER_CHOICES)
         result["understanding"] = rounded(score_answers(predictions, questions["answer"], questions["type"]))
         result["understanding_baselines"] = {name: rounded(values) for name, values in baselines.items()}

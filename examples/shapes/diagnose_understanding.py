@@ -1,6 +1,6 @@
 """Why a Shapes checkpoint answers a question type wrong: does it look at the asked cell, and can it read it?
 
-    python examples/shapes/diagnose_understanding.py [--model DIR] [-n 300] [--type colour]
+    python examples/shapes/diagnose_understanding.py [--model DIR] [-n 300] [--type colour] [--question-first]
 
 For the questions of one type about `n` test scenes ("What colour is the shape at the top left?"):
 
@@ -12,6 +12,10 @@ For the questions of one type about `n` test scenes ("What colour is the shape a
    readable (a) from the answer position's hidden state after each layer, and (b) from the VQ code ids
    under the asked object (what the image tokens carry)? (b) high and (a) low means the model has not
    learned to fetch what is there.
+3. For position questions ("Where is the red circle?"): on the two-shape scenes, how often the answer is
+   right when the objects differ in colour, shape, both or neither, and how often the answer stays the
+   same when the question names the *other* object instead. A model that looks the named object up
+   answers differently; one that ignores the names answers the same.
 """
 
 import argparse
@@ -21,6 +25,7 @@ import torch
 import unifork_hf
 from unifork_hf import UniForkForConditionalGeneration
 from unifork_hf.data.shapes import IMAGE_SIZE, bounding_box, shapes_dataset, to_understanding
+from unifork_hf.evaluation.benchmark import answer_questions
 
 
 def fit_probe(features: torch.Tensor, labels: list[str], steps: int = 300) -> float:
@@ -39,11 +44,35 @@ def fit_probe(features: torch.Tensor, labels: list[str], steps: int = 300) -> fl
         return float((probe(x[half:]).argmax(-1) == y[half:]).float().mean())
 
 
+def named_object_lookup(model, scenes, question_first=False):
+    """Part 3: position questions about two-shape scenes, asked about the named object and about the other."""
+    rows = [(scene, qa) for scene in scenes if len(scene["objects"]) == 2 for qa in scene["questions"]
+            if qa["type"] == "position"]  # fmt: skip
+    asked, others, kinds = [], [], []
+    for scene, qa in rows:
+        target, other = sorted(scene["objects"], key=lambda o: o["position"] != qa["answer"])
+        asked.append(qa["question"])
+        others.append(f"Where is the {other['colour']} {other['shape']}?")
+        kinds.append(("same colour" if target["colour"] == other["colour"] else "other colour") + ", "
+                     + ("same shape" if target["shape"] == other["shape"] else "other shape"))  # fmt: skip
+    images = [scene["image"] for scene, _ in rows]
+    replies = answer_questions(model, images, asked, progress_bar=False, question_first=question_first)
+    swapped = answer_questions(model, images, others, progress_bar=False, question_first=question_first)
+    print(f"position questions about the {len(rows)} two-shape scenes: right when the objects have")
+    for kind in sorted(set(kinds)):
+        right = [reply == qa["answer"] for reply, (_, qa), k in zip(replies, rows, kinds) if k == kind]
+        print(f"  {kind}: {sum(right)}/{len(right)}")
+    unchanged = sum(a == b for a, b in zip(replies, swapped)) / len(rows)
+    print(f"same answer when the question names the other object: {unchanged:.3f}")
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default=unifork_hf.DEMO_CHECKPOINT)
     parser.add_argument("-n", type=int, default=300, help="test scenes")
     parser.add_argument("--type", default="colour", choices=["colour", "shape", "size", "position", "count"])
+    parser.add_argument("--question-first", action="store_true",
+                        help="ask each question before its image (a model trained with train_unifork.py --question-first)")
     args = parser.parse_args()
     model = UniForkForConditionalGeneration.from_pretrained(args.model, attn_implementation="eager").eval()
     processor = model.processor
@@ -62,8 +91,9 @@ def main():
         for i in picked:
             scene = scenes[i // 5]
             question = rows[i]["messages"][0]["content"][1]["text"]
+            content = [{"type": "image"}, {"type": "text", "text": question}]
             text = processor.apply_chat_template(
-                [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}],
+                [{"role": "user", "content": content[::-1] if args.question_first else content}],
                 add_generation_prompt=True,
             )
             inputs = processor(images=scene["image"], text=text, return_tensors="pt")
@@ -102,6 +132,8 @@ def main():
         print(f"  from the answer position after layer {layer}: {fit_probe(states[:, layer], answers):.3f}")
     majority = max(answers.count(a) for a in set(answers)) / len(answers)
     print(f"  (majority answer: {majority:.3f})")
+    if args.type == "position":
+        named_object_lookup(model, scenes, args.question_first)
 
 
 if __name__ == "__main__":

@@ -112,6 +112,41 @@ def test_scene_contents_and_questions(data):
     assert to_generation(data["test"]).column_names == ["image", "caption"]
 
 
+def conversation_turns(row):
+    texts = [turn["content"][-1]["text"] for turn in row["messages"]]
+    return list(zip(texts[::2], texts[1::2]))
+
+
+def test_conversation_rows_ask_each_question_once_without_giving_answers_away(data):
+    scenes = data["train"].select(range(60))
+    rows = to_understanding(scenes, conversation=True, seed=3)
+    asked = collections.Counter(qa for row in rows for qa in conversation_turns(row))
+    expected = collections.Counter((q["question"], q["answer"]) for qs in scenes["questions"] for q in qs)
+    assert asked == expected  # (repeated one-shape scenes repeat their questions)
+    for row in rows:
+        assert row["messages"][0]["content"][0]["type"] == "image"  # one image, in the first user turn
+        assert all(item["type"] == "text" for turn in row["messages"][1:] for item in turn["content"])
+        for (question, _), (_, answer) in itertools.permutations(conversation_turns(row), 2):
+            assert f" {answer}" not in f" {question}".replace("?", " "), (question, answer)
+
+
+def test_ask_every_position_asks_where_the_other_shape_is_in_a_row_of_its_own(data):
+    scenes = data["train"].select(range(200))
+    plain = to_understanding(scenes, conversation=True, seed=3)
+    every = to_understanding(scenes, conversation=True, seed=3, ask_every_position=True)
+    plain_rows = collections.Counter(tuple(conversation_turns(row)) for row in plain)
+    every_rows = collections.Counter(tuple(conversation_turns(row)) for row in every)
+    assert every_rows >= plain_rows  # the plain rows are all still there, unchanged
+    expected = collections.Counter()
+    for objects, questions in zip(scenes["objects"], scenes["questions"]):
+        target = next(q["answer"] for q in questions if q["type"] == "position")
+        looks = [(o["colour"], o["shape"]) for o in objects]
+        if len(objects) == 2 and looks[0] != looks[1]:  # "Where is the red circle?" with two red circles: no answer
+            other = next(o for o in objects if o["position"] != target)
+            expected[((f"Where is the {other['colour']} {other['shape']}?", other["position"]),)] += 1
+    assert every_rows - plain_rows == expected and expected.total() > 80  # each in a row of its own
+
+
 def test_phrasings():
     red = {"colour": "red", "shape": "circle", "size": "large", "position": "center"}
     blue = {"colour": "blue", "shape": "square", "size": "small", "position": "top left"}

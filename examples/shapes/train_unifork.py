@@ -35,7 +35,7 @@ from unifork_hf.training import (
 def encoded_training_rows(scenes, processor, args):
     """Both tasks' training rows, tokenized and VQ-encoded (minutes of work); with `--data-cache`
     saved there once and loaded by later runs whose data, VQ and tokenizer are the same."""
-    key = {name: getattr(args, name) for name in ("vq", "tokenizer", "num_train", "data_seed", "vq_tile_size", "jitter", "question_first")}
+    key = {name: getattr(args, name) for name in ("vq", "tokenizer", "num_train", "data_seed", "vq_tile_size", "jitter", "question_first", "ask_every_position")}
     key["vq"], key["tokenizer"] = os.path.abspath(args.vq), os.path.abspath(args.tokenizer)
     if args.data_cache and os.path.exists(os.path.join(args.data_cache, "key.json")):
         cached = json.load(open(os.path.join(args.data_cache, "key.json")))
@@ -44,7 +44,8 @@ def encoded_training_rows(scenes, processor, args):
         return [load_from_disk(os.path.join(args.data_cache, task)) for task in ("understanding", "generation")]
     # VQ-encode each part before mixing: the mix cycles the smaller part, so it holds many more rows.
     # Questions as multi-turn rows (about two per scene): the image tokens are paid for once per row.
-    conversations = to_understanding(scenes, conversation=True, seed=args.data_seed)
+    conversations = to_understanding(scenes, conversation=True, seed=args.data_seed,
+                                     ask_every_position=args.ask_every_position)  # fmt: skip
     if args.question_first:
         conversations = conversations.map(question_before_image)
     understanding = pretokenize_images(prepare_understanding(conversations, processor), processor)
@@ -113,6 +114,8 @@ def main():
     parser.add_argument("--seed", type=int, default=0, help="model initialisation and data order")
     parser.add_argument("--data-seed", type=int, default=0, help="the Shapes scenes")
     parser.add_argument("--jitter", type=int, default=JITTER, help="pixels a shape may move in its cell")
+    parser.add_argument("--ask-every-position", action=argparse.BooleanOptionalAction, default=False,
+                        help="also ask where the other shape of a two-shape training scene is (to_understanding)")
     parser.add_argument("--question-first", action="store_true", help="EXPERIMENT: questions before the image")
     parser.add_argument("--data-cache", default=None,
                         help="keep the VQ-encoded training rows here and reuse them in runs with the same data")

@@ -271,7 +271,8 @@ def to_generation(dataset: Dataset) -> Dataset:
     return dataset.select_columns(["image", "caption"])
 
 
-def to_understanding(dataset: Dataset, conversation: bool = False, seed: int = 0) -> Dataset:
+def to_understanding(dataset: Dataset, conversation: bool = False, seed: int = 0,
+                     ask_every_position: bool = False) -> Dataset:  # fmt: skip
     """Chat rows (`images`, `messages`) for `prepare_understanding`.
 
     Default: one row per question, with its `type` and `answer` (what the benchmark asks).
@@ -279,6 +280,12 @@ def to_understanding(dataset: Dataset, conversation: bool = False, seed: int = 0
     question in a row gives away another's answer ("Where is the red circle?" names the colour and shape
     of "What colour is the shape at the top left?"): usually two rows per scene. For training: the 64
     image tokens are paid for once per row instead of once per question.
+
+    `ask_every_position=True` (with `conversation`): a two-shape scene is also asked where its *other*
+    shape is, in a row of its own (unless both shapes look alike). For training: with one position
+    question per scene, the answer "where one of the shapes is" is right half the time whichever shape
+    is named; the same image asked about both shapes is what makes the named colour and shape matter.
+    A row of its own, since a row that already placed one shape gives the other's place away.
     """
     rng = random.Random(seed)
 
@@ -297,6 +304,13 @@ def to_understanding(dataset: Dataset, conversation: bool = False, seed: int = 0
                 groups.append([qa])
         return groups
 
+    def other_position_questions(objects, qas):
+        asked = next(qa["answer"] for qa in qas if qa["type"] == "position")
+        return [{"type": "position", "question": f"Where is the {obj['colour']} {obj['shape']}?",
+                 "answer": obj["position"]}
+                for obj in objects if obj["position"] != asked and not any(  # fmt: skip
+                    (o["colour"], o["shape"]) == (obj["colour"], obj["shape"]) for o in objects if o is not obj)]
+
     def user_turn(question, with_image):
         content = [{"type": "image", "text": None}] if with_image else []
         return {"role": "user", "content": content + [{"type": "text", "text": question}]}
@@ -306,9 +320,12 @@ def to_understanding(dataset: Dataset, conversation: bool = False, seed: int = 0
 
     def explode(batch):
         out = {"images": [], "messages": []} if conversation else {"images": [], "messages": [], "type": [], "answer": []}
-        for image, qas in zip(batch["image"], batch["questions"]):
+        for image, qas, objects in zip(batch["image"], batch["questions"], batch["objects"]):
             if conversation:
-                for group in leak_free_groups(qas):
+                groups = leak_free_groups(qas)
+                if ask_every_position:
+                    groups += [[qa] for qa in other_position_questions(objects, qas)]
+                for group in groups:
                     out["images"].append([image])
                     out["messages"].append([turn for i, qa in enumerate(group) for turn in
                                             (user_turn(qa["question"], i == 0), assistant_turn(qa["answer"]))])  # fmt: skip

@@ -9,7 +9,7 @@ import pytest
 import torch
 from datasets import Dataset, concatenate_datasets
 from PIL import Image
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from unifork_hf import GENERATION, UNDERSTANDING, UniForkForConditionalGeneration
 from unifork_hf.tiny import tiny_llm, tiny_tokenizer, tiny_vq
@@ -373,6 +373,24 @@ def test_recipe_trains_both_tasks_and_both_losses_fall(tmp_path, capsys):
     # the checkpoint says how to sample it: the recipe's settings over the library's
     assert reloaded.generation_config.image_generation == {"guidance_scale": 1.5, "temperature": 1.0, "top_k": None,
                                                            "top_p": None}  # fmt: skip
+
+
+def test_cli_resume_true_continues_from_the_last_checkpoint(tmp_path, capsys):
+    from unifork_hf.cli import main
+
+    common = ["train", "--recipe", RECIPE, "--output-dir", str(tmp_path)]
+    main([*common, "--max-steps", "4"])  # the recipe saves a checkpoint at step 4
+    assert os.path.isdir(tmp_path / "checkpoint-4")
+    # mark the checkpoint: a run that resumes from it carries the mark, one that starts afresh does not
+    weights = load_file(tmp_path / "checkpoint-4" / "model.safetensors")
+    marked = next(name for name in weights if "generation_head" in name)
+    save_file({**weights, marked: weights[marked] + 1.0}, tmp_path / "checkpoint-4" / "model.safetensors",
+              metadata={"format": "pt"})  # fmt: skip
+    main([*common, "--max-steps", "6", "--resume", "true"])  # used to fail: "Can't find a valid checkpoint at true"
+    assert json.load(open(tmp_path / "checkpoint-6" / "trainer_state.json"))["global_step"] == 6
+    main(["train", "--recipe", RECIPE, "--output-dir", str(tmp_path / "fresh"), "--max-steps", "6"])
+    resumed, fresh = load_file(tmp_path / "model.safetensors"), load_file(tmp_path / "fresh" / "model.safetensors")
+    assert (resumed[marked] - fresh[marked]).mean() > 0.9  # two steps at lr 3e-3 move it far less than 1
 
 
 def test_trainer_writes_the_unifork_card_with_a_training_summary(model, prepared, tmp_path):

@@ -239,6 +239,22 @@ def test_bad_inputs_raise_clear_errors():
         model(input_ids=torch.zeros(1, 1, dtype=torch.long), task="generation", cache=out.cache)
 
 
+def test_a_preset_model_without_image_tokens_runs_text_and_says_why_it_cannot_take_images():
+    from unifork_hf import UniForkConfig
+
+    torch.manual_seed(0)
+    model = UniForkForConditionalGeneration(UniForkConfig.from_preset("unifork-tiny")).eval()
+    assert model.config.image_token_id is None
+    ids = torch.tensor([[3, 1, 4, 1, 5]])
+    # used to raise AttributeError: 'bool' object has no attribute 'any'
+    for task, head, size in (("understanding", "logits", model.config.text_config.vocab_size),
+                             ("generation", "image_logits", model.config.codebook_size)):  # fmt: skip
+        logits = getattr(model(input_ids=ids, task=task), head)
+        assert logits.shape == (1, 5, size) and torch.isfinite(logits).all()
+    with pytest.raises(ValueError, match="config.image_token_id is None"):
+        model(input_ids=ids, image_ids=torch.zeros(1, model.config.num_image_tokens, dtype=torch.long))
+
+
 def test_hidden_states_follow_each_sample_along_its_path():
     model = tiny_model()
     ids = torch.randint(0, 400, (3, 6))

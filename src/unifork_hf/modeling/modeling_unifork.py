@@ -299,6 +299,10 @@ class UniForkModel(UniForkPreTrainedModel):
         """Put the projected image codes at the image-placeholder positions of `input_ids`."""
         if input_ids is None:
             raise ValueError("Images (`pixel_values` or `image_ids`) need `input_ids` to locate the image tokens.")
+        if self.config.image_token_id is None:
+            raise ValueError("Images were given but config.image_token_id is None, so no position of input_ids "
+                             "can hold them: build the model with from_pretrained_llm (which adds the image "
+                             "tokens to the tokenizer) or set image_token_id, boi_token_id and eoi_token_id.")
         if image_ids.ndim != 2 or image_ids.shape[1] != self.config.num_image_tokens:
             raise ValueError(
                 f"image_ids must have shape (num_images, {self.config.num_image_tokens}), got {tuple(image_ids.shape)}."
@@ -399,7 +403,7 @@ class UniForkModel(UniForkPreTrainedModel):
         task, only_task = task_ids(task, batch_size, inputs_embeds.device)
         cache, use_cache = self._prepare_cache(only_task, cache, use_cache)
         past_length = cache.get_seq_length() if cache is not None else 0
-        if input_ids is not None and image_ids is None and past_length == 0:
+        if input_ids is not None and image_ids is None and past_length == 0 and self.config.image_token_id is not None:
             if bool((input_ids == self.config.image_token_id).any()):
                 raise ValueError("input_ids contain image tokens but no pixel_values or image_ids were given.")
         max_positions = getattr(self.config.text_config, "max_position_embeddings", None)

@@ -38,6 +38,14 @@ def test_checkpoint_is_bundled_small_and_documented():
     assert f"value: {metrics['test']['generation']['all']}" in card
 
 
+def test_checkpoint_points_only_at_code_it_holds(demo_model, tmp_path):
+    config = json.load(open(os.path.join(unifork_hf.DEMO_CHECKPOINT, "config.json")))
+    for reference in config.get("auto_map", {}).values():  # trust_remote_code would fail on a missing module
+        assert os.path.exists(os.path.join(unifork_hf.DEMO_CHECKPOINT, reference.split(".")[0] + ".py")), reference
+    demo_model.save_pretrained(tmp_path)  # the portable copy carries its code
+    assert os.path.exists(tmp_path / "modeling_unifork.py") and "auto_map" in json.load(open(tmp_path / "config.json"))
+
+
 def test_checkpoint_reproduces_recorded_outputs(demo_model):
     config = demo_model.config
     assert (config.num_shared_layers, config.text_config.num_hidden_layers, config.num_image_tokens) == (2, 4, 64)

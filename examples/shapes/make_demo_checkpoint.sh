@@ -19,8 +19,10 @@ echo "VQ done at ${SECONDS} s"
 python examples/shapes/train_unifork.py --vq runs/shapes/vq --tokenizer runs/shapes/tokenizer --vq-tile-size 4 \
     --out runs/shapes/unifork --max-steps "${MAX_STEPS:-6000}" --eval-every 1000 --seed 0 | tee runs/shapes/unifork.log
 echo "UniFork done at ${SECONDS} s"
-# Package: weights, config, processor, card and metrics (the package's own code loads it: no .py copies).
+# Package: weights, config, processor, card and metrics. The package's own code loads it: no .py copies, so
+# no auto_map either (a portable copy with remote code: from_pretrained(DEMO_CHECKPOINT).save_pretrained(dir)).
 target=src/unifork_hf/checkpoints/shapes-demo
 rm -rf "$target" && mkdir -p "$target"
 cp runs/shapes/unifork/{config.json,generation_config.json,model.safetensors,processor_config.json,tokenizer.json,tokenizer_config.json,chat_template.jinja,README.md,metrics.json,learning_curve.jsonl} "$target"/
+python -c "import json, sys; c = json.load(open(sys.argv[1])); c.pop('auto_map'); open(sys.argv[1], 'w').write(json.dumps(c, indent=2, sort_keys=True) + '\n')" "$target/config.json"
 du -sh "$target"

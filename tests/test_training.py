@@ -7,7 +7,7 @@ import time
 
 import pytest
 import torch
-from datasets import Dataset, concatenate_datasets
+from datasets import Dataset, concatenate_datasets, load_from_disk
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
@@ -198,6 +198,22 @@ def test_pretokenized_images_are_encoded_once(model, prepared, tmp_path):
         assert pretokenize_images(train, model.processor)._fingerprint != pretokenized._fingerprint
     finally:
         model.model.image_tokenizer.tile_size = None
+    # a dataset cached on disk: datasets reuses a map's result by its fingerprint, so a changed VQ *encoder*
+    # (the codebook untouched) must give a new fingerprint, and the new codes (it used to return the old)
+    train.save_to_disk(tmp_path / "rows")
+    cached = load_from_disk(tmp_path / "rows")
+    before = pretokenize_images(cached, model.processor)["image_ids"]
+    encoder = model.model.image_tokenizer.vq.encoder.conv_in
+    saved = encoder.weight.detach().clone()
+    try:
+        with torch.no_grad():
+            encoder.weight.mul_(-1)
+        after = pretokenize_images(cached, model.processor)
+        assert after["image_ids"] == [model.processor.encode_images(images).tolist() for images in train["images"]]
+        assert after["image_ids"] != before
+    finally:
+        with torch.no_grad():
+            encoder.weight.copy_(saved)
     calls = []
     original = model.model.image_tokenizer.encode
     model.model.image_tokenizer.encode = lambda *a, **k: calls.append(1) or original(*a, **k)

@@ -215,7 +215,7 @@ def pretokenize_images(dataset, processor, batch_size: int = 64):
     """Replace the `images` column of prepared rows by `image_ids` (VQ codes), computed once.
 
     On a `Dataset` the result is an Arrow table (cached on disk when the dataset is), fingerprinted by
-    the VQ weights and tile size so a different tokenizer never reuses stale codes.
+    all the VQ's weights, its tile size and the image processing, so a changed tokenizer never reuses stale codes.
     """
     image_tokenizer = processor._require_image_tokenizer()
     features = Features({**{k: v for k, v in PREPARED_FEATURES.items() if k != "images"},
@@ -233,9 +233,13 @@ def pretokenize_images(dataset, processor, batch_size: int = 64):
 
     kwargs = dict(batched=True, batch_size=batch_size, features=features, remove_columns=["images"])
     if isinstance(dataset, Dataset):
-        vq_hash = hashlib.sha256(image_tokenizer.codebook.detach().cpu().numpy().tobytes()).hexdigest()[:16]
-        # the tile size too: the same VQ weights give other codes with and without tiling
-        fingerprint = f"{dataset._fingerprint}-vq-{vq_hash}-tile{image_tokenizer.tile_size}"
+        # Everything the codes depend on: all VQ weights and buffers (the encoder as much as the codebook),
+        # the tile size (the same weights give other codes with and without tiling), the image processing.
+        digest = hashlib.sha256(f"tile{image_tokenizer.tile_size}-{processor.image_processor.to_json_string()}".encode())
+        for name, tensor in sorted(image_tokenizer.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        fingerprint = f"{dataset._fingerprint}-vq-{digest.hexdigest()[:16]}"
         kwargs.update(desc="Encoding images with the VQ", new_fingerprint=fingerprint)
     return dataset.map(encode, **kwargs)
 

@@ -225,21 +225,40 @@ def test_compiled_decoding_equals_eager_reuses_its_compilation_and_follows_weigh
     assert model._decoding_state["forward"] is compiled_step
     assert torch.equal(model.generate_image(prompts, compile=config, jacobi_window=4, **kwargs), eager)
 
-    # Weights changed in place behind autograd's back, as merging a LoRA adapter does.
-    checksums = model._decoding_state["checksums"]
+    # Two rows of the head swapped in place behind autograd's back (each tensor's sum stays the same).
+    fingerprint = model._decoding_state["fingerprint"]
+    code = int(eager.flatten().mode().values)
     with torch.no_grad():
-        model.generation_head.weight.data.mul_(-1)
+        weight = model.generation_head.weight.data
+        weight[[code, code + 1]] = weight[[code + 1, code]]
     changed = model.generate_image(prompts, **kwargs)
     assert not torch.equal(changed, eager)
     # The compiled step holds a frozen copy of the weights (where its speed comes from): had the change gone
     # unnoticed, its steps would still decode with the old weights (only the eager prefill sees the new ones)...
-    model._decoding_state["checksums"] = model._parameter_checksums()
+    model._decoding_state["fingerprint"] = model._weights_fingerprint()
     assert not torch.equal(model.generate_image(prompts, compile=config, **kwargs), changed)
     assert model._decoding_state["forward"] is compiled_step
-    # ...so the checksums make it compile again.
-    model._decoding_state["checksums"] = checksums
+    # ...so the fingerprint makes it compile again.
+    model._decoding_state["fingerprint"] = fingerprint
     assert torch.equal(model.generate_image(prompts, compile=config, **kwargs), changed)
     assert model._decoding_state["forward"] is not compiled_step
+
+
+def test_weights_fingerprint_sees_content_changes_a_sum_misses(built_model):
+    before = built_model._weights_fingerprint()
+    assert torch.equal(built_model._weights_fingerprint(), before)  # deterministic
+    weight = built_model.generation_head.weight.data
+    saved = weight.clone()
+    for change in (lambda w: w.index_copy_(0, torch.tensor([0, 1]), w[[1, 0]].clone()),  # rows swapped
+                   lambda w: w.copy_(w.flip(1).clone()),  # columns reversed
+                   lambda w: w[3, 5].add_(1e-3)):  # fmt: skip
+        try:
+            change(weight)
+            assert torch.isclose(weight.sum(), saved.sum(), rtol=0, atol=1.1e-3)
+            assert not torch.equal(built_model._weights_fingerprint(), before)
+        finally:
+            weight.copy_(saved)
+    assert torch.equal(built_model._weights_fingerprint(), before)
 
 
 def test_verified_drafts_are_distributed_as_the_model():

@@ -8,6 +8,7 @@
 The decoder layers, rotary embedding and norm are the source LLM's own classes from transformers.
 """
 
+import itertools
 import os
 import sys
 from dataclasses import dataclass
@@ -879,12 +880,12 @@ class UniForkForConditionalGeneration(UniForkPreTrainedModel, GenerationMixin):
 
     def _compiled_decoding(self, compile, batch_rows, cache_length):
         """`torch.compile`d `_generation_logits` and the `StaticCache` it runs with, reused while the compile
-        config, the batch shape and the weights stay the same (checked by a checksum per parameter)."""
+        config, the batch shape and the weights stay the same (`_weights_fingerprint`)."""
         config = compile if isinstance(compile, CompileConfig) else self._default_decoding_compile_config()
-        checksums = self._parameter_checksums()
+        fingerprint = self._weights_fingerprint()
         key = (config, batch_rows, cache_length, self.device, self.dtype)
         state = getattr(self, "_decoding_state", None)
-        if state is None or state["key"] != key or not torch.equal(state["checksums"], checksums):
+        if state is None or state["key"] != key or not torch.equal(state["fingerprint"], fingerprint):
             if state is not None:  # drop the compiled code of older weights (it holds a frozen copy of them)
                 torch._dynamo.eval_frame.reset_code(self._generation_logits.__code__)
             compiled = torch.compile(self._generation_logits, **config.to_dict())
@@ -899,12 +900,25 @@ class UniForkForConditionalGeneration(UniForkPreTrainedModel, GenerationMixin):
                     return compiled(*args)
 
             cache = StaticCache(config=self.config.text_config, max_cache_len=cache_length)
-            state = self._decoding_state = {"key": key, "checksums": checksums, "forward": forward, "cache": cache}
+            state = self._decoding_state = {"key": key, "fingerprint": fingerprint, "forward": forward, "cache": cache}
         state["cache"].reset()
         return state["forward"], state["cache"]
 
-    def _parameter_checksums(self):
-        return torch.stack([p.detach().sum(dtype=torch.float64) for p in self.parameters()])
+    @torch.no_grad()
+    def _weights_fingerprint(self):
+        """One number per parameter and buffer, u^T W v with fixed random u, v (W as rows x columns): any
+        change to the content beyond float32 rounding moves it, swapped rows or columns included (a plain
+        sum would miss those), at the cost of one read of the weights."""
+        vectors = self.__dict__.setdefault("_fingerprint_vectors", {})
+        values = []
+        for tensor in itertools.chain(self.parameters(), self.buffers()):
+            matrix = tensor.detach().reshape(tensor.shape[0] if tensor.ndim else 1, -1).float()
+            if matrix.shape not in vectors:
+                generator = torch.Generator().manual_seed(sum(matrix.shape) * 1_000_003 + matrix.shape[0])
+                vectors[matrix.shape] = tuple(torch.rand(n, generator=generator) + 0.5 for n in matrix.shape)
+            u, v = (x.to(matrix.device) for x in vectors[matrix.shape])
+            values.append(u @ matrix @ v)
+        return torch.stack(values)
 
     def _default_decoding_compile_config(self):
         if self.device.type == "cpu":

@@ -105,3 +105,23 @@ def test_cli_reports_bad_input_without_a_traceback(built_dir, tmp_path, capsys):
               str(tmp_path / "x.png")])  # fmt: skip
     assert exit_info.value.code == 2
     assert "guidance_scale must be a finite number >= 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["evaluate", "--model", "M", "-n", "0"], "argument -n: expected an integer >= 1, got 0"),
+    (["evaluate", "--model", "M", "--batch-size", "0"], "argument --batch-size: expected an integer >= 1, got 0"),
+    (["generate-image", "--model", "M", "--prompt", "x", "--out", "x.png", "--num-images-per-prompt", "-1"],
+     "argument --num-images-per-prompt: expected an integer >= 1, got -1"),
+    (["analyze-alignment", "--model", "M", "-k", "0"], "argument -k: expected an integer >= 1, got 0"),
+])  # fmt: skip
+def test_cli_rejects_bad_numbers_before_any_work(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)  # (the model "M" is never loaded)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_cli_names_a_missing_model_directory(tmp_path, capsys):
+    missing = str(tmp_path / "nonexistent")
+    with pytest.raises(SystemExit):
+        main(["answer", "--model", missing, "--image", "x.png", "--question", "?"])
+    assert f"--model {missing}: no such directory" in capsys.readouterr().err  # not "Repo id must use ..."

@@ -32,9 +32,20 @@ def _label_grid(images, labels, columns: int, cell: int = 128):
     return grid
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
 def _load(model_dir: str):
     import unifork_hf  # noqa: F401  (registers the Auto classes)
     from transformers import AutoModel
+
+    # a path that does not exist would otherwise reach the Hub and fail on the repo id's spelling
+    if not os.path.isdir(model_dir) and (os.path.isabs(model_dir) or model_dir.startswith((".", "~")) or model_dir.count("/") > 1):
+        raise OSError(f"--model {model_dir}: no such directory (a Hub model is named 'owner/name')")
 
     return AutoModel.from_pretrained(model_dir).eval()
 
@@ -228,13 +239,13 @@ def main(argv=None) -> None:
     generate.add_argument("--model", required=True)
     generate.add_argument("--prompt", required=True, action="append", help="repeat for several prompts")
     generate.add_argument("--out", required=True, help="PNG file")
-    generate.add_argument("--num-images-per-prompt", type=int, default=1)
+    generate.add_argument("--num-images-per-prompt", type=_positive_int, default=1)
     for flag, kind, what in (("--guidance-scale", float, "CFG scale (1: off)"), ("--temperature", float, "> 0"),
                              ("--top-k", int, "0: off"), ("--top-p", float, "1.0: off")):  # fmt: skip
         generate.add_argument(flag, type=kind, default=None,
                               help=f"{what}; default: the checkpoint's generation_config.image_generation")
     generate.add_argument("--seed", type=int, default=0)
-    generate.add_argument("--jacobi-window", type=int, default=None,
+    generate.add_argument("--jacobi-window", type=_positive_int, default=None,
                           help="speculative Jacobi decoding: codes drafted and verified per forward (default: one code per forward)")
     generate.add_argument("--compile", action="store_true",
                           help="decode through torch.compile: faster steps after a one-time compilation (a minute or more)")
@@ -244,13 +255,13 @@ def main(argv=None) -> None:
     answer_parser.add_argument("--model", required=True)
     answer_parser.add_argument("--image", required=True)
     answer_parser.add_argument("--question", required=True)
-    answer_parser.add_argument("--max-new-tokens", type=int, default=32)
+    answer_parser.add_argument("--max-new-tokens", type=_positive_int, default=32)
     answer_parser.set_defaults(run=cmd_answer)
 
     train = commands.add_parser("train", help="train as a YAML recipe says (model, data, training arguments)")
     train.add_argument("--recipe", required=True, help="YAML file, e.g. configs/tiny-colours.yaml")
     train.add_argument("--output-dir", default=None, help="override training.output_dir")
-    train.add_argument("--max-steps", type=int, default=None, help="override training.max_steps")
+    train.add_argument("--max-steps", type=_positive_int, default=None, help="override training.max_steps")
     train.add_argument("--resume", default=None, help="checkpoint directory to resume from, or 'true' for the last")
     train.set_defaults(run=cmd_train)
 
@@ -258,10 +269,10 @@ def main(argv=None) -> None:
     evaluate.add_argument("--model", required=True)
     evaluate.add_argument("--split", choices=["test", "heldout", "paraphrase"], default="test",
                           help="paraphrase: the test scenes in caption phrasings training never used (generation only)")
-    evaluate.add_argument("-n", type=int, default=500, help="scenes (5 questions each)")
-    evaluate.add_argument("--batch-size", type=int, default=100)
+    evaluate.add_argument("-n", type=_positive_int, default=500, help="scenes (5 questions each)")
+    evaluate.add_argument("--batch-size", type=_positive_int, default=100)
     evaluate.add_argument("--json", default=None, help="also write the metrics here")
-    evaluate.add_argument("--jacobi-window", type=int, default=None,
+    evaluate.add_argument("--jacobi-window", type=_positive_int, default=None,
                           help="speculative Jacobi decoding: codes drafted and verified per forward (default: one code per forward)")
     evaluate.add_argument("--compile", action="store_true",
                           help="decode through torch.compile: faster steps after a one-time compilation (a minute or more)")
@@ -272,9 +283,9 @@ def main(argv=None) -> None:
     align.add_argument("--task", choices=["both", "understanding", "generation"], default="both")
     align.add_argument("--split", choices=["test", "heldout"], default="test", help="Shapes split (default data)")
     align.add_argument("--dataset", default=None, help="a saved datasets.Dataset with image/caption columns instead")
-    align.add_argument("-n", type=int, default=500, help="paired samples")
-    align.add_argument("-k", type=int, default=10, help="nearest neighbours")
-    align.add_argument("--batch-size", type=int, default=50)
+    align.add_argument("-n", type=_positive_int, default=500, help="paired samples")
+    align.add_argument("-k", type=_positive_int, default=10, help="nearest neighbours")
+    align.add_argument("--batch-size", type=_positive_int, default=50)
     align.add_argument("--out", default="alignment.png", help="PNG plot")
     align.add_argument("--csv", default=None, help="also write the table here")
     align.set_defaults(run=cmd_analyze_alignment)

@@ -441,3 +441,17 @@ def test_recipe_errors_name_the_key(tmp_path):
     bad.write_text("training: {freeze: everything}\n")
     with pytest.raises(ValueError, match="freeze must be one of"):
         load_recipe(str(bad))
+    bad.write_text("training:\n  learning_rate: abc\n")
+    with pytest.raises(ValueError, match=r"^Recipe training.learning_rate: expected a number, got 'abc'\.$"):
+        load_recipe(str(bad))
+    bad.write_text("training: {max_steps: 1.5}\n")
+    with pytest.raises(ValueError, match=r"^Recipe training.max_steps: expected an integer, got 1.5\.$"):
+        load_recipe(str(bad))
+    bad.write_text("data: {pretokenize_images: 'no'}\n")
+    with pytest.raises(ValueError, match=r"^Recipe data.pretokenize_images: expected true or false, got 'no'\.$"):
+        load_recipe(str(bad))
+    bad.write_text("model:\n  tiny: true\n   num_shared_layers: 2\n")
+    with pytest.raises(ValueError, match=r"is not valid YAML at line 3, column 21: mapping values are not allowed here"):
+        load_recipe(str(bad))
+    bad.write_text("training: {learning_rate: 3e-3, max_steps: 7}\n")  # YAML reads 3e-3 as a string
+    assert load_recipe(str(bad)).training.learning_rate == 0.003

@@ -21,6 +21,8 @@ Run with `unifork train --recipe FILE`.
 """
 
 import os
+import types
+import typing
 from dataclasses import dataclass, field, fields
 
 import torch
@@ -63,18 +65,48 @@ class Recipe:
 SECTIONS = ("model", "data", "training", "image_generation")
 
 
-def _dataclass_from(cls, values: dict, section: str):
+def _checked(section: str, key: str, value, hint):
+    """`value` as the field's plain type (float, int, bool, str, or optional one of them) wants it, or a
+    one-line error naming the key; other types are left to the dataclass. YAML reads `3e-3` as a string."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        if value is None and type(None) in typing.get_args(hint):
+            return None
+        plain = [arg for arg in typing.get_args(hint) if arg is not type(None)]
+        hint = plain[0] if len(plain) == 1 else None
+    if hint not in (float, int, bool, str):
+        return value
+    if hint is float and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    elif hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    elif isinstance(value, hint) and not (hint is int and isinstance(value, bool)):
+        return value
+    kind = {float: "a number", int: "an integer", bool: "true or false", str: "a string"}[hint]
+    raise ValueError(f"Recipe {section}.{key}: expected {kind}, got {value!r}.")
+
+
+def _dataclass_from(cls, values: dict, section: str, build=None):
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:
         raise ValueError(f"Recipe section {section!r} has unknown keys {unknown}; known: {sorted(known)}.")
-    return cls(**values)
+    hints = typing.get_type_hints(cls)
+    values = {key: _checked(section, key, value, hints[key]) for key, value in values.items()}
+    return (build or cls)(**values)
 
 
 def load_recipe(path: str, overrides: dict | None = None) -> Recipe:
     """Read a YAML recipe; `overrides` (e.g. `{"training": {"max_steps": 10}}`) replace its values."""
     with open(path) as f:
-        raw = yaml.safe_load(f) or {}
+        try:
+            raw = yaml.safe_load(f) or {}
+        except yaml.YAMLError as error:  # one line, not the parser's stack
+            where = getattr(error, "problem_mark", None)
+            at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
+            raise ValueError(f"Recipe {path!r} is not valid YAML{at}: {getattr(error, 'problem', None) or error}.") from None
     if not isinstance(raw, dict):
         raise ValueError(f"Recipe {path!r} must be a mapping with sections {', '.join(SECTIONS)}.")
     unknown = sorted(set(raw) - set(SECTIONS))
@@ -90,7 +122,8 @@ def load_recipe(path: str, overrides: dict | None = None) -> Recipe:
         )
     training = dict(raw.get("training") or {})
     training.setdefault("output_dir", os.path.splitext(os.path.basename(path))[0])
-    (arguments,) = HfArgumentParser(UniForkTrainingArguments).parse_dict(training)
+    arguments = _dataclass_from(UniForkTrainingArguments, training, "training",
+                                build=lambda **values: HfArgumentParser(UniForkTrainingArguments).parse_dict(values)[0])  # fmt: skip
     return Recipe(
         model=_dataclass_from(ModelRecipe, raw.get("model") or {}, "model"),
         data=_dataclass_from(DataRecipe, raw.get("data") or {}, "data"),

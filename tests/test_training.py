@@ -409,6 +409,31 @@ def test_cli_resume_true_continues_from_the_last_checkpoint(tmp_path, capsys):
     assert (resumed[marked] - fresh[marked]).mean() > 0.9  # two steps at lr 3e-3 move it far less than 1
 
 
+def test_resume_refuses_a_checkpoint_it_cannot_continue(prepared, tmp_path):
+    und, gen, _ = prepared
+    train = mix_tasks(und, gen, 0.5)
+
+    def trainer(num_shared_layers=1, **args):
+        torch.manual_seed(0)
+        model = UniForkForConditionalGeneration.from_pretrained_llm(tiny_llm(), tiny_vq(), tokenizer=tiny_tokenizer(),
+                                                                    num_shared_layers=num_shared_layers)  # fmt: skip
+        return UniForkTrainer(model=model, args=training_args(tmp_path, save_strategy="steps", save_steps=2, **args),
+                              train_dataset=train, processing_class=model.processor)  # fmt: skip
+
+    with pytest.raises(ValueError, match="holds no checkpoint-"):
+        trainer().train(resume_from_checkpoint=True)
+    trainer(max_steps=2).train()
+    checkpoint = tmp_path / "checkpoint-2"
+    with pytest.raises(ValueError, match=r"its model has num_shared_layers=1, this run's model num_shared_layers=2"):
+        trainer(num_shared_layers=2, max_steps=4).train(resume_from_checkpoint=True)  # used to fail late, in the optimizer
+    os.remove(checkpoint / "optimizer.pt")
+    with pytest.raises(ValueError, match=r"it has no optimizer.pt, so the optimizer .* resume_without_optimizer_state"):
+        trainer(max_steps=4).train(resume_from_checkpoint=str(checkpoint))  # used to start a fresh optimizer silently
+    resumed = trainer(max_steps=4, resume_without_optimizer_state=True)
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    assert resumed.state.global_step == 4
+
+
 def test_trainer_writes_the_unifork_card_with_a_training_summary(model, prepared, tmp_path):
     from huggingface_hub import ModelCard
 

@@ -14,11 +14,12 @@ Example:
 ```
 """
 
+import os
 from dataclasses import dataclass, field
 
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
-from transformers.trainer_utils import has_length
+from transformers.trainer_utils import get_last_checkpoint, has_length
 
 from ..modeling.modelcard_unifork import write_model_card
 from ..modeling.modeling_unifork import UniForkForConditionalGeneration
@@ -98,6 +99,11 @@ class UniForkTrainingArguments(TrainingArguments):
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "UniFork's collator needs the prepared columns: keep them"}
     )
+    resume_without_optimizer_state: bool = field(
+        default=False,
+        metadata={"help": "let resume_from_checkpoint start a fresh optimizer and schedule when the checkpoint "
+                          "has no optimizer.pt / scheduler.pt (otherwise an error)"},
+    )  # fmt: skip
 
     def __post_init__(self):
         super().__post_init__()
@@ -151,6 +157,32 @@ class UniForkTrainer(Trainer):
             self.add_callback(_CollatorEpoch(data_collator))
         # [sum of per-batch values, number of batches] since the last log
         self._logged = {name: torch.zeros(2) for name in ("loss_understanding", "loss_generation", "understanding_share")}
+
+    def train(self, resume_from_checkpoint=None, **kwargs):
+        """`Trainer.train`, refusing a checkpoint this run cannot continue: one whose model config differs from
+        the model's (the field is named), or one without optimizer and scheduler state unless
+        `args.resume_without_optimizer_state` (Trainer would quietly restart Adam and the schedule)."""
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir) if os.path.isdir(self.args.output_dir) else None
+            if resume_from_checkpoint is None:
+                raise ValueError(f"resume_from_checkpoint=True, but {self.args.output_dir} holds no checkpoint-* folder.")
+        if resume_from_checkpoint:
+            self._check_resumable(resume_from_checkpoint)
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    def _check_resumable(self, checkpoint: str) -> None:
+        config_file = os.path.join(checkpoint, "config.json")
+        if isinstance(self.model, UniForkForConditionalGeneration) and os.path.exists(config_file):
+            saved = type(self.model.config).from_pretrained(checkpoint).to_dict()  # both through the same defaults
+            for field_name, ours, theirs in _config_differences(self.model.config.to_dict(), saved):
+                raise ValueError(f"Cannot resume from {checkpoint}: its model has {field_name}={theirs!r}, this run's "
+                                 f"model {field_name}={ours!r}. Resume with the model the checkpoint was trained as.")  # fmt: skip
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            return  # their optimizer state lives in their own files
+        missing = [name for name in ("optimizer.pt", "scheduler.pt") if not os.path.exists(os.path.join(checkpoint, name))]
+        if missing and not getattr(self.args, "resume_without_optimizer_state", False):
+            raise ValueError(f"Cannot resume from {checkpoint}: it has no {' or '.join(missing)}, so the optimizer and "
+                             "learning-rate schedule would start over. Pass resume_without_optimizer_state=True to accept that.")  # fmt: skip
 
     def _get_train_sampler(self, train_dataset=None):
         train_dataset = train_dataset if train_dataset is not None else self.train_dataset
@@ -253,6 +285,23 @@ class UniForkTrainer(Trainer):
                     logs[name] = round(float(totals[0] / totals[1]), 4)
                 self._logged[name] = torch.zeros(2)
         super().log(logs, start_time)
+
+
+# Config keys that say nothing about the weights' shapes or meaning.
+_NOT_MODEL_FIELDS = {"transformers_version", "_name_or_path", "architectures", "auto_map", "dtype", "torch_dtype",
+                     "use_cache", "output_attentions", "output_hidden_states", "return_dict"}  # fmt: skip
+
+
+def _config_differences(ours: dict, theirs: dict, prefix: str = ""):
+    """(field, ours, theirs) for each model field two config dicts disagree on, nested dicts by dotted name."""
+    for key in sorted(set(ours) | set(theirs)):
+        if key in _NOT_MODEL_FIELDS:
+            continue
+        a, b = ours.get(key), theirs.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            yield from _config_differences(a, b, f"{prefix}{key}.")
+        elif a != b and not (isinstance(a, (list, tuple)) and list(a) == b):
+            yield f"{prefix}{key}", a, b
 
 
 def _task_token_counts(labels: torch.Tensor, task: torch.Tensor) -> torch.Tensor:

@@ -230,8 +230,19 @@ def test_bad_inputs_raise_clear_errors():
         model(input_ids=torch.zeros(3, 3, dtype=torch.long), task=[0, 1])
     with pytest.raises(ValueError, match="use_cache needs a batch of a single task"):
         model(input_ids=torch.zeros(2, 3, dtype=torch.long), task=[0, 1], use_cache=True)
-    with pytest.raises(ValueError, match=r"input_ids must be in 0\.\.511"):
-        model(input_ids=torch.full((1, 3), 512))
+    with pytest.raises(ValueError, match=r"input_ids must be in 0\.\.511, got values from 0 to 512"):
+        model(input_ids=torch.tensor([[0, 512, 3]]))
+    with pytest.raises(ValueError, match=r"input_ids must be in 0\.\.511, got values from -2 to 3"):
+        model(input_ids=torch.tensor([[-2, 3]]))
+    for bad in (torch.zeros(1, 0, dtype=torch.long), torch.zeros(1, 3), torch.zeros(3, dtype=torch.long)):
+        with pytest.raises(ValueError, match=r"input_ids must be a non-empty \(batch, length\) tensor of integer"):
+            model(input_ids=bad)
+    pixels = torch.zeros(1, 3, 32, 32)
+    for bad, shown in ((pixels + 255, "from 255.0 to 255.0"), (pixels.index_fill(1, torch.tensor([0]), float("nan")), "nan")):
+        with pytest.raises(ValueError, match=rf"pixel_values must be finite numbers in \[-1, 1\].*{shown}"):
+            model(input_ids=ids, pixel_values=bad)
+    with pytest.raises(ValueError, match=r"attention_mask must have shape \(batch, cached \+ new tokens\) = \(1, 25\), got \(1, 26\)"):
+        model(input_ids=ids, image_ids=torch.zeros(1, N, dtype=torch.long), attention_mask=torch.ones(1, 26))
     with pytest.raises(ValueError, match="labels must have the shape of the input"):
         model(input_ids=torch.zeros(1, 3, dtype=torch.long), labels=torch.zeros(1, 4, dtype=torch.long))
     out = model(input_ids=torch.zeros(1, 3, dtype=torch.long), task="understanding", use_cache=True)

@@ -67,6 +67,9 @@ def test_image_modes_are_converted_and_bad_types_rejected():
         processor(images=3, text="<image>")
     with pytest.raises(TypeError, match="got dict"):
         processor.image_processor([{"not": "an image"}])
+    for empty, size in ((Image.new("RGB", (0, 0)), r"\(0, 0\)"), (np.zeros((0, 5, 3), dtype=np.uint8), r"\(0, 5, 3\)")):
+        with pytest.raises(ValueError, match=rf"images\[1\] has no pixels \(size {size}\)"):  # was a blank image
+            processor.image_processor([Image.new("RGB", (4, 4)), empty])
 
 
 def test_generation_prompts_are_left_padded_and_end_with_boi():

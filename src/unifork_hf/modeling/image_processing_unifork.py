@@ -37,14 +37,18 @@ class UniForkImageProcessorPil(PilBackend):
 
 
 def check_image_types(images) -> None:
-    """Raise a `TypeError` naming the type of any image that is not PIL / numpy / torch / a path or URL."""
+    """Raise a `TypeError` naming the type of any image that is not PIL / numpy / torch / a path or URL, and a
+    `ValueError` for an image without pixels (resizing one would give a blank image, not an error)."""
     flat = images if isinstance(images, (list, tuple)) else [images]
     flat = [image for item in flat for image in (item if isinstance(item, (list, tuple)) else [item])]
-    for image in flat:
+    for index, image in enumerate(flat):
         if not isinstance(image, (PIL.Image.Image, np.ndarray, torch.Tensor, str)):
             raise TypeError(
                 f"images must be PIL images, numpy arrays, torch tensors or paths/URLs, got {type(image).__name__}."
             )
+        size = image.size if isinstance(image, PIL.Image.Image) else getattr(image, "shape", (1,))
+        if 0 in tuple(size):
+            raise ValueError(f"images[{index}] has no pixels (size {tuple(size)}): expected width and height > 0.")
 
 
 __all__ = ["UniForkImageProcessorPil"]

@@ -353,15 +353,40 @@ class UniForkModel(UniForkPreTrainedModel):
         if pixel_values is not None and image_ids is not None:
             raise ValueError("Pass either pixel_values or image_ids, not both.")
         if inputs_embeds is None:
+            if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool or input_ids.ndim != 2 or not input_ids.numel():
+                raise ValueError(f"input_ids must be a non-empty (batch, length) tensor of integer token ids, got "
+                                 f"dtype {input_ids.dtype} and shape {tuple(input_ids.shape)}.")  # fmt: skip
             vocab_size = self.config.text_config.vocab_size
-            if int(input_ids.max()) >= vocab_size or int(input_ids.min()) < 0:
-                raise ValueError(f"input_ids must be in 0..{vocab_size - 1}, got values up to {int(input_ids.max())}.")
+            low, high = int(input_ids.min()), int(input_ids.max())
+            if low < 0 or high >= vocab_size:
+                raise ValueError(f"input_ids must be in 0..{vocab_size - 1}, got values from {low} to {high}.")
             inputs_embeds = self.embed_tokens(input_ids)
         if pixel_values is not None:
+            if not pixel_values.dtype.is_floating_point or not pixel_values.numel():
+                raise ValueError(f"pixel_values must be a non-empty float tensor, got dtype {pixel_values.dtype} and "
+                                 f"shape {tuple(pixel_values.shape)}.")  # fmt: skip
+            if not bool(pixel_values.isfinite().all()) or float(pixel_values.abs().max()) > 1 + 1e-3:
+                raise ValueError("pixel_values must be finite numbers in [-1, 1] (what the processor makes of images), "
+                                 f"got values from {pixel_values.min().item()} to {pixel_values.max().item()}.")  # fmt: skip
             image_ids = self.image_tokenizer.encode(pixel_values)
         if image_ids is not None:
             inputs_embeds = self._insert_images(input_ids, inputs_embeds, image_ids)
         return inputs_embeds, image_ids
+
+    def _check_inputs(self, input_ids, image_ids, attention_mask, cache, batch_size, total_length):
+        if input_ids is not None and image_ids is None and total_length == input_ids.shape[1]:
+            if self.config.image_token_id is not None and bool((input_ids == self.config.image_token_id).any()):
+                raise ValueError("input_ids contain image tokens but no pixel_values or image_ids were given.")
+        max_positions = getattr(self.config.text_config, "max_position_embeddings", None)
+        if max_positions is not None and total_length > max_positions:
+            raise ValueError(
+                f"Sequence of {total_length} tokens is longer than the model's max_position_embeddings ({max_positions})."
+            )
+        if isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 2:
+            rows, length = attention_mask.shape  # a static cache's mask may cover the whole cache
+            if rows != batch_size or length < total_length or (length > total_length and not isinstance(cache, StaticCache)):
+                raise ValueError(f"attention_mask must have shape (batch, cached + new tokens) = ({batch_size}, "
+                                 f"{total_length}), got {tuple(attention_mask.shape)}.")  # fmt: skip
 
     def _prepare_cache(self, only_task, cache, use_cache):
         if use_cache is None:
@@ -404,16 +429,8 @@ class UniForkModel(UniForkPreTrainedModel):
         task, only_task = task_ids(task, batch_size, inputs_embeds.device)
         cache, use_cache = self._prepare_cache(only_task, cache, use_cache)
         past_length = cache.get_seq_length() if cache is not None else 0
-        if input_ids is not None and image_ids is None and past_length == 0 and self.config.image_token_id is not None:
-            if bool((input_ids == self.config.image_token_id).any()):
-                raise ValueError("input_ids contain image tokens but no pixel_values or image_ids were given.")
-        max_positions = getattr(self.config.text_config, "max_position_embeddings", None)
-        # (a compiled decoding step skips the check: reading a static cache's length would break the graph)
-        if max_positions is not None and not torch.compiler.is_compiling() and past_length + seq_len > max_positions:
-            raise ValueError(
-                f"Sequence of {past_length + seq_len} tokens is longer than the model's "
-                f"max_position_embeddings ({max_positions})."
-            )
+        if not torch.compiler.is_compiling():  # (reading a static cache's length would break a compiled graph)
+            self._check_inputs(input_ids, image_ids, attention_mask, cache, batch_size, past_length + seq_len)
         if position_ids is None:
             if isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 2:
                 # Left padding: positions count real tokens only, as in `generate`.

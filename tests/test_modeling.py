@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -208,6 +210,23 @@ def test_checkpoint_without_vq_weights_raises(tmp_path):
     save_file({k: v for k, v in weights.items() if "image_tokenizer" not in k}, tmp_path / "model.safetensors",
               metadata={"format": "pt"})  # fmt: skip
     with pytest.raises(ValueError, match="lacks the VQ image tokenizer weights"):
+        UniForkForConditionalGeneration.from_pretrained(tmp_path)
+
+
+def test_checkpoint_that_does_not_match_its_config_raises(tmp_path):
+    tiny_model().save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    save_file({k: v for k, v in weights.items() if not k.startswith("generation_head")}, tmp_path / "model.safetensors",
+              metadata={"format": "pt"})  # fmt: skip
+    with pytest.raises(ValueError, match=r"1 weights missing \(e.g. \['generation_head.weight'\]\), 0 unused"):
+        UniForkForConditionalGeneration.from_pretrained(tmp_path)  # used to load with a random head, warning only
+    model = UniForkForConditionalGeneration.from_pretrained(tmp_path, allow_missing_weights=True)
+    assert model.generation_head.weight.shape == weights["generation_head.weight"].shape
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["num_shared_layers"] += 1  # the weights of one branch layer per branch now have no place
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"weights missing .* unused .*\(num_shared_layers"):
         UniForkForConditionalGeneration.from_pretrained(tmp_path)
 
 

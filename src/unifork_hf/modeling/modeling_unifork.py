@@ -1087,9 +1087,14 @@ class UniForkForConditionalGeneration(UniForkPreTrainedModel, GenerationMixin):
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         """Load a checkpoint; the processor saved beside it, if any, is attached as `model.processor`.
 
-        Raises a `ValueError` when the checkpoint lacks the VQ image tokenizer's weights.
+        Raises a `ValueError` when the checkpoint lacks the VQ image tokenizer's weights, and when weights the
+        model needs are missing or the checkpoint holds weights the model has no place for (e.g. a config
+        whose `num_shared_layers` differs from the one the weights were trained with): transformers would
+        only warn and leave those parts randomly initialised. `allow_missing_weights=True` accepts that
+        (as for a new head), and `output_loading_info=True` returns transformers' report too.
         """
         output_loading_info = kwargs.pop("output_loading_info", False)
+        allow_missing_weights = kwargs.pop("allow_missing_weights", False)
         model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
         missing_vq = [key for key in info["missing_keys"] if key.startswith("model.image_tokenizer.")]
         if missing_vq:
@@ -1097,6 +1102,14 @@ class UniForkForConditionalGeneration(UniForkPreTrainedModel, GenerationMixin):
                 f"Checkpoint {pretrained_model_name_or_path!r} lacks the VQ image tokenizer weights "
                 f"({len(missing_vq)} tensors, e.g. {missing_vq[0]!r}); save the model with its image tokenizer."
             )
+        missing, unexpected = sorted(info["missing_keys"]), sorted(info["unexpected_keys"])
+        if (missing or unexpected) and not allow_missing_weights:
+            raise ValueError(
+                f"Checkpoint {pretrained_model_name_or_path!r} does not match the model its config describes: "
+                f"{len(missing)} weights missing (e.g. {missing[:2]}), {len(unexpected)} unused (e.g. {unexpected[:2]}). "
+                "Was the config edited (num_shared_layers, sizes)? Pass allow_missing_weights=True to load anyway "
+                "with the missing weights randomly initialised."
+            )  # fmt: skip
         model.processor = _load_processor(pretrained_model_name_or_path, kwargs, model.model.image_tokenizer)
         return (model, info) if output_loading_info else model
 

@@ -10,7 +10,9 @@ The decoder layers, rotary embedding and norm are the source LLM's own classes f
 
 import itertools
 import os
+import shutil
 import sys
+import tempfile
 from dataclasses import dataclass
 
 import torch
@@ -1058,8 +1060,32 @@ class UniForkForConditionalGeneration(UniForkPreTrainedModel, GenerationMixin):
         """Save the model, the attached processor (if any) beside it, and a model card (README.md).
 
         The card is built from `model.card_data` (see [`build_model_card`]); a README.md already in
-        `save_directory` that this package did not generate is left as it is.
+        `save_directory` that this package did not generate is left as it is. Everything is written into a
+        staging folder inside `save_directory` first and moved in file by file only once all of it was
+        written: a failure (a full disk, a bad `card_data`) leaves what was there before as it was. Weight
+        files of the other layout (one file vs shards) that a previous save left are removed.
         """
+        if not kwargs.get("is_main_process", True):
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        os.makedirs(save_directory, exist_ok=True)
+        staging = tempfile.mkdtemp(prefix=".unifork-saving-", dir=save_directory)  # same filesystem: renames are atomic
+        try:
+            readme = os.path.join(save_directory, "README.md")
+            if os.path.exists(readme):  # the card writer keeps a card the user wrote
+                shutil.copy2(readme, staging)
+            if kwargs.get("push_to_hub"):  # the Hub repo is named after the target, not the staging folder
+                kwargs.setdefault("repo_id", os.path.basename(os.path.abspath(save_directory)))
+            self._save_all(staging, os.path.basename(os.path.abspath(save_directory)), *args, **kwargs)
+            written = os.listdir(staging)
+            for name in os.listdir(save_directory):
+                if _is_weights_file(name) and name not in written:
+                    os.remove(os.path.join(save_directory, name))
+            for name in sorted(written, key=lambda name: not _is_weights_file(name)):  # the config last
+                os.replace(os.path.join(staging, name), os.path.join(save_directory, name))
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def _save_all(self, directory, name, *args, **kwargs):
         # `register_for_auto_class` records one Auto class per model class; list AutoModel too so
         # `AutoModel.from_pretrained(dir, trust_remote_code=True)` also finds the full model.
         auto_map = dict(getattr(self.config, "auto_map", None) or {})
@@ -1068,11 +1094,10 @@ class UniForkForConditionalGeneration(UniForkPreTrainedModel, GenerationMixin):
         if getattr(self.generation_config, "image_generation", None):
             # a generation config marked as derived from the model config drops unknown keys when loaded
             self.generation_config._from_model_config = False
-        super().save_pretrained(save_directory, *args, **kwargs)
-        if kwargs.get("is_main_process", True):
-            if self.processor is not None:
-                self.processor.save_pretrained(save_directory)
-            write_model_card(self, save_directory)
+        write_model_card(self, directory, repo_id=name)  # first: a bad card_data fails before the weights are written
+        super().save_pretrained(directory, *args, **kwargs)
+        if self.processor is not None:
+            self.processor.save_pretrained(directory)
 
     def _upload_modified_files(self, working_dir, repo_id, *args, **kwargs):
         # Both `push_to_hub` and `save_pretrained(push_to_hub=True)` upload through here, after transformers
@@ -1112,6 +1137,10 @@ class UniForkForConditionalGeneration(UniForkPreTrainedModel, GenerationMixin):
             )  # fmt: skip
         model.processor = _load_processor(pretrained_model_name_or_path, kwargs, model.model.image_tokenizer)
         return (model, info) if output_loading_info else model
+
+
+def _is_weights_file(name: str) -> bool:
+    return name.startswith("model") and (name.endswith(".safetensors") or name.endswith(".safetensors.index.json"))
 
 
 def _shifted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor):

@@ -85,6 +85,23 @@ def test_tokenizer_without_image_tokens_is_rejected():
         UniForkProcessor(UniForkImageProcessorPil(), tiny_tokenizer())
 
 
+def test_tokenizer_that_cannot_spell_the_chat_template_is_rejected():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<unk>", "<image>", "<begin_of_image>", "<end_of_image>", "</s>", "red", "circle"]
+    backend = Tokenizer(models.WordLevel({word: i for i, word in enumerate(words)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="</s>")
+    # "<|user|>" and "<|assistant|>" would both become <unk>: every prompt would lose its roles, silently
+    with pytest.raises(ValueError, match=r"turns the chat template's \['<\|assistant\|>', '<\|user\|>'\] into '<unk>'"):
+        UniForkProcessor(UniForkImageProcessorPil(), tokenizer)
+    tokenizer.add_tokens(["<|user|>", "<|assistant|>"], special_tokens=True)
+    processor = UniForkProcessor(UniForkImageProcessorPil(), tokenizer)
+    ids = processor.tokenizer(processor.image_generation_prompt("red circle"), add_special_tokens=False).input_ids
+    assert tokenizer.unk_token_id not in ids
+
+
 def test_save_load_round_trip(tmp_path):
     processor = make_processor(image_seq_length=16)
     processor.save_pretrained(tmp_path)

@@ -80,6 +80,25 @@ class UniForkProcessor(ProcessorMixin):
         self.image_token_id, self.boi_token_id, self.eoi_token_id = tokenizer.convert_tokens_to_ids(
             [image_token, boi_token, eoi_token]
         )
+        self._check_template_spelling()
+
+    def _check_template_spelling(self):
+        """Raise if the chat template's own text (role markers, newlines) tokenizes to the unknown token: the
+        prompts would silently lose their structure."""
+        unk = self.tokenizer.unk_token_id
+        if unk is None or not self.chat_template:
+            return
+        turns = [{"role": role, "content": []} for role in ("user", "assistant")]
+        text = self.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+        encoded = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        unknown = [text[a:b] for token, (a, b) in zip(encoded.input_ids, encoded.offset_mapping)
+                   if token == unk and text[a:b] != self.tokenizer.unk_token]  # (GPT-2's unk is its eos)
+        if unknown:
+            raise ValueError(
+                f"The tokenizer turns the chat template's {sorted(set(unknown))} into {self.tokenizer.unk_token!r}: "
+                "add those strings to its vocabulary (e.g. `tokenizer.add_tokens([...], special_tokens=True)`) "
+                "or pass a `chat_template` it can spell."
+            )
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, image_tokenizer=None, **kwargs):

@@ -81,3 +81,16 @@ def test_a_successful_save_keeps_other_files_and_a_users_own_card(saved):
     loaded = UniForkForConditionalGeneration.from_pretrained(directory)
     assert torch.equal(loaded.generation_head.weight, model.generation_head.weight)
     assert not [name for name in os.listdir(directory) if name.startswith(".unifork-saving")]
+
+
+def test_flipped_bytes_in_the_weights_are_caught_on_load(saved):
+    model, directory, _ = saved
+    weights = directory / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 4096] = bytes(b ^ 0xFF for b in data[middle : middle + 4096])  # 4 KiB flipped
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"model.safetensors does not match its checksum in weights.sha256"):
+        UniForkForConditionalGeneration.from_pretrained(directory)  # used to load the damaged weights
+    (directory / "weights.sha256").unlink()
+    UniForkForConditionalGeneration.from_pretrained(directory)  # the user's way out, as the message says

@@ -8,6 +8,7 @@
 The decoder layers, rotary embedding and norm are the source LLM's own classes from transformers.
 """
 
+import hashlib
 import itertools
 import os
 import shutil
@@ -1076,6 +1077,9 @@ class UniForkForConditionalGeneration(UniForkPreTrainedModel, GenerationMixin):
             if kwargs.get("push_to_hub"):  # the Hub repo is named after the target, not the staging folder
                 kwargs.setdefault("repo_id", os.path.basename(os.path.abspath(save_directory)))
             self._save_all(staging, os.path.basename(os.path.abspath(save_directory)), *args, **kwargs)
+            with open(os.path.join(staging, CHECKSUMS_FILE), "w") as f:  # `sha256sum -c` reads it too
+                f.writelines(f"{_sha256(os.path.join(staging, name))}  {name}\n"
+                             for name in sorted(os.listdir(staging)) if name.endswith(".safetensors"))  # fmt: skip
             written = os.listdir(staging)
             for name in os.listdir(save_directory):
                 if _is_weights_file(name) and name not in written:
@@ -1120,6 +1124,7 @@ class UniForkForConditionalGeneration(UniForkPreTrainedModel, GenerationMixin):
         """
         output_loading_info = kwargs.pop("output_loading_info", False)
         allow_missing_weights = kwargs.pop("allow_missing_weights", False)
+        _verify_checksums(pretrained_model_name_or_path)
         model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
         missing_vq = [key for key in info["missing_keys"] if key.startswith("model.image_tokenizer.")]
         if missing_vq:
@@ -1137,6 +1142,32 @@ class UniForkForConditionalGeneration(UniForkPreTrainedModel, GenerationMixin):
             )  # fmt: skip
         model.processor = _load_processor(pretrained_model_name_or_path, kwargs, model.model.image_tokenizer)
         return (model, info) if output_loading_info else model
+
+
+CHECKSUMS_FILE = "weights.sha256"
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _verify_checksums(directory) -> None:
+    """A local checkpoint's weight files against the checksums `save_pretrained` wrote beside them (safetensors
+    itself checks only the header: flipped bytes in the data load without a word)."""
+    path = os.path.join(str(directory), CHECKSUMS_FILE)
+    if not os.path.isfile(path):
+        return  # a Hub download (the Hub checks its files) or a checkpoint saved otherwise
+    with open(path) as f:
+        for line in f:
+            expected, name = line.strip().split("  ", 1)
+            file = os.path.join(str(directory), name)
+            if os.path.exists(file) and _sha256(file) != expected:
+                raise ValueError(f"{file} does not match its checksum in {CHECKSUMS_FILE}: the file is corrupted or was "
+                                 f"changed after saving. Delete {CHECKSUMS_FILE} to load it anyway.")  # fmt: skip
 
 
 def _is_weights_file(name: str) -> bool:

@@ -1,6 +1,7 @@
 """Saving never loses or corrupts what a user saved: a failed save leaves the folder as it was."""
 
 import errno
+import json
 import os
 
 import pytest
@@ -94,3 +95,17 @@ def test_flipped_bytes_in_the_weights_are_caught_on_load(saved):
         UniForkForConditionalGeneration.from_pretrained(directory)  # used to load the damaged weights
     (directory / "weights.sha256").unlink()
     UniForkForConditionalGeneration.from_pretrained(directory)  # the user's way out, as the message says
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("image_token", "<end_of_image>", r"the config says image_token_id (\d+), the processor (?!\1)\d+"),
+    ("image_seq_length", 5, r"the config says image tokens per image 64, the processor 5"),
+])  # fmt: skip
+def test_a_processor_that_disagrees_with_the_config_is_refused(saved, field, value, message):
+    _, directory, _ = saved
+    processor_config = directory / "processor_config.json"
+    saved_config = json.loads(processor_config.read_text())
+    saved_config[field] = value
+    processor_config.write_text(json.dumps(saved_config))
+    with pytest.raises(ValueError, match=message):  # used to load, and generate_image returned garbage
+        UniForkForConditionalGeneration.from_pretrained(directory)

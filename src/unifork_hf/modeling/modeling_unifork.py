@@ -1141,6 +1141,8 @@ class UniForkForConditionalGeneration(UniForkPreTrainedModel, GenerationMixin):
                 "with the missing weights randomly initialised."
             )  # fmt: skip
         model.processor = _load_processor(pretrained_model_name_or_path, kwargs, model.model.image_tokenizer)
+        if model.processor is not None:
+            _check_processor_matches(model.config, model.processor, pretrained_model_name_or_path)
         return (model, info) if output_loading_info else model
 
 
@@ -1180,6 +1182,24 @@ def _shifted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor):
     shift_labels = labels[:, 1:].reshape(-1).to(logits.device)
     total = nn.functional.cross_entropy(shift_logits, shift_labels, ignore_index=-100, reduction="sum")
     return total, (shift_labels != -100).sum()
+
+
+def _check_processor_matches(config, processor, path) -> None:
+    """Raise, naming both values, where the saved processor and the model config disagree (e.g. a save that
+    failed half way with an older package): prompts would put images where the model does not look."""
+    size = processor.image_processor.size
+    pairs = [("image_token_id", config.image_token_id, processor.image_token_id),
+             ("boi_token_id", config.boi_token_id, processor.boi_token_id),
+             ("eoi_token_id", config.eoi_token_id, processor.eoi_token_id),
+             ("image tokens per image", config.num_image_tokens, processor.image_seq_length),
+             ("image size", (config.image_size, config.image_size), (size["height"], size["width"]))]  # fmt: skip
+    for what, in_config, in_processor in pairs:
+        if in_config != in_processor:
+            raise ValueError(f"Checkpoint {path!r}: the config says {what} {in_config}, the processor {in_processor}. "
+                             "Save the model and its processor together (model.save_pretrained) again.")  # fmt: skip
+    if len(processor.tokenizer) > config.text_config.vocab_size:
+        raise ValueError(f"Checkpoint {path!r}: the tokenizer has {len(processor.tokenizer)} tokens, more than the "
+                         f"model's vocab_size {config.text_config.vocab_size}.")  # fmt: skip
 
 
 def _load_processor(path, kwargs, image_tokenizer):

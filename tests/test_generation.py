@@ -115,6 +115,12 @@ def test_generate_image_errors(built_model, built_dir):
         built_model.generate_image("x", num_images_per_prompt=2, generator=seeds(0))
     with pytest.raises(TypeError, match="compile must be a bool or a transformers CompileConfig, got 'max-autotune'"):
         built_model.generate_image("x", compile="max-autotune")
+    for bad in (0, [0]):  # a seed is not a generator
+        with pytest.raises(TypeError, match=r"generator must be None, a torch.Generator or a list of them .*got \[?0"):
+            built_model.generate_image("x", generator=bad)
+    for bad in (-1, 0, 2.5):
+        with pytest.raises(ValueError, match=rf"max_batch_size must be None or a positive int, got {bad}"):
+            built_model.generate_image("x", max_batch_size=bad)
     with pytest.raises(ValueError, match="max_position_embeddings"):
         built_model.generate_image("a very long prompt " * 60, progress_bar=False)
     bare = UniForkForConditionalGeneration.from_pretrained(built_dir)

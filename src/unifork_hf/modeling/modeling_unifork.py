@@ -734,6 +734,11 @@ class UniForkForConditionalGeneration(UniForkPreTrainedModel, GenerationMixin):
         negatives = [n for n in negatives for _ in range(num_images_per_prompt)]
         if isinstance(generator, (list, tuple)) and len(generator) != len(prompts):
             raise ValueError(f"generator is a list of {len(generator)}, but {len(prompts)} images are generated.")
+        if not all(isinstance(g, torch.Generator) for g in (generator if isinstance(generator, (list, tuple)) else
+                                                           [] if generator is None else [generator])):  # fmt: skip
+            raise TypeError(f"generator must be None, a torch.Generator or a list of them (one per image), got {generator!r}.")
+        if max_batch_size is not None and (not isinstance(max_batch_size, int) or max_batch_size < 1):
+            raise ValueError(f"max_batch_size must be None or a positive int, got {max_batch_size!r}.")
         warpers = [TemperatureLogitsWarper(temperature)] if temperature != 1.0 else []
         if top_k:
             warpers.append(TopKLogitsWarper(top_k))

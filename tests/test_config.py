@@ -80,6 +80,29 @@ def test_invalid_fields_raise_naming_the_field(overrides, field):
         UniForkConfig.from_preset("unifork-tiny", **overrides)
 
 
+def vq_with(**changes):
+    return {**UniForkConfig.from_preset("unifork-tiny").vq_config, **changes}
+
+
+@pytest.mark.parametrize("overrides, message", [  # each used to fail inside a forward, in torch or diffusers
+    ({"vq_config": vq_with(norm_num_groups=3)}, r"block_out_channels entry \[.*\] must be a multiple of norm_num_groups \(3\)"),
+    ({"vq_config": vq_with(num_vq_embeddings=0)}, r"num_vq_embeddings and vq_embed_dim must be positive, got 0"),
+    ({"vq_config": vq_with(act_fn="swishy")}, r"vq_config act_fn 'swishy' is not an activation"),
+    ({"projector_hidden_act": "relu7"}, r"projector_hidden_act 'relu7' is not an activation"),
+])  # fmt: skip
+def test_configs_that_cannot_build_a_model_raise_naming_the_field(overrides, message):
+    if overrides.get("vq_config", {}).get("num_vq_embeddings") == 0:
+        overrides = {**overrides, "codebook_size": 0}
+    with pytest.raises(ValueError, match=message):
+        UniForkConfig.from_preset("unifork-tiny", **overrides)
+
+
+def test_kv_heads_must_divide_heads():
+    text = {**UniForkConfig.from_preset("unifork-tiny").text_config.to_dict(), "num_key_value_heads": 3}
+    with pytest.raises(ValueError, match=r"num_attention_heads \(4\) must be a multiple of num_key_value_heads \(3\)"):
+        UniForkConfig.from_preset("unifork-tiny", text_config=text)
+
+
 def test_unknown_preset():
     with pytest.raises(ValueError, match="unifork-tiny"):
         UniForkConfig.from_preset("unifork-huge")

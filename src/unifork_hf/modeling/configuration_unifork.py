@@ -211,6 +211,7 @@ class UniForkConfig(PreTrainedConfig):
                 f"codebook_size must equal vq_config['num_vq_embeddings'] = {vq['num_vq_embeddings']}, "
                 f"got {self.codebook_size}."
             )
+        self._check_shapes_divide()
         if self.projector_hidden_size is None:
             self.projector_hidden_size = text.hidden_size
         if self.projector_hidden_size < 1:
@@ -219,6 +220,26 @@ class UniForkConfig(PreTrainedConfig):
             token_id = getattr(self, name)
             if token_id is not None and not 0 <= token_id < text.vocab_size:
                 raise ValueError(f"{name} must be in 0..{text.vocab_size - 1} (the text vocabulary), got {token_id}.")
+
+    def _check_shapes_divide(self):
+        """What torch or diffusers would otherwise reject deep inside a forward, with a shape error."""
+        from transformers.activations import ACT2FN
+
+        text, vq = self.text_config, self.vq_config
+        heads, kv_heads = getattr(text, "num_attention_heads", None), getattr(text, "num_key_value_heads", None)
+        if heads and kv_heads and heads % kv_heads:
+            raise ValueError(f"text_config: num_attention_heads ({heads}) must be a multiple of num_key_value_heads ({kv_heads}).")
+        if vq["num_vq_embeddings"] < 1 or vq["vq_embed_dim"] < 1:
+            raise ValueError(f"vq_config: num_vq_embeddings and vq_embed_dim must be positive, got "
+                             f"{vq['num_vq_embeddings']} and {vq['vq_embed_dim']}.")  # fmt: skip
+        groups = vq.get("norm_num_groups", 32)
+        if any(channels % groups for channels in vq["block_out_channels"]):
+            raise ValueError(f"vq_config: every block_out_channels entry {vq['block_out_channels']} must be a multiple "
+                             f"of norm_num_groups ({groups}).")  # fmt: skip
+        for where, name in (("projector_hidden_act", self.projector_hidden_act), ("vq_config act_fn", vq.get("act_fn", "silu")),
+                            ("text_config hidden_act", getattr(text, "hidden_act", "silu"))):  # fmt: skip
+            if name not in ACT2FN:
+                raise ValueError(f"{where} {name!r} is not an activation transformers knows; e.g. 'silu', 'gelu'.")
 
     @property
     def num_image_tokens(self) -> int:

@@ -6,9 +6,20 @@ from unifork_hf import UniForkForConditionalGeneration
 from unifork_hf.tiny import tiny_llm, tiny_tokenizer, tiny_vq
 
 
-@pytest.mark.parametrize("architecture", ["qwen2", "llama"])
-def test_understanding_path_reproduces_the_source_llm(architecture, tmp_path):
-    llm = tiny_llm(architecture)
+@pytest.mark.parametrize("architecture, config", [
+    ("qwen2", {}),
+    ("llama", {}),
+    ("llama", {"rms_norm_eps": 1e-2}),  # a norm that dropped the LLM's eps would differ by ~0.5
+    ("qwen2", {"use_sliding_window": True, "sliding_window": 4, "max_window_layers": 1}),  # layers 1-3 look 4 back
+])  # fmt: skip
+def test_understanding_path_reproduces_the_source_llm(architecture, config, tmp_path):
+    llm = tiny_llm(architecture, **config)
+    with torch.no_grad():  # norm weights other than ones, so that eps and every norm's weight matter
+        for name, parameter in llm.named_parameters():
+            if "norm" in name:
+                parameter.uniform_(0.5, 1.5)
+    if config.get("use_sliding_window"):
+        assert llm.config.layer_types == ["full_attention"] + ["sliding_attention"] * 3
     llm.save_pretrained(tmp_path / "llm")
     tiny_tokenizer().save_pretrained(tmp_path / "llm")
     tiny_vq().save_pretrained(tmp_path / "vq")

@@ -34,8 +34,8 @@ def tiny_tokenizer(vocab_size: int = 384) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>", pad_token="<|pad|>")
 
 
-def tiny_llm(architecture: str = "qwen2", vocab_size: int = 384, num_hidden_layers: int = 4, seed: int = 0):
-    """A random ~0.1M-parameter Qwen2 or Llama causal LM."""
+def tiny_llm(architecture: str = "qwen2", vocab_size: int = 384, num_hidden_layers: int = 4, seed: int = 0, **config):
+    """A random ~0.1M-parameter Qwen2 or Llama causal LM; `config` overrides its config's fields."""
     kwargs = dict(
         vocab_size=vocab_size,
         hidden_size=64,
@@ -48,6 +48,7 @@ def tiny_llm(architecture: str = "qwen2", vocab_size: int = 384, num_hidden_laye
         pad_token_id=1,
         tie_word_embeddings=False,
     )
+    kwargs.update(config)
     classes = {"qwen2": (Qwen2Config, Qwen2ForCausalLM), "llama": (LlamaConfig, LlamaForCausalLM)}
     if architecture not in classes:
         raise ValueError(f"architecture must be one of {sorted(classes)}, got {architecture!r}.")

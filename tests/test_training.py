@@ -227,6 +227,26 @@ def test_pretokenized_images_are_encoded_once(model, prepared, tmp_path):
     assert trainer.state.epoch >= 1.9 and calls == []
 
 
+def test_training_draws_new_cfg_dropout_each_epoch(model, prepared, tmp_path, monkeypatch):
+    und, gen, _ = prepared
+    train = mix_tasks(und, gen, 0.5)
+    seen = []  # (epoch, row, prompt dropped) for every generation row the collator gets
+    real_call = UniForkDataCollator.__call__
+
+    def recording_call(self, rows):
+        seen.extend((self.epoch, row["row"], self.drops_prompt(row)) for row in rows if row["task"] == GENERATION)
+        return real_call(self, rows)
+
+    monkeypatch.setattr(UniForkDataCollator, "__call__", recording_call)
+    args = training_args(tmp_path, max_steps=-1, num_train_epochs=3, per_device_train_batch_size=8, cfg_dropout=0.4,
+                         learning_rate=0.0)  # fmt: skip
+    UniForkTrainer(model=model, args=args, train_dataset=train, processing_class=model.processor).train()
+    epochs = sorted({epoch for epoch, _, _ in seen})
+    assert epochs == [0, 1, 2]  # the trainer tells the collator each new epoch (nothing else does)
+    dropped = [{row for epoch, row, drop in seen if epoch == e and drop} for e in epochs]
+    assert all(dropped) and len({frozenset(d) for d in dropped}) == 3  # other prompts dropped in each epoch
+
+
 def test_streaming_datasets_train(model, prepared, tmp_path):
     _, _, parts = prepared
     processor = model.processor

@@ -81,7 +81,24 @@ def test_cli_generate_image_and_answer(built_dir, tmp_path, capsys):
     Image.new("RGB", (32, 32), "red").save(image)
     capsys.readouterr()
     main(["answer", "--model", built_dir, "--image", str(image), "--question", "What colour?", "--max-new-tokens", "4"])
-    assert capsys.readouterr().out.strip() != ""
+    # independently: greedy decoding by hand, a full forward per token (no generate, no cache)
+    model = UniForkForConditionalGeneration.from_pretrained(built_dir).eval()
+    processor = model.processor
+    text = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour?"}]}],
+                                         add_generation_prompt=True)  # fmt: skip
+    inputs = processor(images=Image.open(image), text=text, return_tensors="pt")
+    ids, new = inputs.input_ids, []
+    with torch.no_grad():
+        for _ in range(4):
+            logits = model(input_ids=ids, pixel_values=inputs.pixel_values, use_cache=False).logits[0, -1]
+            logits[model.config.image_token_id] = -float("inf")  # (the model's generation_config suppresses it)
+            token = int(logits.argmax())
+            if token == processor.tokenizer.eos_token_id:
+                break
+            new.append(token)
+            ids = torch.cat([ids, torch.tensor([[token]])], 1)
+    expected = processor.decode(new, skip_special_tokens=True).strip()
+    assert expected and capsys.readouterr().out.strip() == expected
 
 
 def test_cli_samples_with_the_checkpoints_settings_unless_told(built_dir, tmp_path):

@@ -93,21 +93,14 @@ def cmd_generate_image(args) -> None:
     print(f"{len(args.prompt) * args.num_images_per_prompt} image(s) written to {args.out}")
 
 
-def answer(model, image, question: str, max_new_tokens: int = 32) -> str:
-    """Answer `question` about `image` (a PIL image) with the understanding branch."""
-    processor = model._require_processor()
-    conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-    text = processor.apply_chat_template(conversation, add_generation_prompt=True)
-    inputs = processor(images=image, text=text, return_tensors="pt").to(model.device)
-    output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-    return processor.decode(output[0, inputs.input_ids.shape[1] :], skip_special_tokens=True).strip()
-
-
 def cmd_answer(args) -> None:
     from PIL import Image
 
+    from unifork_hf.evaluation.benchmark import answer_questions
+
     model = _load(args.model)
-    print(answer(model, Image.open(args.image), args.question, args.max_new_tokens))
+    print(answer_questions(model, [Image.open(args.image)], [args.question], max_new_tokens=args.max_new_tokens,
+                           progress_bar=False)[0])  # fmt: skip
 
 
 def cmd_evaluate(args) -> None:

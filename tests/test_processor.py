@@ -123,8 +123,13 @@ def test_images_to_tokens_and_back_through_the_attached_vq(built_model):
     assert codes.shape == (2, 64) and codes.max() < 64
     decoded = processor.decode_image_tokens(codes)
     assert [d.size for d in decoded] == [(32, 32), (32, 32)] and decoded[0].mode == "RGB"
-    # re-encoding a decoded image of a fixed VQ is deterministic
-    assert torch.equal(processor.encode_images(decoded), processor.encode_images(decoded))
+    # the codes by hand: the encoder's latents, each position's nearest codebook vector (raster order)
+    vq = built_model.model.image_tokenizer.vq
+    pixels = processor.image_processor(images, return_tensors="pt").pixel_values  # (tested above)
+    with torch.no_grad():
+        latents = vq.encode(pixels).latents.permute(0, 2, 3, 1).flatten(1, 2)  # (B, h*w, dim)
+    nearest = torch.cdist(latents, vq.quantize.embedding.weight[None].expand(2, -1, -1)).argmin(-1)
+    assert torch.equal(codes, nearest)
     processor.image_tokenizer = None
     with pytest.raises(ValueError, match="needs the VQ image tokenizer"):
         processor.encode_images(images)

@@ -1,3 +1,4 @@
+import itertools
 import json
 import os
 import signal
@@ -253,11 +254,26 @@ def test_streaming_datasets_train(model, prepared, tmp_path):
     und = prepare_understanding(parts["understanding"].to_iterable_dataset(), processor)
     gen = prepare_generation(parts["generation"].to_iterable_dataset(), processor)
     train = pretokenize_images(mix_tasks(und, gen, 0.5), processor)
-    trainer = UniForkTrainer(model=model, args=training_args(tmp_path, max_steps=3), train_dataset=train,
+    trainer = UniForkTrainer(model=model, args=training_args(tmp_path, max_steps=3, cfg_dropout=0.0), train_dataset=train,
                              processing_class=processor)  # fmt: skip
-    trainer.train()
+    batches = []
+    real_collate = trainer.data_collator.__class__.__call__
+    trainer.data_collator.__class__.__call__ = lambda self, rows: batches.append(real_collate(self, rows)) or batches[-1]
+    try:
+        before = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+        trainer.train()
+    finally:
+        trainer.data_collator.__class__.__call__ = real_collate
     logged = [log for log in trainer.state.log_history if "loss" in log]
     assert len(logged) == 3 and all("loss_understanding" in log or "loss_generation" in log for log in logged)
+    # the first batch holds the stream's first rows, in order and unchanged (right-padded)
+    first = list(itertools.islice(iter(train), 4))
+    batch = batches[0]
+    assert [ids[: int(mask.sum())] for ids, mask in zip(batch["input_ids"].tolist(), batch["attention_mask"])] == \
+        [row["input_ids"] for row in first]  # fmt: skip
+    assert batch["task"].tolist() == [row["task"] for row in first]
+    changed = [name for name, p in model.named_parameters() if name in before and not torch.equal(p, before[name])]
+    assert changed  # the stream trained the model
 
 
 def test_task_stratified_batches_hold_each_task_in_proportion(model, tmp_path):

@@ -14,11 +14,17 @@ excluded). Identical neighbourhoods give 1.0; unrelated features give about k / 
 Example:
 
 ```python
+>>> import os, tempfile, unifork_hf
+>>> from unifork_hf import UniForkForConditionalGeneration
 >>> from unifork_hf.analysis import modality_alignment, plot_alignment
->>> table = modality_alignment(model, data["test"], task="generation", k=10, num_samples=500)
->>> table
-   layer  alignment  ...
->>> plot_alignment({"UniFork generation": table}, "alignment.png")
+>>> from unifork_hf.data.shapes import shapes_dataset
+>>> model = UniForkForConditionalGeneration.from_pretrained(unifork_hf.DEMO_CHECKPOINT)
+>>> test = shapes_dataset(num_train=0, num_test=100, num_heldout=0)["test"]
+>>> table = modality_alignment(model, test, task="generation", k=10, progress_bar=False)
+>>> table[["layer", "branch"]].values.tolist()  # and `alignment`: one value per depth along the path
+[[0, 'shared'], [1, 'shared'], [2, 'shared'], [3, 'generation'], [4, 'generation']]
+>>> path = plot_alignment({"UniFork generation": table}, os.path.join(tempfile.mkdtemp(), "alignment.png"))
+
 ```
 """
 

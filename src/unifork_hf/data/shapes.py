@@ -33,7 +33,8 @@ Example:
 >>> from unifork_hf.data.shapes import shapes_dataset
 >>> data = shapes_dataset(num_train=1000, num_test=200, num_heldout=200, seed=0)
 >>> data["test"][0]["caption"]
-'a large green circle at the top left and a small orange square at the center'
+'a small red square at the top right and a large red square at the right'
+
 ```
 """
 

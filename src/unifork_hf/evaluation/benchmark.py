@@ -4,9 +4,15 @@ questions and score exact match.
 Example:
 
 ```python
+>>> import unifork_hf
+>>> from unifork_hf import UniForkForConditionalGeneration
 >>> from unifork_hf.data.shapes import shapes_dataset
->>> metrics = evaluate_shapes(model, shapes_dataset(num_train=0, num_test=200)["test"], n=200)
->>> metrics["generation"]["all"], metrics["understanding"]["all"]
+>>> from unifork_hf.evaluation.benchmark import evaluate_shapes
+>>> model = UniForkForConditionalGeneration.from_pretrained(unifork_hf.DEMO_CHECKPOINT)
+>>> metrics = evaluate_shapes(model, shapes_dataset(num_train=0, num_test=20, num_heldout=0)["test"], progress_bar=False)
+>>> sorted(metrics["generation"]), sorted(metrics["understanding"])
+(['all', 'colour', 'count', 'position', 'shape', 'size'], ['all', 'colour', 'count', 'position', 'shape', 'size'])
+
 ```
 """
 

@@ -24,6 +24,7 @@ Example:
 >>> from unifork_hf.data.shapes import render
 >>> detect(render([{"colour": "red", "shape": "circle", "size": "large", "position": "top left"}]))
 [{'colour': 'red', 'shape': 'circle', 'size': 'large', 'position': 'top left'}]
+
 ```
 """
 

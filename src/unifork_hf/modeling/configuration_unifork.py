@@ -131,6 +131,7 @@ class UniForkConfig(PreTrainedConfig):
     >>> config = UniForkConfig.from_preset("unifork-tiny")
     >>> config.num_shared_layers, config.text_config.num_hidden_layers, config.num_image_tokens
     (2, 4, 64)
+
     ```
     """
 
@@ -264,6 +265,7 @@ class UniForkConfig(PreTrainedConfig):
         >>> config = UniForkConfig.from_preset("unifork-base")
         >>> config.num_shared_layers, config.image_grid_size, config.codebook_size
         (12, 16, 16384)
+
         ```
         """
         if name not in PRESETS:

@@ -18,6 +18,7 @@ class UniForkImageProcessorPil(PilBackend):
     >>> processor = UniForkImageProcessorPil(size={"height": 32, "width": 32})
     >>> processor(Image.new("L", (64, 48)), return_tensors="pt").pixel_values.shape
     torch.Size([1, 3, 32, 32])
+
     ```
     """
 

@@ -4,8 +4,15 @@
 `model.card_data`, a dict of [`build_model_card`] keyword arguments:
 
 ```python
+>>> import os, tempfile, unifork_hf
+>>> from unifork_hf import UniForkForConditionalGeneration
+>>> model = UniForkForConditionalGeneration.from_pretrained(unifork_hf.DEMO_CHECKPOINT)
 >>> model.card_data.update(license="apache-2.0", datasets=["my-org/captions"], tags=["sft"])
->>> model.save_pretrained("unifork-0.5b")   # README.md: metadata, architecture, parameter counts, usage
+>>> out = tempfile.mkdtemp()
+>>> model.save_pretrained(out)  # README.md: metadata, architecture, parameter counts, usage
+>>> "license: apache-2.0" in open(os.path.join(out, "README.md")).read()
+True
+
 ```
 
 A README.md that this module did not write (it lacks `MODEL_CARD_MARKER`) is never replaced, except
@@ -75,7 +82,7 @@ def build_model_card(
     ...                                        "metric_value": 0.5}])
     >>> card.data.pipeline_tag, card.data.tags[:2], card.data.eval_results[0].metric_value
     ('image-text-to-text', ['unifork', 'image-generation'], 0.5)
-    >>> card.save("README.md")
+
     ```
     """
     model_name = model_name or repo_id or "UniFork"

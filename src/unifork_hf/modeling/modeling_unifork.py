@@ -499,6 +499,7 @@ class UniForkForConditionalGeneration(UniForkPreTrainedModel, GenerationMixin):
     >>> model = UniForkForConditionalGeneration(UniForkConfig.from_preset("unifork-tiny"))
     >>> len(model.model.shared_layers), len(model.model.understanding_layers), len(model.model.generation_layers)
     (2, 2, 2)
+
     ```
     """
 
@@ -562,6 +563,7 @@ class UniForkForConditionalGeneration(UniForkPreTrainedModel, GenerationMixin):
         >>> out = model(input_ids=ids, task=["understanding", "generation"])
         >>> out.logits.shape, out.image_logits.shape
         (torch.Size([1, 8, 512]), torch.Size([1, 8, 64]))
+
         ```
         """
         outputs = self.model(
@@ -700,9 +702,17 @@ class UniForkForConditionalGeneration(UniForkPreTrainedModel, GenerationMixin):
         Example:
 
         ```python
-        >>> images = model.generate_image(["a red circle", "two blue squares"], num_images_per_prompt=2)
-        >>> len(images)
-        4
+        >>> import torch, unifork_hf
+        >>> from unifork_hf import UniForkForConditionalGeneration
+        >>> from unifork_hf.evaluation import detect
+        >>> model = UniForkForConditionalGeneration.from_pretrained(unifork_hf.DEMO_CHECKPOINT)
+        >>> images = model.generate_image(["a large red circle at the top left", "a small blue square at the center"],
+        ...                               num_images_per_prompt=2, generator=torch.Generator().manual_seed(0))
+        >>> len(images), images[0].size
+        (4, (32, 32))
+        >>> detect(images[0])  # the Shapes judge reads what was drawn
+        [{'colour': 'red', 'shape': 'circle', 'size': 'large', 'position': 'top left'}]
+
         ```
         """
         prompts = [prompt] if isinstance(prompt, str) else prompt
@@ -774,9 +784,12 @@ class UniForkForConditionalGeneration(UniForkPreTrainedModel, GenerationMixin):
         Example:
 
         ```python
+        >>> from unifork_hf import UniForkConfig, UniForkForConditionalGeneration
+        >>> model = UniForkForConditionalGeneration(UniForkConfig.from_preset("unifork-tiny"))
         >>> model.generation_config.image_generation = {"guidance_scale": 1.0, "temperature": 0.1}
         >>> model.image_generation_settings(temperature=0.5)
         {'guidance_scale': 1.0, 'temperature': 0.5, 'top_k': None, 'top_p': None}
+
         ```
         """
         unknown = sorted(set(explicit) - set(DEFAULT_IMAGE_GENERATION))
@@ -981,8 +994,9 @@ class UniForkForConditionalGeneration(UniForkPreTrainedModel, GenerationMixin):
         Example:
 
         ```python
-        >>> model = UniForkForConditionalGeneration.from_pretrained_llm("Qwen/Qwen2.5-0.5B", "path/to/vq")
-        >>> model.save_pretrained("unifork")  # weights, config, processor, and the code for trust_remote_code
+        >>> model = UniForkForConditionalGeneration.from_pretrained_llm("Qwen/Qwen2.5-0.5B", "path/to/vq")  # doctest: +SKIP
+        >>> model.save_pretrained("unifork")  # doctest: +SKIP
+
         ```
         """
         from diffusers import VQModel

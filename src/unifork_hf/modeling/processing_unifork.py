@@ -45,9 +45,19 @@ class UniForkProcessor(ProcessorMixin):
     Example:
 
     ```python
-    >>> inputs = processor(images=image, text="<|user|>\\n<image>What colour is the circle?\\n<|assistant|>\\n",
-    ...                    return_tensors="pt")
-    >>> answer_ids = model.generate(**inputs, max_new_tokens=10)
+    >>> import unifork_hf
+    >>> from unifork_hf import UniForkForConditionalGeneration
+    >>> from unifork_hf.data.shapes import render
+    >>> model = UniForkForConditionalGeneration.from_pretrained(unifork_hf.DEMO_CHECKPOINT)
+    >>> processor = model.processor
+    >>> image = render([{"colour": "red", "shape": "circle", "size": "large", "position": "top left"}])
+    >>> question = [{"type": "image"}, {"type": "text", "text": "What colour is the shape at the top left?"}]
+    >>> text = processor.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True)
+    >>> inputs = processor(images=image, text=text, return_tensors="pt")  # <image> becomes 64 image tokens
+    >>> output = model.generate(**inputs, max_new_tokens=4)  # the prompt, then the answer
+    >>> processor.decode(output[0, inputs.input_ids.shape[1] :], skip_special_tokens=True)
+    'red'
+
     ```
     """
 

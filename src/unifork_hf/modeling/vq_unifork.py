@@ -34,6 +34,7 @@ class UniForkVQImageTokenizer(nn.Module):
     >>> codes = tokenizer.encode(torch.rand(2, 3, 32, 32) * 2 - 1)
     >>> codes.shape, tokenizer.decode(codes).shape
     (torch.Size([2, 64]), torch.Size([2, 3, 32, 32]))
+
     ```
     """
 

@@ -13,11 +13,21 @@ into one batch for the model's per-sample task routing, with classifier-free-gui
 Example:
 
 ```python
->>> und = prepare_understanding(qa_dataset, processor)
->>> gen = prepare_generation(caption_dataset, processor)
+>>> import unifork_hf
+>>> from unifork_hf import UniForkForConditionalGeneration
+>>> from unifork_hf.training import UniForkDataCollator, colour_dataset, mix_tasks, prepare_generation, prepare_understanding
+>>> model = UniForkForConditionalGeneration.from_pretrained(unifork_hf.DEMO_CHECKPOINT)
+>>> processor = model.processor
+>>> parts = colour_dataset(8)  # chat rows ("What colour is it?") and caption rows ("a red square")
+>>> und = prepare_understanding(parts["understanding"], processor)
+>>> gen = prepare_generation(parts["generation"], processor)
 >>> train = mix_tasks(und, gen, generation_ratio=0.5)
 >>> batch = UniForkDataCollator(processor)([train[0], train[1]])
->>> model(**batch).loss
+>>> sorted(batch), batch["task"].tolist()  # task 0: understanding, 1: generation
+(['attention_mask', 'input_ids', 'labels', 'pixel_values', 'task'], [1, 0])
+>>> float(model(**batch).loss) > 0
+True
+
 ```
 """
 
@@ -184,6 +194,7 @@ class TaskStratifiedSampler(torch.utils.data.Sampler):
     ```python
     >>> sampler = TaskStratifiedSampler([0, 1, 1, 1] * 25, seed=0)
     >>> order = list(sampler)  # every 8 consecutive rows: 2 of task 0 and 6 of task 1
+
     ```
     """
 

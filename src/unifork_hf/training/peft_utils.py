@@ -51,8 +51,15 @@ def lora_config(
 
     ```python
     >>> from peft import get_peft_model
+    >>> from unifork_hf import UniForkConfig, UniForkForConditionalGeneration
+    >>> from unifork_hf.training import lora_config
+    >>> model = UniForkForConditionalGeneration(UniForkConfig.from_preset("unifork-tiny"))
     >>> model = get_peft_model(model, lora_config(branch="generation", r=16, train_head=True))
+    >>> all("generation_" in name for name, p in model.named_parameters() if p.requires_grad)
+    True
     >>> model.print_trainable_parameters()  # LoRA on generation_layers.* + generation_head / generation_norm
+    trainable params: 36,928 || all params: 1,018,923 || trainable%: 3.6242
+
     ```
     """
     if branch not in BRANCH_LAYERS:

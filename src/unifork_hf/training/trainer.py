@@ -8,9 +8,22 @@ losses and the understanding share of the loss in the logs.
 Example:
 
 ```python
->>> args = UniForkTrainingArguments(output_dir="out", freeze="joint", cfg_dropout=0.1, max_steps=200)
->>> trainer = UniForkTrainer(model=model, args=args, train_dataset=mix_tasks(und, gen), processing_class=processor)
->>> trainer.train()
+>>> import tempfile
+>>> from unifork_hf import UniForkForConditionalGeneration
+>>> from unifork_hf.tiny import tiny_llm, tiny_tokenizer, tiny_vq
+>>> from unifork_hf.training import colour_dataset, mix_tasks, prepare_generation, prepare_understanding
+>>> model = UniForkForConditionalGeneration.from_pretrained_llm(tiny_llm(), tiny_vq(), tokenizer=tiny_tokenizer())
+>>> parts = colour_dataset(16)
+>>> und = prepare_understanding(parts["understanding"], model.processor)
+>>> gen = prepare_generation(parts["generation"], model.processor)
+>>> args = UniForkTrainingArguments(output_dir=tempfile.mkdtemp(), freeze="joint", cfg_dropout=0.1, max_steps=4,
+...                                 use_cpu=True, report_to=[], disable_tqdm=True, logging_strategy="no")
+>>> trainer = UniForkTrainer(model=model, args=args, train_dataset=mix_tasks(und, gen), processing_class=model.processor)
+>>> result = trainer.train()  # doctest: +ELLIPSIS
+{'train_runtime': ..., 'train_loss': ..., 'epoch': ...}
+>>> result.global_step
+4
+
 ```
 """
 

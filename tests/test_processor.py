@@ -70,6 +70,13 @@ def test_image_modes_are_converted_and_bad_types_rejected():
     for empty, size in ((Image.new("RGB", (0, 0)), r"\(0, 0\)"), (np.zeros((0, 5, 3), dtype=np.uint8), r"\(0, 5, 3\)")):
         with pytest.raises(ValueError, match=rf"images\[1\] has no pixels \(size {size}\)"):  # was a blank image
             processor.image_processor([Image.new("RGB", (4, 4)), empty])
+    # found by tests/test_fuzz.py: each used to fail inside transformers or return an empty batch
+    with pytest.raises(ValueError, match=r"images\[0\] is an array of shape \(8, 8\): expected one image as \(height, width, channels\)"):
+        processor.image_processor(np.zeros((8, 8), dtype=np.uint8))
+    with pytest.raises(ValueError, match="images is empty: pass at least one image, or images=None"):
+        processor(images=[], text="x")
+    with pytest.raises(ValueError, match=r"images\[0\] is the string 'no/such/file.png', which is neither a file"):
+        processor(images="no/such/file.png", text="<image>")
 
 
 def test_generation_prompts_are_left_padded_and_end_with_boi():

@@ -1,5 +1,8 @@
 """Image processor of UniFork: RGB conversion, resize to the VQ's image size, scale to [-1, 1]."""
 
+import base64
+import os
+
 import numpy as np
 import PIL.Image
 import torch
@@ -42,14 +45,29 @@ def check_image_types(images) -> None:
     `ValueError` for an image without pixels (resizing one would give a blank image, not an error)."""
     flat = images if isinstance(images, (list, tuple)) else [images]
     flat = [image for item in flat for image in (item if isinstance(item, (list, tuple)) else [item])]
+    if not flat:
+        raise ValueError("images is empty: pass at least one image, or images=None for text alone.")
     for index, image in enumerate(flat):
         if not isinstance(image, (PIL.Image.Image, np.ndarray, torch.Tensor, str)):
             raise TypeError(
                 f"images must be PIL images, numpy arrays, torch tensors or paths/URLs, got {type(image).__name__}."
             )
+        if isinstance(image, str) and not (image.startswith(("http://", "https://")) or os.path.isfile(image) or _is_base64(image)):
+            raise ValueError(f"images[{index}] is the string {image[:80]!r}, which is neither a file that exists, an "
+                             "http(s) URL nor base64 image data.")  # fmt: skip
         size = image.size if isinstance(image, PIL.Image.Image) else getattr(image, "shape", (1,))
         if 0 in tuple(size):
             raise ValueError(f"images[{index}] has no pixels (size {tuple(size)}): expected width and height > 0.")
+        if isinstance(image, (np.ndarray, torch.Tensor)) and (image.ndim != 3 or not {image.shape[0], image.shape[-1]} & {1, 3, 4}):
+            raise ValueError(f"images[{index}] is an array of shape {tuple(image.shape)}: expected one image as "
+                             "(height, width, channels) or (channels, height, width) with 1, 3 or 4 channels.")  # fmt: skip
+
+
+def _is_base64(text: str) -> bool:
+    try:
+        return bool(text) and bool(base64.b64decode(text.split(",")[-1], validate=True))
+    except ValueError:
+        return False
 
 
 __all__ = ["UniForkImageProcessorPil"]

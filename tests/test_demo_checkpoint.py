@@ -39,9 +39,11 @@ def test_checkpoint_is_bundled_small_and_documented():
 
 
 def test_checkpoint_points_only_at_code_it_holds(demo_model, tmp_path):
-    config = json.load(open(os.path.join(unifork_hf.DEMO_CHECKPOINT, "config.json")))
-    for reference in config.get("auto_map", {}).values():  # trust_remote_code would fail on a missing module
-        assert os.path.exists(os.path.join(unifork_hf.DEMO_CHECKPOINT, reference.split(".")[0] + ".py")), reference
+    for name in ("config.json", "processor_config.json"):
+        config = json.load(open(os.path.join(unifork_hf.DEMO_CHECKPOINT, name)))
+        for part in (config, config.get("image_processor", {})):
+            for reference in part.get("auto_map", {}).values():  # trust_remote_code would fail on a missing module
+                assert os.path.exists(os.path.join(unifork_hf.DEMO_CHECKPOINT, reference.split(".")[0] + ".py")), reference
     demo_model.save_pretrained(tmp_path)  # the portable copy carries its code
     assert os.path.exists(tmp_path / "modeling_unifork.py") and "auto_map" in json.load(open(tmp_path / "config.json"))
 

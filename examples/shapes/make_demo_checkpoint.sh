@@ -24,5 +24,13 @@ echo "UniFork done at ${SECONDS} s"
 target=src/unifork_hf/checkpoints/shapes-demo
 rm -rf "$target" && mkdir -p "$target"
 cp runs/shapes/unifork/{config.json,generation_config.json,model.safetensors,processor_config.json,tokenizer.json,tokenizer_config.json,chat_template.jinja,README.md,metrics.json,learning_curve.jsonl} "$target"/
-python -c "import json, sys; c = json.load(open(sys.argv[1])); c.pop('auto_map'); open(sys.argv[1], 'w').write(json.dumps(c, indent=2, sort_keys=True) + '\n')" "$target/config.json"
+python - "$target" <<'PY'
+import json, os, sys
+for name in ("config.json", "processor_config.json"):
+    path = os.path.join(sys.argv[1], name)
+    config = json.load(open(path))
+    for part in (config, config.get("image_processor", {})):
+        part.pop("auto_map", None)
+    open(path, "w").write(json.dumps(config, indent=2, sort_keys=True) + "\n")
+PY
 du -sh "$target"

@@ -1087,14 +1087,16 @@ class UniForkForConditionalGeneration(UniForkPreTrainedModel, GenerationMixin):
         """
         if not kwargs.get("is_main_process", True):
             return super().save_pretrained(save_directory, *args, **kwargs)
+        # push_to_hub=True: save here first, then upload as push_to_hub does (from the complete folder)
+        push = kwargs.pop("push_to_hub", False)
+        hub_kwargs = {key: kwargs.pop(key) for key in ("repo_id", "commit_message", "commit_description", "private",
+                                                         "token", "create_pr", "revision", "tags") if key in kwargs}  # fmt: skip
         os.makedirs(save_directory, exist_ok=True)
         staging = tempfile.mkdtemp(prefix=".unifork-saving-", dir=save_directory)  # same filesystem: renames are atomic
         try:
             readme = os.path.join(save_directory, "README.md")
             if os.path.exists(readme):  # the card writer keeps a card the user wrote
                 shutil.copy2(readme, staging)
-            if kwargs.get("push_to_hub"):  # the Hub repo is named after the target, not the staging folder
-                kwargs.setdefault("repo_id", os.path.basename(os.path.abspath(save_directory)))
             self._save_all(staging, os.path.basename(os.path.abspath(save_directory)), *args, **kwargs)
             with open(os.path.join(staging, CHECKSUMS_FILE), "w") as f:  # `sha256sum -c` reads it too
                 f.writelines(f"{_sha256(os.path.join(staging, name))}  {name}\n"
@@ -1107,6 +1109,9 @@ class UniForkForConditionalGeneration(UniForkPreTrainedModel, GenerationMixin):
                 os.replace(os.path.join(staging, name), os.path.join(save_directory, name))
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+        if push:
+            repo_id = hub_kwargs.pop("repo_id", os.path.basename(os.path.abspath(save_directory)))
+            self.push_to_hub(repo_id, **hub_kwargs)
 
     def _save_all(self, directory, name, *args, **kwargs):
         # `register_for_auto_class` records one Auto class per model class; list AutoModel too so

@@ -438,6 +438,10 @@ def test_cli_resume_true_continues_from_the_last_checkpoint(tmp_path, capsys):
     marked = next(name for name in weights if "generation_head" in name)
     save_file({**weights, marked: weights[marked] + 1.0}, tmp_path / "checkpoint-4" / "model.safetensors",
               metadata={"format": "pt"})  # fmt: skip
+    with pytest.raises(SystemExit):  # a changed weights file is refused while its checksums say otherwise
+        main([*common, "--max-steps", "6", "--resume", "true"])
+    assert "does not match its checksum" in capsys.readouterr().err
+    (tmp_path / "checkpoint-4" / "weights.sha256").unlink()
     main([*common, "--max-steps", "6", "--resume", "true"])  # used to fail: "Can't find a valid checkpoint at true"
     assert json.load(open(tmp_path / "checkpoint-6" / "trainer_state.json"))["global_step"] == 6
     main(["train", "--recipe", RECIPE, "--output-dir", str(tmp_path / "fresh"), "--max-steps", "6"])

@@ -204,8 +204,8 @@ def cmd_train(args) -> None:
         overrides["training"]["output_dir"] = args.output_dir
     if args.max_steps:
         overrides["training"]["max_steps"] = args.max_steps
-    if args.resume:  # "true": the output directory's last checkpoint (Trainer's resume_from_checkpoint=True)
-        overrides["training"]["resume_from_checkpoint"] = True if args.resume.lower() == "true" else args.resume
+    if args.resume:  # a checkpoint folder, or "true": the output directory's last checkpoint
+        overrides["training"]["resume_from_checkpoint"] = args.resume
     trainer = run_recipe(args.recipe, overrides)
     if not trainer.is_world_process_zero():
         return

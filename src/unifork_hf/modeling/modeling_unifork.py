@@ -1148,7 +1148,7 @@ class UniForkForConditionalGeneration(UniForkPreTrainedModel, GenerationMixin):
         """
         output_loading_info = kwargs.pop("output_loading_info", False)
         allow_missing_weights = kwargs.pop("allow_missing_weights", False)
-        _verify_checksums(pretrained_model_name_or_path)
+        verify_weight_checksums(pretrained_model_name_or_path)
         model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
         missing_vq = [key for key in info["missing_keys"] if key.startswith("model.image_tokenizer.")]
         if missing_vq:
@@ -1181,7 +1181,7 @@ def _sha256(path: str) -> str:
     return digest.hexdigest()
 
 
-def _verify_checksums(directory) -> None:
+def verify_weight_checksums(directory) -> None:
     """A local checkpoint's weight files against the checksums `save_pretrained` wrote beside them (safetensors
     itself checks only the header: flipped bytes in the data load without a word)."""
     path = os.path.join(str(directory), CHECKSUMS_FILE)

@@ -121,6 +121,8 @@ def load_recipe(path: str, overrides: dict | None = None) -> Recipe:
             f"Recipe section 'image_generation' has unknown keys {unknown}; known: {list(DEFAULT_IMAGE_GENERATION)}."
         )
     training = dict(raw.get("training") or {})
+    if training.get("resume_from_checkpoint") is True:  # YAML `true`: the field is a string
+        training["resume_from_checkpoint"] = "true"
     training.setdefault("output_dir", os.path.splitext(os.path.basename(path))[0])
     arguments = _dataclass_from(UniForkTrainingArguments, training, "training",
                                 build=lambda **values: HfArgumentParser(UniForkTrainingArguments).parse_dict(values)[0])  # fmt: skip
@@ -203,6 +205,7 @@ def run_recipe(path: str, overrides: dict | None = None) -> UniForkTrainer:
     train_dataset = build_dataset(recipe.data, model.processor)
     trainer = UniForkTrainer(model=model, args=recipe.training, train_dataset=train_dataset,
                              processing_class=model.processor)  # fmt: skip
-    trainer.train(resume_from_checkpoint=recipe.training.resume_from_checkpoint)
+    resume = recipe.training.resume_from_checkpoint  # "true": the output directory's last checkpoint
+    trainer.train(resume_from_checkpoint=True if str(resume).lower() == "true" else resume)
     trainer.save_model()
     return trainer

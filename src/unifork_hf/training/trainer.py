@@ -35,7 +35,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint, has_length
 
 from ..modeling.modelcard_unifork import write_model_card
-from ..modeling.modeling_unifork import UniForkForConditionalGeneration
+from ..modeling.modeling_unifork import UniForkForConditionalGeneration, verify_weight_checksums
 from .data import TaskStratifiedSampler, UniForkDataCollator
 
 
@@ -172,8 +172,9 @@ class UniForkTrainer(Trainer):
         self._logged = {name: torch.zeros(2) for name in ("loss_understanding", "loss_generation", "understanding_share")}
 
     def train(self, resume_from_checkpoint=None, **kwargs):
-        """`Trainer.train`, refusing a checkpoint this run cannot continue: one whose model config differs from
-        the model's (the field is named), or one without optimizer and scheduler state unless
+        """`Trainer.train`, refusing a checkpoint this run cannot continue: one whose weights do not match the
+        checksums saved with them, one whose model config differs from the model's (the field is named), or one
+        without optimizer and scheduler state unless
         `args.resume_without_optimizer_state` (Trainer would quietly restart Adam and the schedule)."""
         if resume_from_checkpoint is True:
             resume_from_checkpoint = get_last_checkpoint(self.args.output_dir) if os.path.isdir(self.args.output_dir) else None
@@ -184,6 +185,7 @@ class UniForkTrainer(Trainer):
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
     def _check_resumable(self, checkpoint: str) -> None:
+        verify_weight_checksums(checkpoint)  # damaged weights: refuse rather than train on
         config_file = os.path.join(checkpoint, "config.json")
         if isinstance(self.model, UniForkForConditionalGeneration) and os.path.exists(config_file):
             saved = type(self.model.config).from_pretrained(checkpoint).to_dict()  # both through the same defaults

@@ -1,3 +1,4 @@
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -94,9 +95,15 @@ def test_alignment_errors_and_plot(built_model, pairs, tmp_path):
     with pytest.raises(ValueError, match="k must be in"):
         modality_alignment(built_model, pairs, k=40)
     table = modality_alignment(built_model, pairs, task="generation", k=5, progress_bar=False)
+    blank = plot_alignment({}, str(tmp_path / "empty.png"))
     path = plot_alignment({"generation": table}, str(tmp_path / "alignment.png"))
-    with open(path, "rb") as f:
-        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    from PIL import Image
+
+    drawn, empty = np.asarray(Image.open(path).convert("RGB")), np.asarray(Image.open(blank).convert("RGB"))
+    assert drawn.shape == empty.shape and drawn.shape[0] > 100
+    # the curve: coloured (not grey) pixels that the axes alone do not have
+    coloured = lambda a: int((a.astype(int).max(-1) - a.astype(int).min(-1) > 60).sum())
+    assert coloured(drawn) > 200 and coloured(empty) == 0
 
 
 def test_cli_analyze_alignment(built_dir, tmp_path, capsys):

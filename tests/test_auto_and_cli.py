@@ -77,6 +77,15 @@ def test_cli_generate_image_and_answer(built_dir, tmp_path, capsys):
           "--num-images-per-prompt", "3", "--out", str(png)])  # fmt: skip
     grid = Image.open(png)
     assert grid.size == (3 * 128, 2 * (128 + 16))
+    # each cell is the image generate_image draws with that image's generator (seed 0, 1, ...), upscaled
+    model = UniForkForConditionalGeneration.from_pretrained(built_dir)
+    images = model.generate_image(["a red circle", "a red circle", "a red circle", "two blue squares", "two blue squares",
+                                   "two blue squares"], generator=[torch.Generator().manual_seed(i) for i in range(6)],
+                                  progress_bar=False)  # fmt: skip
+    for index, image in enumerate(images):
+        row, column = divmod(index, 3)
+        cell = grid.crop((column * 128, row * 144 + 16, column * 128 + 128, row * 144 + 144))
+        assert np.array_equal(np.asarray(cell.convert("RGB")), np.asarray(image.resize((128, 128), Image.NEAREST)))
     image = tmp_path / "red.png"
     Image.new("RGB", (32, 32), "red").save(image)
     capsys.readouterr()

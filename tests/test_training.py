@@ -248,7 +248,7 @@ def test_training_draws_new_cfg_dropout_each_epoch(model, prepared, tmp_path, mo
     assert all(dropped) and len({frozenset(d) for d in dropped}) == 3  # other prompts dropped in each epoch
 
 
-def test_streaming_datasets_train(model, prepared, tmp_path):
+def test_streaming_datasets_train(model, prepared, tmp_path, monkeypatch):
     _, _, parts = prepared
     processor = model.processor
     und = prepare_understanding(parts["understanding"].to_iterable_dataset(), processor)
@@ -257,13 +257,10 @@ def test_streaming_datasets_train(model, prepared, tmp_path):
     trainer = UniForkTrainer(model=model, args=training_args(tmp_path, max_steps=3, cfg_dropout=0.0), train_dataset=train,
                              processing_class=processor)  # fmt: skip
     batches = []
-    real_collate = trainer.data_collator.__class__.__call__
-    trainer.data_collator.__class__.__call__ = lambda self, rows: batches.append(real_collate(self, rows)) or batches[-1]
-    try:
-        before = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
-        trainer.train()
-    finally:
-        trainer.data_collator.__class__.__call__ = real_collate
+    real_collate = UniForkDataCollator.__call__
+    monkeypatch.setattr(UniForkDataCollator, "__call__", lambda self, rows: batches.append(real_collate(self, rows)) or batches[-1])
+    before = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+    trainer.train()
     logged = [log for log in trainer.state.log_history if "loss" in log]
     assert len(logged) == 3 and all("loss_understanding" in log or "loss_generation" in log for log in logged)
     # the first batch holds the stream's first rows, in order and unchanged (right-padded)
@@ -492,31 +489,32 @@ def test_trainer_writes_the_unifork_card_with_a_training_summary(model, prepared
     apply_freezing(model, "joint")
 
 
-def test_recipe_errors_name_the_key(tmp_path):
+@pytest.mark.parametrize("text, message", [
+    ("model: {tiny: true, layers: 3}\n",
+     r"section 'model' has unknown keys \['layers'\]"),
+    ("modle: {}\n",
+     r"unknown sections \['modle'\]"),
+    ("image_generation: {cfg: 2}\n",
+     r"section 'image_generation' has unknown keys \['cfg'\]"),
+    ("training: {freeze: everything}\n",
+     "freeze must be one of"),
+    ("training:\n  learning_rate: abc\n",
+     r"^Recipe training.learning_rate: expected a number, got 'abc'\.$"),
+    ("training: {max_steps: 1.5}\n",
+     r"^Recipe training.max_steps: expected an integer, got 1.5\.$"),
+    ("data: {pretokenize_images: 'no'}\n",
+     r"^Recipe data.pretokenize_images: expected true or false, got 'no'\.$"),
+    ("model:\n  tiny: true\n   num_shared_layers: 2\n",
+     r"is not valid YAML at line 3, column 21: mapping values are not allowed here"),
+])  # fmt: skip
+def test_recipe_errors_name_the_key(tmp_path, text, message):
     bad = tmp_path / "bad.yaml"
-    bad.write_text("model: {tiny: true, layers: 3}\n")
-    with pytest.raises(ValueError, match=r"section 'model' has unknown keys \['layers'\]"):
+    bad.write_text(text)
+    with pytest.raises(ValueError, match=message):
         load_recipe(str(bad))
-    bad.write_text("modle: {}\n")
-    with pytest.raises(ValueError, match=r"unknown sections \['modle'\]"):
-        load_recipe(str(bad))
-    bad.write_text("image_generation: {cfg: 2}\n")
-    with pytest.raises(ValueError, match=r"section 'image_generation' has unknown keys \['cfg'\]"):
-        load_recipe(str(bad))
-    bad.write_text("training: {freeze: everything}\n")
-    with pytest.raises(ValueError, match="freeze must be one of"):
-        load_recipe(str(bad))
-    bad.write_text("training:\n  learning_rate: abc\n")
-    with pytest.raises(ValueError, match=r"^Recipe training.learning_rate: expected a number, got 'abc'\.$"):
-        load_recipe(str(bad))
-    bad.write_text("training: {max_steps: 1.5}\n")
-    with pytest.raises(ValueError, match=r"^Recipe training.max_steps: expected an integer, got 1.5\.$"):
-        load_recipe(str(bad))
-    bad.write_text("data: {pretokenize_images: 'no'}\n")
-    with pytest.raises(ValueError, match=r"^Recipe data.pretokenize_images: expected true or false, got 'no'\.$"):
-        load_recipe(str(bad))
-    bad.write_text("model:\n  tiny: true\n   num_shared_layers: 2\n")
-    with pytest.raises(ValueError, match=r"is not valid YAML at line 3, column 21: mapping values are not allowed here"):
-        load_recipe(str(bad))
-    bad.write_text("training: {learning_rate: 3e-3, max_steps: 7}\n")  # YAML reads 3e-3 as a string
-    assert load_recipe(str(bad)).training.learning_rate == 0.003
+
+
+def test_recipe_reads_yaml_number_strings(tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("training: {learning_rate: 3e-3, max_steps: 7}\n")  # YAML reads 3e-3 as a string
+    assert load_recipe(str(recipe)).training.learning_rate == 0.003

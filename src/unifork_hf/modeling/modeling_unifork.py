@@ -1105,7 +1105,7 @@ class UniForkForConditionalGeneration(UniForkPreTrainedModel, GenerationMixin):
             for name in os.listdir(save_directory):
                 if _is_weights_file(name) and name not in written:
                     os.remove(os.path.join(save_directory, name))
-            for name in sorted(written, key=lambda name: not _is_weights_file(name)):  # the config last
+            for name in sorted(written, key=lambda name: not _is_weights_file(name)):  # weights first, then the rest
                 os.replace(os.path.join(staging, name), os.path.join(save_directory, name))
         finally:
             shutil.rmtree(staging, ignore_errors=True)

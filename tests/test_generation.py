@@ -320,7 +320,7 @@ def test_speculative_jacobi_decoding_samples_the_model_distribution(built_model)
         built_model.generate_image("x", jacobi_window=2)
 
 
-@pytest.mark.parametrize("question_first", [False, True])
+@pytest.mark.parametrize("question_first", [False, True, None])  # None: the default, question first
 def test_benchmark_answers_put_the_question_where_asked(built_model, monkeypatch, question_first):
     from unifork_hf.evaluation.benchmark import answer_questions
 
@@ -332,7 +332,9 @@ def test_benchmark_answers_put_the_question_where_asked(built_model, monkeypatch
     monkeypatch.setattr(built_model, "generate", lambda **k: fed.append(k["input_ids"]) or generate(**k))
     images = [Image.new("RGB", (32, 32), (200, 30, 30))] * 2
     questions = ["What colour is the shape?", "How many shapes are there?"]
-    answers = answer_questions(built_model, images, questions, progress_bar=False, question_first=question_first)
+    order = {} if question_first is None else {"question_first": question_first}
+    answers = answer_questions(built_model, images, questions, progress_bar=False, **order)
+    question_first = question_first is not False
     assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
     for prompt, question in zip(prompts, questions):
         assert (prompt.index(question) < prompt.index(processor.image_token)) == question_first, prompt

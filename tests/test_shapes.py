@@ -109,11 +109,14 @@ def test_scene_contents_and_questions(data):
     assert row["image"].size == (32, 32)
     und = to_understanding(data["test"].select(range(4)))
     assert len(und) == 20 and und[0]["messages"][1]["content"][0]["text"] == und[0]["answer"]
+    assert und[0]["messages"][0]["content"] == [{"type": "text", "text": und[0]["question"]}, {"type": "image", "text": None}]
+    image_first = to_understanding(data["test"].select(range(4)), question_first=False)
+    assert [item["type"] for item in image_first[0]["messages"][0]["content"]] == ["image", "text"]
     assert to_generation(data["test"]).column_names == ["image", "caption"]
 
 
 def conversation_turns(row):
-    texts = [turn["content"][-1]["text"] for turn in row["messages"]]
+    texts = [next(item["text"] for item in turn["content"] if item["type"] == "text") for turn in row["messages"]]
     return list(zip(texts[::2], texts[1::2]))
 
 
@@ -124,7 +127,8 @@ def test_conversation_rows_ask_each_question_once_without_giving_answers_away(da
     expected = collections.Counter((q["question"], q["answer"]) for qs in scenes["questions"] for q in qs)
     assert asked == expected  # (repeated one-shape scenes repeat their questions)
     for row in rows:
-        assert row["messages"][0]["content"][0]["type"] == "image"  # one image, in the first user turn
+        # one image, in the first user turn, after its question (the image tokens can attend to what is asked)
+        assert [item["type"] for item in row["messages"][0]["content"]] == ["text", "image"]
         assert all(item["type"] == "text" for turn in row["messages"][1:] for item in turn["content"])
         for (question, _), (_, answer) in itertools.permutations(conversation_turns(row), 2):
             assert f" {answer}" not in f" {question}".replace("?", " "), (question, answer)

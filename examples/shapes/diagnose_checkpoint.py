@@ -30,7 +30,7 @@ def main():
     data = shapes_dataset(num_train=args.num_train, num_test=500, num_heldout=500, seed=0)
 
     questions = to_understanding(data["train"].select(range(args.n)))
-    asked = [messages[0]["content"][1]["text"] for messages in questions["messages"]]
+    asked = questions["question"]
     predictions = answer_questions(model, [images[0] for images in questions["images"]], asked, progress_bar=False)
     scores = score_answers(predictions, questions["answer"], questions["type"])
     print(f"understanding on {args.n} training scenes: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in scores.items()))

@@ -71,8 +71,8 @@ def main():
     parser.add_argument("--model", default=unifork_hf.DEMO_CHECKPOINT)
     parser.add_argument("-n", type=int, default=300, help="test scenes")
     parser.add_argument("--type", default="colour", choices=["colour", "shape", "size", "position", "count"])
-    parser.add_argument("--question-first", action="store_true",
-                        help="ask each question before its image (a model trained with train_unifork.py --question-first)")
+    parser.add_argument("--question-first", action=argparse.BooleanOptionalAction, default=True,
+                        help="ask each question before its image (--no-question-first: a model trained image first)")
     args = parser.parse_args()
     model = UniForkForConditionalGeneration.from_pretrained(args.model, attn_implementation="eager").eval()
     processor = model.processor
@@ -90,7 +90,7 @@ def main():
     with torch.no_grad():
         for i in picked:
             scene = scenes[i // 5]
-            question = rows[i]["messages"][0]["content"][1]["text"]
+            question = rows[i]["question"]
             content = [{"type": "image"}, {"type": "text", "text": question}]
             text = processor.apply_chat_template(
                 [{"role": "user", "content": content[::-1] if args.question_first else content}],

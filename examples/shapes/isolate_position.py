@@ -5,10 +5,11 @@ depends on the shape the question names).
 
     python examples/shapes/isolate_position.py --only-position --out runs/exp/I1-position-only
     python examples/shapes/isolate_position.py --only-position --data-cache runs/shapes/data-cache-qfirst \
-        --question-first --out runs/exp/I2-position-only-qfirst
+        --out runs/exp/I2-position-only-qfirst
 
 `--data-cache` is a cache written by train_unifork.py (`--data-cache DIR`, with `--ask-every-position` or
-`--question-first` as wanted): its `understanding` rows are used as they are. Ends with one RESULT line.
+`--no-question-first` as wanted): its `understanding` rows are used as they are, and the test questions are
+asked the way its rows ask (its key.json). Ends with one RESULT line.
 """
 
 import argparse
@@ -32,7 +33,6 @@ def main():
     parser.add_argument("--tokenizer", default="runs/shapes/tokenizer")
     parser.add_argument("--data-cache", default="runs/shapes/data-cache-every")
     parser.add_argument("--only-position", action="store_true", help="train on the rows with a position question only")
-    parser.add_argument("--question-first", action="store_true", help="the cache puts questions first: ask them so")
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--learning-rate", type=float, default=2e-3)
     parser.add_argument("--layers", type=int, default=4)
@@ -54,6 +54,8 @@ def main():
     model = UniForkForConditionalGeneration.from_pretrained_llm(llm, args.vq, tokenizer=tokenizer, image_size=32,
                                                                 vq_tile_size=4)  # fmt: skip
     rows = load_from_disk(os.path.join(args.data_cache, "understanding"))
+    # caches written before question-first became the default have no such key: they put the image first
+    question_first = json.load(open(os.path.join(args.data_cache, "key.json"))).get("question_first", False)
     if args.only_position:
         where = tokenizer.convert_tokens_to_ids("Where")
         rows = rows.filter(lambda row: where in row["input_ids"])
@@ -74,8 +76,8 @@ def main():
     for kind in ("position", "colour"):
         picked = [i for i, t in enumerate(questions["type"]) if t == kind]
         replies = answer_questions(model, [scenes[i // 5]["image"] for i in picked],
-                                   [questions[i]["messages"][0]["content"][1]["text"] for i in picked],
-                                   progress_bar=False, question_first=args.question_first)  # fmt: skip
+                                   [questions[i]["question"] for i in picked],
+                                   progress_bar=False, question_first=question_first)  # fmt: skip
         right = [reply == questions[i]["answer"] for reply, i in zip(replies, picked)]
         two = [len(scenes[i // 5]["objects"]) == 2 for i in picked]
         result[kind] = {"all": round(sum(right) / len(right), 3),

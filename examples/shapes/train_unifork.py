@@ -45,9 +45,7 @@ def encoded_training_rows(scenes, processor, args):
     # VQ-encode each part before mixing: the mix cycles the smaller part, so it holds many more rows.
     # Questions as multi-turn rows (about two per scene): the image tokens are paid for once per row.
     conversations = to_understanding(scenes, conversation=True, seed=args.data_seed,
-                                     ask_every_position=args.ask_every_position)  # fmt: skip
-    if args.question_first:
-        conversations = conversations.map(question_before_image)
+                                     ask_every_position=args.ask_every_position, question_first=args.question_first)  # fmt: skip
     understanding = pretokenize_images(prepare_understanding(conversations, processor), processor)
     generation = pretokenize_images(prepare_generation(to_generation(scenes), processor), processor)
     if args.data_cache:
@@ -58,17 +56,10 @@ def encoded_training_rows(scenes, processor, args):
     return understanding, generation
 
 
-def question_before_image(row):
-    """EXPERIMENT: the first user turn says its question before the image, so the image tokens can attend to it."""
-    first = row["messages"][0]
-    first["content"] = sorted(first["content"], key=lambda item: item["type"] != "text")
-    return row
-
-
 class LearningCurve(TrainerCallback):
     """Judges a few test scenes every `every` steps: how each question type and attribute is learned."""
 
-    def __init__(self, model, scenes, every, path, question_first=False):
+    def __init__(self, model, scenes, every, path, question_first=True):
         self.model, self.scenes, self.every, self.path = model, scenes, every, path
         self.question_first = question_first
 
@@ -116,7 +107,9 @@ def main():
     parser.add_argument("--jitter", type=int, default=JITTER, help="pixels a shape may move in its cell")
     parser.add_argument("--ask-every-position", action=argparse.BooleanOptionalAction, default=False,
                         help="also ask where the other shape of a two-shape training scene is (to_understanding)")
-    parser.add_argument("--question-first", action="store_true", help="EXPERIMENT: questions before the image")
+    parser.add_argument("--question-first", action=argparse.BooleanOptionalAction, default=True,
+                        help="each row's first question before its image (to_understanding); --no-question-first: "
+                             "the image first, as the demo was trained before 2026-12-02")
     parser.add_argument("--data-cache", default=None,
                         help="keep the VQ-encoded training rows here and reuse them in runs with the same data")
     args = parser.parse_args()

@@ -175,7 +175,7 @@ def cmd_demo(args) -> None:
     generation = score_images(images, asked)
 
     questions = to_understanding(test.select(range(4, 8)))
-    asked = [messages[0]["content"][1]["text"] for messages in questions["messages"]]
+    asked = questions["question"]
     replies = answer_questions(model, [imgs[0] for imgs in questions["images"]], asked, progress_bar=False)
     understanding = score_answers(replies, questions["answer"], questions["type"])
     majority = answer_baselines(questions["answer"], questions["type"], ANSWER_CHOICES)["majority"]

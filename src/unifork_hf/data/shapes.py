@@ -273,10 +273,16 @@ def to_generation(dataset: Dataset) -> Dataset:
 
 
 def to_understanding(dataset: Dataset, conversation: bool = False, seed: int = 0,
-                     ask_every_position: bool = False) -> Dataset:  # fmt: skip
+                     ask_every_position: bool = False, question_first: bool = True) -> Dataset:  # fmt: skip
     """Chat rows (`images`, `messages`) for `prepare_understanding`.
 
-    Default: one row per question, with its `type` and `answer` (what the benchmark asks).
+    `question_first=True` (default): the first user turn says its question, then shows the image. The
+    decoder is causal, so only then can the image tokens' hidden states depend on what is asked; image
+    first, a small model trained from scratch never learned which of two shapes a position question names
+    (46.5% on two-shape scenes, chance 50%; question first 92.2%: docs/shapes-demo/experiments.md). Ask a
+    model the way it was trained (`answer_questions(question_first=...)`).
+
+    Default: one row per question, with its `question`, `type` and `answer` (what the benchmark asks).
     `conversation=True`: a scene's questions as multi-turn rows (seeded random order), grouped so that no
     question in a row gives away another's answer ("Where is the red circle?" names the colour and shape
     of "What colour is the shape at the top left?"): usually two rows per scene. For training: the 64
@@ -313,14 +319,17 @@ def to_understanding(dataset: Dataset, conversation: bool = False, seed: int = 0
                     (o["colour"], o["shape"]) == (obj["colour"], obj["shape"]) for o in objects if o is not obj)]
 
     def user_turn(question, with_image):
-        content = [{"type": "image", "text": None}] if with_image else []
-        return {"role": "user", "content": content + [{"type": "text", "text": question}]}
+        content = [{"type": "text", "text": question}]
+        if with_image:
+            image = [{"type": "image", "text": None}]
+            content = content + image if question_first else image + content
+        return {"role": "user", "content": content}
 
     def assistant_turn(answer):
         return {"role": "assistant", "content": [{"type": "text", "text": answer}]}
 
     def explode(batch):
-        out = {"images": [], "messages": []} if conversation else {"images": [], "messages": [], "type": [], "answer": []}
+        out = {"images": [], "messages": []} if conversation else {"images": [], "messages": [], "question": [], "type": [], "answer": []}
         for image, qas, objects in zip(batch["image"], batch["questions"], batch["objects"]):
             if conversation:
                 groups = leak_free_groups(qas)
@@ -334,6 +343,7 @@ def to_understanding(dataset: Dataset, conversation: bool = False, seed: int = 0
             for qa in qas:
                 out["images"].append([image])
                 out["messages"].append([user_turn(qa["question"], True), assistant_turn(qa["answer"])])
+                out["question"].append(qa["question"])
                 out["type"].append(qa["type"])
                 out["answer"].append(qa["answer"])
         return out

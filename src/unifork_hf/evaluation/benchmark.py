@@ -38,9 +38,10 @@ def generate_for_captions(model, captions, batch_size=100, seed=0, progress_bar=
 
 @torch.no_grad()
 def answer_questions(model, images, questions, batch_size=100, max_new_tokens=4, progress_bar=True,
-                     question_first: bool = False):  # fmt: skip
-    """Greedy answers (one image + one question per row), batched with left padding. The user turn holds
-    the image, then the question; `question_first` asks a model trained the other way round."""
+                     question_first: bool = True):  # fmt: skip
+    """Greedy answers (one image + one question per row), batched with left padding. The user turn says
+    the question, then shows the image (as `to_understanding` trains); `question_first=False` asks a
+    model trained with the image first."""
     processor = model._require_processor()
     answers = []
     for start in tqdm(range(0, len(questions), batch_size), desc="answers", disable=not progress_bar):
@@ -58,7 +59,7 @@ def answer_questions(model, images, questions, batch_size=100, max_new_tokens=4,
 
 def evaluate_shapes(model, dataset, n: int | None = None, batch_size: int = 100, seed: int = 0,
                     progress_bar: bool = True, jacobi_window: int | None = None, compile: bool = False,
-                    understanding: bool = True, question_first: bool = False, **sampling) -> dict:  # fmt: skip
+                    understanding: bool = True, question_first: bool = True, **sampling) -> dict:  # fmt: skip
     """Generation (judged images, per attribute and all-correct) and understanding (exact match per
     question type, with the majority-answer and chance baselines) on the first `n` scenes of a Shapes
     split. Images are judged against what each caption asks for (the `asked` column). Sampling uses the
@@ -75,7 +76,7 @@ def evaluate_shapes(model, dataset, n: int | None = None, batch_size: int = 100,
     result = {"num_scenes": len(dataset), "settings": {**settings, **extra}, "generation": rounded(generation)}
     if understanding:
         questions = to_understanding(dataset)
-        asked = [messages[0]["content"][1]["text"] for messages in questions["messages"]]
+        asked = questions["question"]
         predictions = answer_questions(model, [imgs[0] for imgs in questions["images"]], asked, batch_size,
                                        progress_bar=progress_bar, question_first=question_first)  # fmt: skip
         baselines = answer_baselines(questions["answer"], questions["type"], ANSWER_CHOICES)

@@ -13,7 +13,7 @@ import time
 import torch
 
 from unifork_hf import UniForkConfig, UniForkForConditionalGeneration
-from unifork_hf.tiny import tiny_tokenizer
+from unifork_hf.data.tiny import tiny_tokenizer
 from unifork_hf.modeling.image_processing_unifork import UniForkImageProcessorPil
 from unifork_hf.modeling.processing_unifork import UniForkProcessor
 

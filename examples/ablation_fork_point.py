@@ -23,7 +23,7 @@ import sys
 import pandas as pd
 
 from unifork_hf import UniForkForConditionalGeneration
-from unifork_hf.analysis import modality_alignment, plot_alignment
+from unifork_hf.evaluation.alignment import modality_alignment, plot_alignment
 from unifork_hf.data.shapes import QUESTION_TYPES, shapes_dataset
 
 ATTRIBUTES = ("colour", "shape", "size", "position", "count", "all")

@@ -15,7 +15,7 @@ from transformers import AutoModel, AutoProcessor
 
 import unifork_hf  # noqa: F401  (registers "unifork" with the Auto classes)
 from unifork_hf import UniForkForConditionalGeneration
-from unifork_hf.tiny import save_tiny_parts
+from unifork_hf.data.tiny import save_tiny_parts
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--llm", help="causal LM path or Hub id (default: a tiny random Qwen2)")

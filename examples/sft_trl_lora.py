@@ -23,7 +23,7 @@ from PIL import Image  # noqa: E402
 from trl import SFTConfig, SFTTrainer  # noqa: E402
 
 from unifork_hf import UniForkForConditionalGeneration  # noqa: E402
-from unifork_hf.tiny import save_tiny_parts  # noqa: E402
+from unifork_hf.data.tiny import save_tiny_parts  # noqa: E402
 from unifork_hf.training.peft_utils import lora_config  # noqa: E402
 
 parser = argparse.ArgumentParser()

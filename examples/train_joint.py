@@ -12,7 +12,7 @@ import argparse
 import torch
 
 from unifork_hf import UniForkForConditionalGeneration
-from unifork_hf.tiny import tiny_llm, tiny_tokenizer, tiny_vq
+from unifork_hf.data.tiny import tiny_llm, tiny_tokenizer, tiny_vq
 from unifork_hf.training import (
     UniForkTrainer,
     UniForkTrainingArguments,

@@ -8,7 +8,7 @@ import torch  # noqa: E402
 
 import unifork_hf  # noqa: E402,F401  (registers the Auto classes)
 from unifork_hf import UniForkConfig, UniForkForConditionalGeneration  # noqa: E402
-from unifork_hf.tiny import save_tiny_parts  # noqa: E402
+from unifork_hf.data.tiny import save_tiny_parts  # noqa: E402
 
 
 def tiny_config(**overrides) -> UniForkConfig:

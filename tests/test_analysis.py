@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from unifork_hf.analysis import _batch, modality_alignment, mutual_knn_alignment, plot_alignment
+from unifork_hf.evaluation.alignment import _batch, modality_alignment, mutual_knn_alignment, plot_alignment
 from unifork_hf.data.shapes import shapes_dataset
 
 

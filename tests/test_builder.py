@@ -3,7 +3,7 @@ import torch
 from diffusers import VQModel
 
 from unifork_hf import UniForkForConditionalGeneration
-from unifork_hf.tiny import tiny_llm, tiny_tokenizer, tiny_vq
+from unifork_hf.data.tiny import tiny_llm, tiny_tokenizer, tiny_vq
 
 
 @pytest.mark.parametrize("architecture, config", [

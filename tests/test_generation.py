@@ -6,7 +6,7 @@ from PIL import Image
 from transformers import CompileConfig
 
 from unifork_hf import DEFAULT_IMAGE_GENERATION, UniForkForConditionalGeneration
-from unifork_hf.modeling.modeling_unifork import _verify_drafts
+from unifork_hf.modeling.generation_unifork import _verify_drafts
 
 
 def seeds(*values):

@@ -303,7 +303,7 @@ def test_trainer_push_to_hub_uploads_the_card_with_the_training_summary(hub, tmp
         }
 
     monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
-    from unifork_hf.tiny import tiny_llm, tiny_tokenizer, tiny_vq
+    from unifork_hf.data.tiny import tiny_llm, tiny_tokenizer, tiny_vq
     from unifork_hf.training import (UniForkTrainer, UniForkTrainingArguments, colour_dataset, prepare_generation)
 
     model = UniForkForConditionalGeneration.from_pretrained_llm(tiny_llm(), tiny_vq(), tokenizer=tiny_tokenizer())

@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from unifork_hf import UniForkImageProcessorPil, UniForkProcessor
-from unifork_hf.tiny import tiny_tokenizer
+from unifork_hf.data.tiny import tiny_tokenizer
 
 
 def make_processor(image_seq_length=64):

@@ -13,7 +13,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from unifork_hf import GENERATION, UNDERSTANDING, UniForkForConditionalGeneration
-from unifork_hf.tiny import tiny_llm, tiny_tokenizer, tiny_vq
+from unifork_hf.data.tiny import tiny_llm, tiny_tokenizer, tiny_vq
 from unifork_hf.training import (
     FREEZING_POLICIES,
     UniForkDataCollator,

@@ -19,7 +19,7 @@ from safetensors.torch import save_file  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
 from unifork_hf import UniForkForConditionalGeneration  # noqa: E402
-from unifork_hf.tiny import tiny_llm, tiny_tokenizer, tiny_vq  # noqa: E402
+from unifork_hf.data.tiny import tiny_llm, tiny_tokenizer, tiny_vq  # noqa: E402
 from unifork_hf.training import (  # noqa: E402
     UniForkTrainer,
     UniForkTrainingArguments,

@@ -7,7 +7,7 @@
         --out runs/shapes/plain [--max-steps 6800]
 
 Saves the LM, the UniFork processor it was fed with, and `image_token_offset.json`, so that
-`unifork_hf.analysis.modality_alignment(lm, ..., processor=..., image_token_offset=...)` can compare it.
+`unifork_hf.evaluation.alignment.modality_alignment(lm, ..., processor=..., image_token_offset=...)` can compare it.
 """
 
 import argparse

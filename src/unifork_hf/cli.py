@@ -126,7 +126,7 @@ def cmd_evaluate(args) -> None:
 
 
 def cmd_analyze_alignment(args) -> None:
-    from unifork_hf.analysis import modality_alignment, plot_alignment
+    from unifork_hf.evaluation.alignment import modality_alignment, plot_alignment
 
     model = _load(args.model)
     if args.dataset:
@@ -217,10 +217,14 @@ def cmd_train(args) -> None:
     print(f"model saved to {trainer.args.output_dir}")
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="unifork", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    commands = parser.add_subparsers(dest="command", required=True)
+def _add_decoding_flags(parser) -> None:
+    parser.add_argument("--jacobi-window", type=_positive_int, default=None,
+                        help="speculative Jacobi decoding: codes drafted and verified per forward (default: one code per forward)")
+    parser.add_argument("--compile", action="store_true",
+                        help="decode through torch.compile: faster steps after a one-time compilation (a minute or more)")  # fmt: skip
 
+
+def _add_model_commands(commands) -> None:
     build = commands.add_parser("build", help="fork a pretrained LLM + VQ tokenizer into a UniFork checkpoint")
     build.add_argument("--llm", required=True, help="path or Hub id of a decoder-only causal LM (with tokenizer)")
     build.add_argument("--vq", required=True, help="path or Hub id of a diffusers VQModel")
@@ -238,10 +242,7 @@ def main(argv=None) -> None:
         generate.add_argument(flag, type=kind, default=None,
                               help=f"{what}; default: the checkpoint's generation_config.image_generation")
     generate.add_argument("--seed", type=int, default=0)
-    generate.add_argument("--jacobi-window", type=_positive_int, default=None,
-                          help="speculative Jacobi decoding: codes drafted and verified per forward (default: one code per forward)")
-    generate.add_argument("--compile", action="store_true",
-                          help="decode through torch.compile: faster steps after a one-time compilation (a minute or more)")
+    _add_decoding_flags(generate)
     generate.set_defaults(run=cmd_generate_image)
 
     answer_parser = commands.add_parser("answer", help="answer a question about an image")
@@ -258,6 +259,8 @@ def main(argv=None) -> None:
     train.add_argument("--resume", default=None, help="checkpoint directory to resume from, or 'true' for the last")
     train.set_defaults(run=cmd_train)
 
+
+def _add_benchmark_commands(commands) -> None:
     evaluate = commands.add_parser("evaluate", help="the Shapes benchmark for a checkpoint")
     evaluate.add_argument("--model", required=True)
     evaluate.add_argument("--split", choices=["test", "heldout", "paraphrase"], default="test",
@@ -265,10 +268,7 @@ def main(argv=None) -> None:
     evaluate.add_argument("-n", type=_positive_int, default=500, help="scenes (5 questions each)")
     evaluate.add_argument("--batch-size", type=_positive_int, default=100)
     evaluate.add_argument("--json", default=None, help="also write the metrics here")
-    evaluate.add_argument("--jacobi-window", type=_positive_int, default=None,
-                          help="speculative Jacobi decoding: codes drafted and verified per forward (default: one code per forward)")
-    evaluate.add_argument("--compile", action="store_true",
-                          help="decode through torch.compile: faster steps after a one-time compilation (a minute or more)")
+    _add_decoding_flags(evaluate)
     evaluate.set_defaults(run=cmd_evaluate)
 
     align = commands.add_parser("analyze-alignment", help="image-text alignment per layer along each task's path")
@@ -287,6 +287,12 @@ def main(argv=None) -> None:
     demo.add_argument("--out", default="demo_out")
     demo.set_defaults(run=cmd_demo)
 
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="unifork", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    _add_model_commands(commands)
+    _add_benchmark_commands(commands)
     args = parser.parse_args(argv)
     try:
         args.run(args)

@@ -42,7 +42,7 @@ def answer_questions(model, images, questions, batch_size=100, max_new_tokens=4,
     """Greedy answers (one image + one question per row), batched with left padding. The user turn says
     the question, then shows the image (as `to_understanding` trains); `question_first=False` asks a
     model trained with the image first."""
-    processor = model._require_processor()
+    processor = model.require_processor()
     answers = []
     for start in tqdm(range(0, len(questions), batch_size), desc="answers", disable=not progress_bar):
         texts = []

@@ -79,6 +79,23 @@ def vq_downsampling_factor(vq_config: dict) -> int:
     return 2 ** (len(vq_config["block_out_channels"]) - 1)
 
 
+# The parts of the Y by role -> module name under UniForkForConditionalGeneration. Freezing stages, LoRA
+# targets, forking an LLM and the model card find the modules through this table, so renaming a module is
+# an edit in modeling_unifork.py (the attribute and its uses) and here.
+Y_PARTS = {
+    "embeddings": "model.embed_tokens",
+    "image_tokenizer": "model.image_tokenizer",
+    "image_projector": "model.image_projector",
+    "shared_layers": "model.shared_layers",
+    "understanding_layers": "model.understanding_layers",
+    "understanding_norm": "model.understanding_norm",
+    "understanding_head": "lm_head",
+    "generation_layers": "model.generation_layers",
+    "generation_norm": "model.generation_norm",
+    "generation_head": "generation_head",
+}
+
+
 @strict
 class UniForkConfig(PreTrainedConfig):
     r"""
@@ -179,6 +196,19 @@ class UniForkConfig(PreTrainedConfig):
             self.tie_word_embeddings = True
 
         self.vq_config = {k: v for k, v in (self.vq_config or DEFAULT_VQ_CONFIG).items() if not k.startswith("_")}
+        self._resolve_image_geometry()
+        self._check_shapes_divide()
+        if self.projector_hidden_size is None:
+            self.projector_hidden_size = text.hidden_size
+        if self.projector_hidden_size < 1:
+            raise ValueError(f"projector_hidden_size must be positive, got {self.projector_hidden_size}.")
+        for name in ("image_token_id", "boi_token_id", "eoi_token_id"):
+            token_id = getattr(self, name)
+            if token_id is not None and not 0 <= token_id < text.vocab_size:
+                raise ValueError(f"{name} must be in 0..{text.vocab_size - 1} (the text vocabulary), got {token_id}.")
+
+    def _resolve_image_geometry(self):
+        """Image size, VQ tile, code grid and codebook size: the defaults the VQ implies, and checks that they agree."""
         vq = self.vq_config
         for key in ("block_out_channels", "num_vq_embeddings", "vq_embed_dim"):
             if key not in vq:
@@ -212,15 +242,6 @@ class UniForkConfig(PreTrainedConfig):
                 f"codebook_size must equal vq_config['num_vq_embeddings'] = {vq['num_vq_embeddings']}, "
                 f"got {self.codebook_size}."
             )
-        self._check_shapes_divide()
-        if self.projector_hidden_size is None:
-            self.projector_hidden_size = text.hidden_size
-        if self.projector_hidden_size < 1:
-            raise ValueError(f"projector_hidden_size must be positive, got {self.projector_hidden_size}.")
-        for name in ("image_token_id", "boi_token_id", "eoi_token_id"):
-            token_id = getattr(self, name)
-            if token_id is not None and not 0 <= token_id < text.vocab_size:
-                raise ValueError(f"{name} must be in 0..{text.vocab_size - 1} (the text vocabulary), got {token_id}.")
 
     def _check_shapes_divide(self):
         """What torch or diffusers would otherwise reject deep inside a forward, with a shape error."""
@@ -275,4 +296,4 @@ class UniForkConfig(PreTrainedConfig):
         return cls(**kwargs)
 
 
-__all__ = ["UniForkConfig"]
+__all__ = ["Y_PARTS", "UniForkConfig"]

@@ -27,6 +27,8 @@ from collections.abc import Mapping
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from .configuration_unifork import Y_PARTS
+
 
 # Marks a card as generated: save_pretrained regenerates such a card, and leaves any other README.md alone.
 MODEL_CARD_MARKER = (
@@ -175,25 +177,26 @@ def _summary(model, base_hub, base_local) -> str:
 def _architecture(model) -> str:
     config = model.config
     k, num_layers = config.num_shared_layers, config.text_config.num_hidden_layers
-    backbone = model.model
+    part = {role: model.get_submodule(name) for role, name in Y_PARTS.items()}
+    name = {role: qualified.rsplit(".", 1)[-1] for role, qualified in Y_PARTS.items()}
     lm_head = "LM head"
-    if model.lm_head.weight is backbone.embed_tokens.weight:
+    if part["understanding_head"].weight is part["embeddings"].weight:
         lm_head += " (tied to the embeddings)"
     hidden = config.text_config.hidden_size
     branches = _layers(k, num_layers) + " + norm"
-    frozen = "" if any(p.requires_grad for p in backbone.image_tokenizer.parameters()) else " (frozen)"
+    frozen = "" if any(p.requires_grad for p in part["image_tokenizer"].parameters()) else " (frozen)"
     parts = [
-        ("embeddings", [backbone.embed_tokens]),
-        (f"shared layers ({_layers(0, k)})", [backbone.shared_layers]),
-        (f"understanding branch ({branches})", [backbone.understanding_layers, backbone.understanding_norm]),
-        (f"generation branch ({branches})", [backbone.generation_layers, backbone.generation_norm]),
-        (lm_head, [model.lm_head]),
-        (f"generation head ({hidden} × {config.codebook_size})", [model.generation_head]),
-        ("image projector", [backbone.image_projector]),
-        ("VQ image tokenizer" + frozen, [backbone.image_tokenizer]),
+        ("embeddings", ["embeddings"]),
+        (f"shared layers ({_layers(0, k)})", ["shared_layers"]),
+        (f"understanding branch ({branches})", ["understanding_layers", "understanding_norm"]),
+        (f"generation branch ({branches})", ["generation_layers", "generation_norm"]),
+        (lm_head, ["understanding_head"]),
+        (f"generation head ({hidden} × {config.codebook_size})", ["generation_head"]),
+        ("image projector", ["image_projector"]),
+        ("VQ image tokenizer" + frozen, ["image_tokenizer"]),
     ]
     seen = set()
-    rows = [(name, _count(modules, seen)) for name, modules in parts]
+    rows = [(label, _count([part[role] for role in roles], seen)) for label, roles in parts]
     other = _count([model], seen)  # e.g. adapters added outside these modules
     if other:
         rows.append(("other", other))
@@ -204,12 +207,13 @@ def _architecture(model) -> str:
         "```\n"
         " text tokens + image tokens\n"
         "          |\n"
-        "   embed_tokens / image_projector (VQ code vector -> Linear -> GELU -> Linear)\n"
+        f"   {name['embeddings']} / {name['image_projector']} (VQ code vector -> Linear -> GELU -> Linear)\n"
         "          |\n"
         f"   shared {_layers(0, k)}\n"
         "        /        \\\n"
         f" understanding {_layers(k, num_layers)}     generation {_layers(k, num_layers)}\n"
-        " understanding_norm + lm_head    generation_norm + generation_head (over the VQ codebook)\n"
+        f" {name['understanding_norm']} + {name['understanding_head']}    "
+        f"{name['generation_norm']} + {name['generation_head']} (over the VQ codebook)\n"
         "```\n\n"
         "Parameters (each tensor counted once):\n\n"
         "| part | parameters |\n| --- | ---: |\n"

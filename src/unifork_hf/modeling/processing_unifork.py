@@ -9,6 +9,9 @@ from .image_processing_unifork import check_image_types
 from .vq_unifork import UniForkVQImageTokenizer
 
 
+# An image in a sequence: BOI_TOKEN, image_seq_length x IMAGE_TOKEN (each replaced by one VQ code's embedding), EOI_TOKEN.
+IMAGE_TOKEN, BOI_TOKEN, EOI_TOKEN = "<image>", "<begin_of_image>", "<end_of_image>"
+
 # Each image placeholder expands to <begin_of_image> + num_image_tokens x <image> + <end_of_image>.
 # {% generation %} marks the assistant's replies (+ eos): the tokens trained by understanding SFT.
 DEFAULT_CHAT_TEMPLATE = (
@@ -67,9 +70,9 @@ class UniForkProcessor(ProcessorMixin):
         tokenizer=None,
         chat_template=None,
         image_seq_length: int = 64,
-        image_token: str = "<image>",
-        boi_token: str = "<begin_of_image>",
-        eoi_token: str = "<end_of_image>",
+        image_token: str = IMAGE_TOKEN,
+        boi_token: str = BOI_TOKEN,
+        eoi_token: str = EOI_TOKEN,
         **kwargs,
     ):
         self.image_seq_length = image_seq_length
@@ -126,6 +129,11 @@ class UniForkProcessor(ProcessorMixin):
         return super().prepare_inputs_layout(images=images, text=text, videos=videos, audio=audio, **kwargs)
 
     def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
+        return self.image_sequence()
+
+    def image_sequence(self) -> str:
+        """One image as the model reads it: `<begin_of_image>`, `image_seq_length` x `<image>` (each position
+        then holds one VQ code's embedding), `<end_of_image>`."""
         return self.boi_token + self.image_token * self.image_seq_length + self.eoi_token
 
     # ------------------------------------------------------------------ image generation prompts
@@ -135,6 +143,11 @@ class UniForkProcessor(ProcessorMixin):
         the assistant turn opened with `<begin_of_image>`. An empty prompt is the unconditional one."""
         conversation = [{"role": "user", "content": [{"type": "text", "text": prompt}]}]
         return self.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False) + self.boi_token
+
+    def image_generation_sequence(self, prompt: str) -> str:
+        """A whole generation sample as text: the prompt (ending in `<begin_of_image>`), the image's
+        placeholders and `<end_of_image>`; training puts the image's codes at the placeholders."""
+        return self.image_generation_prompt(prompt) + self.image_sequence().removeprefix(self.boi_token)
 
     def image_generation_inputs(self, prompts: list[str], return_tensors: str = "pt"):
         """Tokenized, left-padded image-generation prompts (`input_ids`, `attention_mask`)."""
@@ -150,7 +163,8 @@ class UniForkProcessor(ProcessorMixin):
         array = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
         return [PIL.Image.fromarray(np.ascontiguousarray(a)) for a in array]
 
-    def _require_image_tokenizer(self):
+    def require_image_tokenizer(self):
+        """The VQ image tokenizer, or a ValueError saying how to attach one."""
         if self.image_tokenizer is None:
             raise ValueError(
                 "This needs the VQ image tokenizer: load the processor through the model "
@@ -160,14 +174,17 @@ class UniForkProcessor(ProcessorMixin):
 
     def encode_images(self, images) -> torch.Tensor:
         """Images -> VQ code ids `(B, num_image_tokens)`."""
-        tokenizer = self._require_image_tokenizer()
+        tokenizer = self.require_image_tokenizer()
         pixel_values = self.image_processor(images, return_tensors="pt").pixel_values
         return tokenizer.encode(pixel_values.to(tokenizer.codebook.device))
 
-    def decode_image_tokens(self, image_ids: torch.Tensor) -> list[PIL.Image.Image]:
-        """VQ code ids `(B, num_image_tokens)` -> list of PIL images."""
-        images = self._require_image_tokenizer().decode(torch.as_tensor(image_ids))
-        return self.to_pil((images.float() + 1) / 2)
+    def decode_image_tokens(self, image_ids: torch.Tensor, output_type: str = "pil"):
+        """VQ code ids `(B, num_image_tokens)` -> a list of PIL images, or with `output_type="pt"` a
+        `(B, 3, H, W)` tensor in [0, 1]."""
+        if output_type not in ("pil", "pt"):
+            raise ValueError(f"output_type must be 'pil' or 'pt', got {output_type!r}.")
+        images = (self.require_image_tokenizer().decode(torch.as_tensor(image_ids)).float() + 1) / 2
+        return images if output_type == "pt" else self.to_pil(images)
 
 
 __all__ = ["UniForkProcessor"]

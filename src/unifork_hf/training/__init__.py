@@ -1,13 +1,7 @@
 """Training UniFork: data preparation and collation, the multi-task Trainer, freezing stages, LoRA per branch."""
 
-from .data import (
-    TaskStratifiedSampler,
-    UniForkDataCollator,
-    colour_dataset,
-    mix_tasks,
-    prepare_generation,
-    prepare_understanding,
-    pretokenize_images,
-)
+from ..data.colours import colour_dataset
+from .collator import TaskStratifiedSampler, UniForkDataCollator
+from .datasets import mix_tasks, prepare_generation, prepare_understanding, pretokenize_images
 from .peft_utils import lora_config
 from .trainer import FREEZING_POLICIES, UniForkTrainer, UniForkTrainingArguments, apply_freezing

@@ -4,8 +4,10 @@ import re
 
 from peft import LoraConfig, TaskType
 
+from ..modeling.configuration_unifork import Y_PARTS
 
-# Branch -> the decoder-layer lists of `UniForkModel` it covers, and the modules `train_head` trains fully.
+
+# Branch -> the parts of the Y (`Y_PARTS`) that get adapters, and those `train_head` trains fully.
 BRANCH_LAYERS = {
     "shared": ("shared_layers",),
     "understanding": ("understanding_layers",),
@@ -14,9 +16,9 @@ BRANCH_LAYERS = {
 }
 BRANCH_HEADS = {
     "shared": (),
-    "understanding": ("lm_head", "understanding_norm"),
+    "understanding": ("understanding_head", "understanding_norm"),
     "generation": ("generation_head", "generation_norm"),
-    "all": ("lm_head", "understanding_norm", "generation_head", "generation_norm"),
+    "all": ("understanding_head", "understanding_norm", "generation_head", "generation_norm"),
 }
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -71,13 +73,14 @@ def lora_config(
     if train_head and not BRANCH_HEADS[branch]:
         raise ValueError(f"train_head=True: branch {branch!r} has no head (use 'understanding' or 'generation').")
 
-    layers = "|".join(BRANCH_LAYERS[branch])
+    layers = "|".join(re.escape(Y_PARTS[part]) for part in BRANCH_LAYERS[branch])
     projections = "|".join(re.escape(p) for p in target_projections)
     # e.g. `model.generation_layers.3.self_attn.q_proj`, under any prefix (`base_model.model.` in a PeftModel).
-    target_modules = rf".*\.({layers})\.\d+\.\w+\.({projections})"
+    target_modules = rf"(?:.*\.)?({layers})\.\d+\.\w+\.({projections})"
     modules_to_save = list(lora_kwargs.pop("modules_to_save", None) or [])
     if train_head:
-        modules_to_save += [name for name in BRANCH_HEADS[branch] if name not in modules_to_save]
+        # (peft matches these as name suffixes, also under a PeftModel's prefix)
+        modules_to_save += [Y_PARTS[part] for part in BRANCH_HEADS[branch] if Y_PARTS[part] not in modules_to_save]
     return LoraConfig(
         r=r,
         lora_alpha=alpha,

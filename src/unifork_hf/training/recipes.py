@@ -29,8 +29,9 @@ import torch
 import yaml
 from transformers import HfArgumentParser
 
-from ..modeling.modeling_unifork import DEFAULT_IMAGE_GENERATION
-from .data import colour_dataset, mix_tasks, prepare_generation, prepare_understanding, pretokenize_images
+from ..modeling.generation_unifork import DEFAULT_IMAGE_GENERATION
+from ..data.colours import colour_dataset
+from .datasets import mix_tasks, prepare_generation, prepare_understanding, pretokenize_images
 from .trainer import UniForkTrainer, UniForkTrainingArguments
 
 
@@ -137,7 +138,7 @@ def load_recipe(path: str, overrides: dict | None = None) -> Recipe:
 def build_model(recipe: ModelRecipe):
     """The model (with its processor attached) a recipe starts from."""
     from ..modeling.modeling_unifork import UniForkForConditionalGeneration
-    from ..tiny import tiny_llm, tiny_tokenizer, tiny_vq
+    from ..data.tiny import tiny_llm, tiny_tokenizer, tiny_vq
 
     sources = sum([recipe.path is not None, recipe.llm is not None or recipe.vq is not None, recipe.tiny])
     if sources != 1:

@@ -10,7 +10,7 @@ Example:
 ```python
 >>> import tempfile
 >>> from unifork_hf import UniForkForConditionalGeneration
->>> from unifork_hf.tiny import tiny_llm, tiny_tokenizer, tiny_vq
+>>> from unifork_hf.data.tiny import tiny_llm, tiny_tokenizer, tiny_vq
 >>> from unifork_hf.training import colour_dataset, mix_tasks, prepare_generation, prepare_understanding
 >>> model = UniForkForConditionalGeneration.from_pretrained_llm(tiny_llm(), tiny_vq(), tokenizer=tiny_tokenizer())
 >>> parts = colour_dataset(16)
@@ -35,17 +35,18 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint, has_length
 
 from ..modeling.modelcard_unifork import write_model_card
-from ..modeling.modeling_unifork import UniForkForConditionalGeneration, verify_weight_checksums
-from .data import TaskStratifiedSampler, UniForkDataCollator
+from ..modeling.configuration_unifork import Y_PARTS
+from ..modeling.modeling_unifork import UniForkForConditionalGeneration
+from ..modeling.saving_unifork import verify_weight_checksums
+from .collator import TaskStratifiedSampler, UniForkDataCollator
 
 
-# The paper's training stages, as the parameter-name prefixes each one trains (the VQ is never trained).
+# The paper's training stages, as the parts of the Y (`Y_PARTS`) each one trains (the VQ is never trained).
 FREEZING_POLICIES = {
-    "align": ("model.image_projector.", "lm_head.", "generation_head."),
-    "joint": ("model.embed_tokens.", "model.image_projector.", "model.shared_layers.", "model.understanding_",
-              "model.generation_", "lm_head.", "generation_head."),  # fmt: skip
-    "generation_branch": ("model.generation_layers.", "model.generation_norm.", "generation_head."),
-    "understanding_branch": ("model.understanding_layers.", "model.understanding_norm.", "lm_head."),
+    "align": ("image_projector", "understanding_head", "generation_head"),
+    "joint": tuple(part for part in Y_PARTS if part != "image_tokenizer"),
+    "generation_branch": ("generation_layers", "generation_norm", "generation_head"),
+    "understanding_branch": ("understanding_layers", "understanding_norm", "understanding_head"),
 }
 
 
@@ -59,16 +60,18 @@ def apply_freezing(model: UniForkForConditionalGeneration, policy: str) -> set[s
     """
     if policy not in FREEZING_POLICIES:
         raise ValueError(f"freeze must be one of {sorted(FREEZING_POLICIES) + ['none']}, got {policy!r}.")
-    prefixes = FREEZING_POLICIES[policy]
+    parts = FREEZING_POLICIES[policy]
+    prefixes = tuple(Y_PARTS[part] + "." for part in parts)
     trainable = set()
     for name, parameter in model.named_parameters():
         parameter.requires_grad_(name.startswith(prefixes))
         if parameter.requires_grad:
             trainable.add(name)
     # Tied weights are listed once, under the input embeddings: follow the LM head.
-    if "lm_head." in prefixes and model.lm_head.weight is model.model.embed_tokens.weight:
-        model.lm_head.weight.requires_grad_(True)
-        trainable.add("model.embed_tokens.weight")
+    head, embeddings = (model.get_submodule(Y_PARTS[part]) for part in ("understanding_head", "embeddings"))
+    if "understanding_head" in parts and head.weight is embeddings.weight:
+        head.weight.requires_grad_(True)
+        trainable.add(Y_PARTS["embeddings"] + ".weight")
     return trainable
 
 

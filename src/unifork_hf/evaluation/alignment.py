@@ -16,7 +16,7 @@ Example:
 ```python
 >>> import os, tempfile, unifork_hf
 >>> from unifork_hf import UniForkForConditionalGeneration
->>> from unifork_hf.analysis import modality_alignment, plot_alignment
+>>> from unifork_hf.evaluation.alignment import modality_alignment, plot_alignment
 >>> from unifork_hf.data.shapes import shapes_dataset
 >>> model = UniForkForConditionalGeneration.from_pretrained(unifork_hf.DEMO_CHECKPOINT)
 >>> test = shapes_dataset(num_train=0, num_test=100, num_heldout=0)["test"]
@@ -32,7 +32,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from .modeling.modeling_unifork import UniForkForConditionalGeneration
+from ..modeling.modeling_unifork import UniForkForConditionalGeneration
 
 
 TASKS = ("understanding", "generation")
@@ -63,14 +63,13 @@ def mutual_knn_alignment(features_a: torch.Tensor, features_b: torch.Tensor, k: 
 def _sequence_text(processor, caption: str, task: str) -> str:
     """The task's input layout for a paired sample: caption then image (generation), image then caption
     (understanding), as the model sees them in training."""
-    image = processor.boi_token + processor.image_token * processor.image_seq_length + processor.eoi_token
     if task == "generation":
-        return processor.image_generation_prompt(caption) + processor.image_token * processor.image_seq_length
+        return processor.image_generation_sequence(caption)
     conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": caption}]}]
     text = processor.apply_chat_template(conversation, tokenize=False)
     if text.count(processor.image_token) != 1:
         raise ValueError("The processor's chat template must render one image placeholder per image.")
-    return text.replace(processor.image_token, image)
+    return text.replace(processor.image_token, processor.image_sequence())
 
 
 def _batch(processor, captions, task):

@@ -1,4 +1,4 @@
-"""Data for UniFork training: `datasets` tables -> tokenized rows of both tasks -> mixed, padded batches.
+"""Data for UniFork training: `datasets` tables -> tokenized rows of both tasks -> one mixed dataset.
 
     understanding rows  {"images": [PIL, ...], "messages": [chat turns]}   loss on the assistant's replies
     generation rows     {"image": PIL, "caption": str}                     loss on every image token
@@ -6,9 +6,7 @@
 `prepare_understanding` / `prepare_generation` tokenize the text once (`Dataset.map`), giving both
 tasks the same columns, so `mix_tasks` can interleave them with sampling ratios; `pretokenize_images`
 optionally replaces the images by their VQ codes once, so epochs do not re-encode images. All of it
-works on `Dataset` and streaming `IterableDataset` alike. `UniForkDataCollator` pads a list of rows
-into one batch for the model's per-sample task routing, with classifier-free-guidance prompt dropout;
-`TaskStratifiedSampler` orders rows so that every batch holds each task in proportion.
+works on `Dataset` and streaming `IterableDataset` alike. Batches are made by `collator.py`.
 
 Example:
 
@@ -32,10 +30,7 @@ True
 """
 
 import hashlib
-import random
-from dataclasses import dataclass
 
-import numpy as np
 import PIL.Image
 import torch
 from datasets import Dataset, Features, Image, List, Value, interleave_datasets
@@ -141,22 +136,22 @@ def prepare_generation(dataset, processor, caption_column: str = "caption", imag
     for column in (caption_column, image_column):
         if column not in columns:
             raise ValueError(f"Generation dataset has no column {column!r} (columns: {columns}).")
-    image_part = (
-        [processor.image_token_id] * processor.image_seq_length + [processor.eoi_token_id]
-    )
-    image_labels = [processor.image_token_id] * processor.image_seq_length + [-100]
 
     def tokenize(row, index):
         caption = row[caption_column]
         if not isinstance(caption, str):
             raise _bad_row(caption_column, index, "a string", caption)
         image = _check_image(row[image_column], image_column, index)
-        prompt = processor.tokenizer(processor.image_generation_prompt(caption), add_special_tokens=False).input_ids
+        prompt_length = len(processor.tokenizer(processor.image_generation_prompt(caption), add_special_tokens=False).input_ids)
+        input_ids = processor.tokenizer(processor.image_generation_sequence(caption), add_special_tokens=False).input_ids
+        # the image positions are trained (the collator's labels put each one's VQ code there); not the end marker
+        labels = [token if token == processor.image_token_id else -100 for token in input_ids]
+        labels[:prompt_length] = [-100] * prompt_length
         return {
             "task": GENERATION,
-            "input_ids": prompt + image_part,
-            "labels": [-100] * len(prompt) + image_labels,
-            "prompt_length": len(prompt),
+            "input_ids": input_ids,
+            "labels": labels,
+            "prompt_length": prompt_length,
             "row": index,
             "images": [image],
         }
@@ -181,54 +176,13 @@ def mix_tasks(understanding, generation, generation_ratio: float = 0.5, seed: in
     )
 
 
-class TaskStratifiedSampler(torch.utils.data.Sampler):
-    """A random order of the rows in which every run of consecutive rows (so every batch, also when batches
-    are split over processes or accumulated) holds each task in proportion to the dataset, within one row.
-
-    Each task's rows are shuffled and spread evenly over the epoch (row i of a task with n rows sits at
-    `(i + phase) / n`, with a random phase per task); merging the tasks by that place gives the order.
-    Seeded by `seed` and the epoch (`set_epoch`, which Trainer calls), so a resumed run sees the same order.
-
-    Example:
-
-    ```python
-    >>> sampler = TaskStratifiedSampler([0, 1, 1, 1] * 25, seed=0)
-    >>> order = list(sampler)  # every 8 consecutive rows: 2 of task 0 and 6 of task 1
-
-    ```
-    """
-
-    def __init__(self, tasks, seed: int = 0):
-        self.tasks = torch.as_tensor(list(tasks), dtype=torch.long)
-        self.seed = seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.tasks)
-
-    def __iter__(self):
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        places, rows = [], []
-        for task in self.tasks.unique():
-            members = (self.tasks == task).nonzero().squeeze(1)
-            members = members[torch.randperm(len(members), generator=generator)]
-            phase = torch.rand((), generator=generator, dtype=torch.float64)
-            places.append((torch.arange(len(members), dtype=torch.float64) + phase) / len(members))
-            rows.append(members)
-        order = torch.cat(rows)[torch.cat(places).argsort(stable=True)]
-        return iter(order.tolist())
-
-
 def pretokenize_images(dataset, processor, batch_size: int = 64):
     """Replace the `images` column of prepared rows by `image_ids` (VQ codes), computed once.
 
     On a `Dataset` the result is an Arrow table (cached on disk when the dataset is), fingerprinted by
     all the VQ's weights, its tile size and the image processing, so a changed tokenizer never reuses stale codes.
     """
-    image_tokenizer = processor._require_image_tokenizer()
+    image_tokenizer = processor.require_image_tokenizer()
     features = Features({**{k: v for k, v in PREPARED_FEATURES.items() if k != "images"},
                          "image_ids": List(List(Value("int64")))})  # fmt: skip
 
@@ -253,97 +207,3 @@ def pretokenize_images(dataset, processor, batch_size: int = 64):
         fingerprint = f"{dataset._fingerprint}-vq-{digest.hexdigest()[:16]}"
         kwargs.update(desc="Encoding images with the VQ", new_fingerprint=fingerprint)
     return dataset.map(encode, **kwargs)
-
-
-@dataclass
-class UniForkDataCollator:
-    """Pads prepared rows of either task into one batch: `input_ids`, `attention_mask`, `labels`, `task`,
-    and `pixel_values` (rows with images) or `image_ids` (pre-tokenized rows).
-
-    Classifier-free guidance: a generation row's prompt is replaced by the unconditional (empty)
-    prompt with probability `cfg_dropout`, as at sampling time. The draw is a hash of (`seed`, `epoch`,
-    the row's source index), not a random stream, so a resumed or distributed run drops exactly the
-    prompts an uninterrupted single-process run drops; [`UniForkTrainer`] keeps `seed` and `epoch` current.
-    """
-
-    processor: object
-    cfg_dropout: float = 0.1
-    seed: int = 0
-    epoch: int = 0
-
-    def __post_init__(self):
-        if not 0 <= self.cfg_dropout < 1:
-            raise ValueError(f"cfg_dropout must be in [0, 1), got {self.cfg_dropout}.")
-        self.unconditional_prompt = self.processor.tokenizer(
-            self.processor.image_generation_prompt(""), add_special_tokens=False
-        ).input_ids
-
-    def drops_prompt(self, row: dict) -> bool:
-        """Whether CFG dropout empties this generation row's prompt in the current epoch."""
-        if row["task"] != GENERATION or not self.cfg_dropout:
-            return False
-        key = f"{self.seed}-{self.epoch}-{row['row']}".encode()
-        draw = int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "big") / 2**64
-        return draw < self.cfg_dropout
-
-    def drop_prompt(self, input_ids: list[int], labels: list[int], prompt_length: int):
-        """The row with its prompt swapped for the unconditional one."""
-        empty = self.unconditional_prompt
-        return empty + input_ids[prompt_length:], [-100] * len(empty) + labels[prompt_length:]
-
-    def __call__(self, rows: list[dict]) -> dict:
-        sequences, targets, tasks, images, image_ids = [], [], [], [], []
-        for row in rows:
-            input_ids, labels = list(row["input_ids"]), list(row["labels"])
-            if self.drops_prompt(row):
-                input_ids, labels = self.drop_prompt(input_ids, labels, row["prompt_length"])
-            sequences.append(input_ids)
-            targets.append(labels)
-            tasks.append(row["task"])
-            if "image_ids" in row:
-                image_ids.extend(row["image_ids"])
-            else:
-                images.extend(row.get("images") or [])
-        if images and image_ids:
-            raise ValueError("A batch mixes rows with images and rows with pre-tokenized image_ids; prepare all alike.")
-
-        length = max(len(s) for s in sequences)
-        pad = self.processor.tokenizer.pad_token_id
-        batch = {
-            "input_ids": torch.tensor([s + [pad] * (length - len(s)) for s in sequences]),
-            "attention_mask": torch.tensor([[1] * len(s) + [0] * (length - len(s)) for s in sequences]),
-            "labels": torch.tensor([t + [-100] * (length - len(t)) for t in targets]),
-            "task": torch.tensor(tasks),
-        }
-        if images:
-            batch["pixel_values"] = self.processor.image_processor(images, return_tensors="pt").pixel_values
-        if image_ids:
-            batch["image_ids"] = torch.tensor(np.asarray(image_ids, dtype=np.int64))
-        return batch
-
-
-def colour_dataset(num_rows: int = 128, image_size: int = 32, seed: int = 0) -> dict[str, Dataset]:
-    """A small learnable dataset for smoke-training both tasks: flat-coloured images.
-
-    Returns `{"understanding": Dataset(images, messages), "generation": Dataset(image, caption)}`; the
-    question asks for the colour, the caption names it. (The shapes benchmark is the real one.)
-    """
-    colours = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (40, 60, 220), "yellow": (240, 220, 40),
-               "purple": (140, 50, 170), "orange": (250, 140, 20)}  # fmt: skip
-    rng = random.Random(seed)
-    names = [rng.choice(sorted(colours)) for _ in range(num_rows)]
-    images = [PIL.Image.new("RGB", (image_size, image_size), colours[name]) for name in names]
-    understanding = Dataset.from_dict(
-        {
-            "images": [[image] for image in images],
-            "messages": [
-                [
-                    {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour is it?"}]},
-                    {"role": "assistant", "content": [{"type": "text", "text": name}]},
-                ]
-                for name in names
-            ],
-        }
-    )
-    generation = Dataset.from_dict({"image": images, "caption": [f"a {name} square" for name in names]})
-    return {"understanding": understanding, "generation": generation}

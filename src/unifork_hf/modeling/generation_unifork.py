@@ -1,0 +1,420 @@
+"""Image generation for UniFork: the sampling loop over the generation path of the Y.
+
+`UniForkImageGenerationMixin.generate_image` tokenizes prompts with the processor, prefills them, then samples
+one VQ code per cached forward (or several, with speculative Jacobi decoding), with classifier-free guidance and
+transformers' logits warpers, and decodes the codes to pixels with the model's VQ. The mixin needs of the model
+only `model` (the backbone: `embed_image_codes`, `image_projector`, `image_tokenizer`, `layer_types`),
+`generation_head`, `config`, `generation_config` and `processor`.
+"""
+
+import itertools
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import CompileConfig
+from transformers.cache_utils import StaticCache
+from transformers.generation.logits_process import (
+    ClassifierFreeGuidanceLogitsProcessor,
+    LogitsProcessorList,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+# What `generate_image` samples with when neither the call nor the checkpoint's
+# `generation_config.image_generation` says otherwise: the usual settings of large autoregressive image
+# models (Janus, LlamaGen). Small models trained from scratch often want less guidance and a lower
+# temperature: their training recipes write what they measured into the checkpoint.
+DEFAULT_IMAGE_GENERATION = {"guidance_scale": 5.0, "temperature": 1.0, "top_k": None, "top_p": None}
+
+
+def _multinomial(probs, generator, rows_per_image=1):
+    """One draw per row of `probs`; with a list of generators (one per image), each image's rows use its own."""
+    if isinstance(generator, (list, tuple)):
+        rows = probs.split(rows_per_image)
+        return torch.cat([torch.multinomial(r, 1, generator=g).squeeze(1) for r, g in zip(rows, generator)])
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+def _verify_drafts(probs, drafts, draft_probs, generator):
+    """Speculative sampling's test of drafted codes, for a batch that advances together.
+
+    `probs` `(B, d + 1, V)`: the model's distributions at the d drafted places and the one after;
+    `drafts` `(B, d)`, drawn from `draft_probs` `(B, d, V)`. A draft x is accepted with probability
+    min(1, p(x) / q(x)); every image keeps `accepted` = the fewest leading drafts any image accepted,
+    plus `next_codes` `(B,)` at the place after: the image's own draft if it accepted that too, else a
+    draw from max(0, p - q) (rejected) or from p (no draft left). Each kept code is distributed as p.
+    """
+    num_drafts = drafts.shape[1]
+    if not num_drafts:
+        return 0, _multinomial(probs[:, 0], generator)
+    p = probs[:, :num_drafts].gather(-1, drafts[..., None]).squeeze(-1)
+    q = draft_probs.gather(-1, drafts[..., None]).squeeze(-1)
+    passed = (_uniform(p.shape, generator, probs.device) * q < p).long().cumprod(1).sum(1)
+    accepted = int(passed.min())
+    if accepted == num_drafts:  # all accepted: the last distribution gives one more code
+        return accepted, _multinomial(probs[:, accepted], generator)
+    residual = (probs[:, accepted] - draft_probs[:, accepted]).clamp(min=0)
+    residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, probs[:, accepted])
+    return accepted, torch.where(passed > accepted, drafts[:, accepted], _multinomial(residual, generator))
+
+
+def _next_drafts(probs, accepted: int, num_drafts: int, generator):
+    """Jacobi's next window: `num_drafts` codes per image for the places after the last kept code, drawn from
+    the distributions this forward already computed for them (`probs` past the `accepted` drafts) and, past
+    those, from its last one (any proposal keeps the codes exact; this is the nearest one computed).
+    Returns the drafts `(num_images, num_drafts)` and what each was drawn from."""
+    if not num_drafts:
+        return probs.new_empty((probs.shape[0], 0), dtype=torch.long), probs[:, :0]
+    known = probs[:, accepted + 1 : accepted + 1 + num_drafts]
+    draft_probs = torch.cat([known, probs[:, -1:].expand(-1, num_drafts - known.shape[1], -1)], 1)
+    drafts = _multinomial(draft_probs.flatten(0, 1), generator, rows_per_image=num_drafts)
+    return drafts.view(probs.shape[0], num_drafts), draft_probs
+
+
+def _uniform(shape, generator, device):
+    """Uniform [0, 1) draws of `(num_images, n)`; with a list of generators, row i from generator i."""
+    if isinstance(generator, (list, tuple)):
+        return torch.stack([torch.rand(shape[1:], generator=g, device=device) for g in generator])
+    return torch.rand(shape, generator=generator, device=device)
+
+
+
+def _check_prompts(prompt, negative_prompt) -> tuple[list[str], list[str]]:
+    """The prompts and their negative prompts as lists of equal length."""
+    prompts = [prompt] if isinstance(prompt, str) else prompt
+    if not isinstance(prompts, (list, tuple)) or not prompts or not all(isinstance(p, str) for p in prompts):
+        raise TypeError(f"prompt must be a str or a non-empty list of str, got {prompt!r}.")
+    if negative_prompt is None or isinstance(negative_prompt, str):
+        return list(prompts), [negative_prompt or ""] * len(prompts)
+    negatives = list(negative_prompt)
+    if len(negatives) != len(prompts):
+        raise ValueError(f"negative_prompt has {len(negatives)} entries for {len(prompts)} prompts.")
+    return list(prompts), negatives
+
+
+def _check_decoding_options(num_images_per_prompt, jacobi_window, compile, max_batch_size) -> None:
+    if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
+        raise ValueError(f"num_images_per_prompt must be a positive int, got {num_images_per_prompt!r}.")
+    if jacobi_window is not None and (not isinstance(jacobi_window, int) or jacobi_window < 1):
+        raise ValueError(f"jacobi_window must be None or a positive int, got {jacobi_window!r}.")
+    if not isinstance(compile, (bool, CompileConfig)):
+        raise TypeError(f"compile must be a bool or a transformers CompileConfig, got {compile!r}.")
+    if max_batch_size is not None and (not isinstance(max_batch_size, int) or max_batch_size < 1):
+        raise ValueError(f"max_batch_size must be None or a positive int, got {max_batch_size!r}.")
+
+
+def _check_generator(generator, num_images: int) -> None:
+    if isinstance(generator, (list, tuple)) and len(generator) != num_images:
+        raise ValueError(f"generator is a list of {len(generator)}, but {num_images} images are generated.")
+    generators = generator if isinstance(generator, (list, tuple)) else [] if generator is None else [generator]
+    if not all(isinstance(g, torch.Generator) for g in generators):
+        raise TypeError(f"generator must be None, a torch.Generator or a list of them (one per image), got {generator!r}.")
+
+
+class UniForkImageGenerationMixin:
+    """`generate_image` and its sampling loop, for [`UniForkForConditionalGeneration`]."""
+
+    def require_processor(self):
+        """`model.processor`, or a ValueError saying how to attach one."""
+        if self.processor is None:
+            raise ValueError(
+                "generate_image with text prompts needs a processor to tokenize them. Load a checkpoint that "
+                "contains one (model and processor saved to the same directory), or attach it: "
+                "`model.processor = UniForkProcessor.from_pretrained(path)` (or `AutoProcessor.from_pretrained`)."
+            )
+        if self.processor.image_tokenizer is None:  # the VQ's one copy lives in the model: share it
+            self.processor.image_tokenizer = self.model.image_tokenizer
+        return self.processor
+
+    @torch.no_grad()
+    def generate_image(
+        self,
+        prompt: str | list[str],
+        negative_prompt: str | list[str] | None = None,
+        guidance_scale: float | None = None,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        num_images_per_prompt: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        output_type: str = "pil",
+        max_batch_size: int | None = None,
+        progress_bar: bool = True,
+        jacobi_window: int | None = None,
+        compile: bool | CompileConfig = False,
+    ):
+        """Generate images from text prompts with the generation branch, a KV cache and batched CFG.
+
+        Each step runs the conditional and the unconditional (empty or negative prompt) sequences as
+        one batch, mixes their logits as `uncond + guidance_scale * (cond - uncond)`, then samples
+        with temperature / top-k / top-p (transformers' logits processors).
+
+        The sampling settings left as None come from the checkpoint: `generation_config.image_generation`
+        (a dict that training recipes write, since the settings that work depend on the model), then
+        `DEFAULT_IMAGE_GENERATION` (guidance 5.0, temperature 1.0, no top-k, no top-p). See
+        [`image_generation_settings`].
+
+        Args:
+            prompt: one prompt or a list of prompts.
+            negative_prompt: what the unconditional sequence sees (default: an empty prompt).
+            guidance_scale: CFG scale; 1 disables guidance (no unconditional sequence is run).
+            temperature: softmax temperature (> 0).
+            top_k: sample among the k likeliest codes; 0 turns off a checkpoint's top-k.
+            top_p: sample among the likeliest codes holding probability p; 1.0 turns off a checkpoint's top-p.
+            num_images_per_prompt: images per prompt; images come out prompt by prompt.
+            generator: a `torch.Generator`, or one per image: with one per image, every image is the
+                same whatever else is in the batch.
+            output_type: `"pil"` (list of PIL images), `"pt"` (`(N, 3, H, W)` in [0, 1]) or `"tokens"`
+                (`(N, num_image_tokens)` VQ code ids).
+            max_batch_size: at most this many images per forward batch (before doubling for CFG).
+            jacobi_window: speculative Jacobi decoding: each forward verifies up to `jacobi_window - 1`
+                drafted codes and keeps the accepted ones, so an image takes fewer forwards; the codes
+                are distributed as without it (greedy `top_k=1` gives the same codes). Images of one
+                batch advance together, so with it an image depends on the rest of its batch even
+                with one generator per image. None (default) decodes one code per forward.
+            compile: run the decoding steps through `torch.compile` (the prompt's prefill stays eager).
+                True picks a config for the device: on CPU, inductor with frozen weights and its C++
+                GEMM templates (`max_autotune`), which read the weights several times faster than eager
+                matmuls at decoding's few rows; elsewhere transformers' default `CompileConfig`. Or pass
+                a `CompileConfig`. The first call compiles (a minute or more); later calls with the same
+                batch size reuse it, and a change to the weights (training, merging an adapter) is
+                detected and compiles again, since frozen weights are baked into the compiled code.
+
+        Example:
+
+        ```python
+        >>> import torch, unifork_hf
+        >>> from unifork_hf import UniForkForConditionalGeneration
+        >>> from unifork_hf.evaluation import detect
+        >>> model = UniForkForConditionalGeneration.from_pretrained(unifork_hf.DEMO_CHECKPOINT)
+        >>> images = model.generate_image(["a large red circle at the top left", "a small blue square at the center"],
+        ...                               num_images_per_prompt=2, generator=torch.Generator().manual_seed(0))
+        >>> len(images), images[0].size
+        (4, (32, 32))
+        >>> detect(images[0])  # the Shapes judge reads what was drawn
+        [{'colour': 'red', 'shape': 'circle', 'size': 'large', 'position': 'top left'}]
+
+        ```
+        """
+        prompts, negatives = _check_prompts(prompt, negative_prompt)
+        if output_type not in ("pil", "pt", "tokens"):
+            raise ValueError(f"output_type must be 'pil', 'pt' or 'tokens', got {output_type!r}.")
+        settings = self.image_generation_settings(guidance_scale=guidance_scale, temperature=temperature,
+                                                  top_k=top_k, top_p=top_p)  # fmt: skip
+        guidance_scale, temperature, top_k, top_p = (settings[key] for key in DEFAULT_IMAGE_GENERATION)
+        _check_decoding_options(num_images_per_prompt, jacobi_window, compile, max_batch_size)
+        if (jacobi_window or 1) > 1 and "sliding_attention" in self.model.layer_types:
+            # rejected drafts are undone by rewinding the cache, which a sliding window may already have evicted past
+            raise NotImplementedError("jacobi_window needs full-attention layers; this model has sliding-window ones.")
+        processor = self.require_processor()
+
+        prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
+        negatives = [n for n in negatives for _ in range(num_images_per_prompt)]
+        _check_generator(generator, len(prompts))
+        warpers = [TemperatureLogitsWarper(temperature)] if temperature != 1.0 else []
+        if top_k:
+            warpers.append(TopKLogitsWarper(top_k))
+        if top_p is not None and top_p < 1:
+            warpers.append(TopPLogitsWarper(top_p))
+        guided = guidance_scale != 1
+        processors = LogitsProcessorList(
+            ([ClassifierFreeGuidanceLogitsProcessor(guidance_scale)] if guided else []) + warpers
+        )
+
+        batch = max_batch_size or len(prompts)
+        chunks = range(0, len(prompts), batch)
+        steps = tqdm(total=len(prompts) * self.config.num_image_tokens, desc="image tokens", disable=not progress_bar)
+        codes = []
+        for start in chunks:
+            stop = start + batch
+            texts = prompts[start:stop] + (negatives[start:stop] if guided else [])
+            inputs = processor.image_generation_inputs(texts, return_tensors="pt").to(self.device)
+            generators = generator[start:stop] if isinstance(generator, (list, tuple)) else generator
+            codes.append(self._sample_image_tokens(inputs.input_ids, inputs.attention_mask, processors, generators,
+                                                   steps, window=jacobi_window or 1, compile=compile))  # fmt: skip
+        steps.close()
+        codes = torch.cat(codes)
+        if output_type == "tokens":
+            return codes
+        return processor.decode_image_tokens(codes, output_type)
+
+    def image_generation_settings(self, **explicit) -> dict:
+        """The sampling settings `generate_image` uses: explicit values (not None) over the checkpoint's
+        `generation_config.image_generation` over `DEFAULT_IMAGE_GENERATION`, checked.
+
+        Example:
+
+        ```python
+        >>> from unifork_hf import UniForkConfig, UniForkForConditionalGeneration
+        >>> model = UniForkForConditionalGeneration(UniForkConfig.from_preset("unifork-tiny"))
+        >>> model.generation_config.image_generation = {"guidance_scale": 1.0, "temperature": 0.1}
+        >>> model.image_generation_settings(temperature=0.5)
+        {'guidance_scale': 1.0, 'temperature': 0.5, 'top_k': None, 'top_p': None}
+
+        ```
+        """
+        unknown = sorted(set(explicit) - set(DEFAULT_IMAGE_GENERATION))
+        if unknown:
+            raise TypeError(f"Unknown image sampling settings {unknown}; known: {list(DEFAULT_IMAGE_GENERATION)}.")
+        saved = getattr(self.generation_config, "image_generation", None) or {}
+        if not isinstance(saved, dict) or set(saved) - set(DEFAULT_IMAGE_GENERATION):
+            raise ValueError(
+                f"generation_config.image_generation must be a dict with keys from {list(DEFAULT_IMAGE_GENERATION)}, "
+                f"got {saved!r}."
+            )
+        settings = {**DEFAULT_IMAGE_GENERATION, **saved, **{k: v for k, v in explicit.items() if v is not None}}
+        where = "" if not saved else " (explicitly or in generation_config.image_generation)"
+        guidance, temperature, top_k, top_p = (settings[key] for key in DEFAULT_IMAGE_GENERATION)
+        if not isinstance(guidance, (int, float)) or not 1 <= guidance < float("inf"):
+            raise ValueError(f"guidance_scale must be a finite number >= 1 (1 disables guidance){where}, got {guidance!r}.")
+        if not isinstance(temperature, (int, float)) or not 0 < temperature < float("inf"):
+            raise ValueError(f"temperature must be a finite number > 0{where}, got {temperature!r}.")
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0):
+            raise ValueError(f"top_k must be None or an int >= 0 (0: off){where}, got {top_k!r}.")
+        if top_p is not None and (not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
+            raise ValueError(f"top_p must be None or in (0, 1] (1: off){where}, got {top_p!r}.")
+        return settings
+
+    def _sample_image_tokens(self, input_ids, attention_mask, processors, generator, progress, window=1,
+                             compile=False):
+        """The decoding loop: prefill the prompts once, then cached forwards along the generation path.
+
+        With `window` > 1 this is speculative Jacobi decoding (Teng et al., 2024, arXiv 2410.01699):
+        each forward feeds the last sampled code and `window - 1` drafted codes, verifies each draft
+        against the model's distribution with speculative sampling's test (accept a draft `x` drawn
+        from `q` with probability `min(1, p(x) / q(x))`, else resample from `max(0, p - q)`), and keeps
+        the distributions it computed past the first rejection as the next drafts (the Jacobi step).
+        The accepted codes are distributed exactly as one-at-a-time sampling's; a batch advances by
+        the fewest any of its images accepted. `window=1` is plain decoding: one code per forward.
+
+        Everything sized by the sequence is allocated once (a `StaticCache`, rolled back past rejected
+        drafts; the attention mask; the output codes), and a step runs only the generation path:
+        shared layers, generation branch, generation head on the positions that are sampled. With
+        `compile`, the steps after the prefill run through `_compiled_decoding`'s compiled step.
+        """
+        guided = any(isinstance(p, ClassifierFreeGuidanceLogitsProcessor) for p in processors)
+        num_images = input_ids.shape[0] // 2 if guided else input_ids.shape[0]
+        num_tokens, codebook_size = self.config.num_image_tokens, self.config.codebook_size
+        input_ids, attention_mask, compiled_forward, cache = self._decoding_setup(input_ids, attention_mask, compile)
+        # every step gets the whole mask: places past the cache's length are masked as the future
+        full_mask = torch.cat([attention_mask, attention_mask.new_ones((attention_mask.shape[0], num_tokens))], 1)
+        prompt_positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        first_image_position = prompt_positions[:, -1:] + 1  # of image token 0, per row (left padding)
+        # Every code's input embedding (VQ codebook vector through the projector), computed once;
+        # a fed code adds its grid position's embedding, if the model has them.
+        code_embeddings = self.model.embed_image_codes(torch.arange(codebook_size, device=self.device))
+        grid_embeddings = self.model.image_projector.position_embeddings
+        codes = input_ids.new_empty((num_images, num_tokens))
+        drafts = codes.new_empty((num_images, 0))  # codes proposed for the places after the last sampled one
+        draft_probs = torch.empty((num_images, 0, codebook_size), device=self.device)  # what each was drawn from
+
+        n = 0  # codes sampled so far
+        step_inputs = {"input_ids": input_ids, "position_ids": prompt_positions}
+        while n < num_tokens:
+            num_drafts = drafts.shape[1]
+            # the distributions of places n .. n + num_drafts: (num_images, num_drafts + 1, codebook)
+            # (the prefill, and Jacobi's shorter last windows, run eagerly: a compiled step has one shape)
+            forward = compiled_forward if n > 0 and num_drafts + 1 == window else self._generation_logits
+            scores = forward(step_inputs, full_mask, cache, num_drafts + 1).float().flatten(0, 1)
+            history = codes[:, :n] if not num_drafts else codes.new_empty((scores.shape[0] // (1 + guided), 0))
+            for processor in processors:  # (not LogitsProcessorList: it inspects signatures every call)
+                scores = processor(history, scores)
+            probs = scores.softmax(-1).view(num_images, num_drafts + 1, codebook_size)
+
+            accepted, next_codes = _verify_drafts(probs, drafts, draft_probs, generator)
+            codes[:, n : n + accepted] = drafts[:, :accepted]
+            codes[:, n + accepted] = next_codes
+            n += accepted + 1
+            progress.update(num_images * (accepted + 1))
+            if n == num_tokens:
+                break
+
+            # Roll the cache back to the codes kept (the last one is fed next), then draft the next window.
+            if num_drafts > accepted:
+                cache.crop(-(num_drafts - accepted))  # static layers: the next forward overwrites those slots
+            drafts, draft_probs = _next_drafts(probs, accepted, min(window, num_tokens - n) - 1, generator)
+            num_drafts = drafts.shape[1]
+            fed = torch.cat([codes[:, n - 1 : n], drafts], 1)
+            places = torch.arange(n - 1, n + num_drafts, device=self.device)
+            embeds = code_embeddings[fed]
+            if grid_embeddings is not None:  # a code's grid place is its index among the image tokens
+                embeds = embeds + grid_embeddings[places]
+            step_inputs = {"inputs_embeds": torch.cat([embeds, embeds]) if guided else embeds,
+                           "position_ids": first_image_position + places}  # fmt: skip
+        return codes
+
+    def _decoding_setup(self, input_ids, attention_mask, compile):
+        """The prompts (left-padded further when compiled), the step function and the `StaticCache` it fills."""
+        num_tokens, prompt_length = self.config.num_image_tokens, input_ids.shape[1]
+        max_positions = getattr(self.config.text_config, "max_position_embeddings", None)
+        if max_positions is not None and prompt_length + num_tokens > max_positions:
+            raise ValueError(
+                f"The prompt ({prompt_length} tokens) plus {num_tokens} image tokens is longer "
+                f"than the model's max_position_embeddings ({max_positions}); shorten the prompt."
+            )
+        if not compile:
+            cache = StaticCache(config=self.config.text_config, max_cache_len=prompt_length + num_tokens)
+            return input_ids, attention_mask, self._generation_logits, cache
+        # One compiled step runs with one cache (its tensors' addresses are baked in): left-pad the prompt
+        # to a multiple of 64 so that prompts of other lengths reuse both.
+        padded_length = min(-(-prompt_length // 64) * 64, max_positions - num_tokens if max_positions else 2**31)
+        pad_id = getattr(self.config.text_config, "pad_token_id", None) or 0
+        input_ids = nn.functional.pad(input_ids, (padded_length - prompt_length, 0), value=pad_id)
+        attention_mask = nn.functional.pad(attention_mask, (padded_length - prompt_length, 0))
+        compiled_forward, cache = self._compiled_decoding(compile, input_ids.shape[0], padded_length + num_tokens)
+        return input_ids, attention_mask, compiled_forward, cache
+
+    def _generation_logits(self, step_inputs, attention_mask, cache, num_positions):
+        """One cached forward along the generation path -> generation-head logits of the last `num_positions` places."""
+        hidden = self.model(**step_inputs, attention_mask=attention_mask, cache=cache, use_cache=True,
+                            task="generation").last_hidden_state  # fmt: skip
+        return self.generation_head(hidden[:, -num_positions:])
+
+    def _compiled_decoding(self, compile, batch_rows, cache_length):
+        """`torch.compile`d `_generation_logits` and the `StaticCache` it runs with, reused while the compile
+        config, the batch shape and the weights stay the same (`_weights_fingerprint`)."""
+        config = compile if isinstance(compile, CompileConfig) else self._default_decoding_compile_config()
+        fingerprint = self._weights_fingerprint()
+        key = (config, batch_rows, cache_length, self.device, self.dtype)
+        state = getattr(self, "_decoding_state", None)
+        if state is None or state["key"] != key or not torch.equal(state["fingerprint"], fingerprint):
+            if state is not None:  # drop the compiled code of older weights (it holds a frozen copy of them)
+                torch._dynamo.eval_frame.reset_code(self._generation_logits.__code__)
+            compiled = torch.compile(self._generation_logits, **config.to_dict())
+            # Dynamo reads `freezing` from inductor's global config when it traces (any call may retrace),
+            # so `options` alone does not freeze; and inductor would print every GEMM autotuning table.
+            # The patch is built once: entering a ready one costs ~10 us a step, building one ~70.
+            patch = torch._inductor.config.patch(freezing=bool((config.options or {}).get("freezing")),
+                                                 autotune_num_choices_displayed=0, max_autotune_report_choices_stats=False)  # fmt: skip
+
+            def forward(*args):
+                with patch:
+                    return compiled(*args)
+
+            cache = StaticCache(config=self.config.text_config, max_cache_len=cache_length)
+            state = self._decoding_state = {"key": key, "fingerprint": fingerprint, "forward": forward, "cache": cache}
+        state["cache"].reset()
+        return state["forward"], state["cache"]
+
+    @torch.no_grad()
+    def _weights_fingerprint(self):
+        """One number per parameter and buffer, u^T W v with fixed random u, v (W as rows x columns): any
+        change to the content beyond float32 rounding moves it, swapped rows or columns included (a plain
+        sum would miss those), at the cost of one read of the weights."""
+        vectors = self.__dict__.setdefault("_fingerprint_vectors", {})
+        values = []
+        for tensor in itertools.chain(self.parameters(), self.buffers()):
+            matrix = tensor.detach().reshape(tensor.shape[0] if tensor.ndim else 1, -1).float()
+            if matrix.shape not in vectors:
+                generator = torch.Generator().manual_seed(sum(matrix.shape) * 1_000_003 + matrix.shape[0])
+                vectors[matrix.shape] = tuple(torch.rand(n, generator=generator) + 0.5 for n in matrix.shape)
+            u, v = (x.to(matrix.device) for x in vectors[matrix.shape])
+            values.append(u @ matrix @ v)
+        return torch.stack(values)
+
+    def _default_decoding_compile_config(self):
+        if self.device.type == "cpu":
+            return CompileConfig(dynamic=False, mode=None, options={"max_autotune": True, "freezing": True})
+        return CompileConfig(dynamic=False)

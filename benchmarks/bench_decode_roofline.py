@@ -20,7 +20,6 @@ import statistics
 import time
 
 import torch
-
 from bench_generate_image import build
 
 
@@ -56,8 +55,9 @@ def decode_steps_per_second(model, prompts, repeats, compile=False):
     try:
         for _ in range(repeats + 1):  # the first call warms up (and compiles)
             stamps.clear()
-            model.generate_image(prompts, guidance_scale=3.0, top_k=1, output_type="tokens", progress_bar=False,
-                                 compile=compile)  # fmt: skip
+            model.generate_image(
+                prompts, guidance_scale=3.0, top_k=1, output_type="tokens", progress_bar=False, compile=compile
+            )
             rates.append((len(stamps) - 1) / (stamps[-1] - stamps[0]))  # eager stamps[0]: end of the prefill
     finally:
         if compile:
@@ -79,8 +79,9 @@ def main():
     inner = model.model
     path = [inner.shared_layers, inner.generation_layers, inner.generation_norm, model.generation_head]
     weight_bytes = sum(p.numel() * p.element_size() for module in path for p in module.parameters())
-    prompts = (["a red circle at the top left", "two blue squares", "a green triangle", "a purple circle"]
-               * args.batch)[: args.batch]  # fmt: skip
+    prompts = (
+        ["a red circle at the top left", "two blue squares", "a green triangle", "a purple circle"] * args.batch
+    )[: args.batch]
 
     # Interleave the two measurements so both see the same machine state.
     bandwidths, reads, rates = [], [], []
@@ -91,13 +92,19 @@ def main():
     bandwidth, read_bandwidth, rate = max(bandwidths), max(reads), statistics.median(rates)
     achieved = weight_bytes * rate
     fraction = achieved / bandwidth
-    print(f"generation path: {weight_bytes / 1e6:.0f} MB of fp32 weights read per step; batch {args.batch} with CFG "
-          f"({2 * args.batch} rows per step), torch threads {torch.get_num_threads()}, compile={args.compile}")
-    print(f"decoding: {rate:.1f} steps/s = {args.batch * rate:.1f} image tokens/s -> {achieved / 1e9:.2f} GB/s of weights")
+    print(
+        f"generation path: {weight_bytes / 1e6:.0f} MB of fp32 weights read per step; batch {args.batch} with CFG "
+        f"({2 * args.batch} rows per step), torch threads {torch.get_num_threads()}, compile={args.compile}"
+    )
+    print(
+        f"decoding: {rate:.1f} steps/s = {args.batch * rate:.1f} image tokens/s -> {achieved / 1e9:.2f} GB/s of weights"
+    )
     print(f"memory: copy {bandwidth / 1e9:.2f} GB/s (read+write), read-only {read_bandwidth / 1e9:.2f} GB/s")
     print(f"fraction of copy bandwidth {fraction:.2f}, of read bandwidth {achieved / read_bandwidth:.2f}")
-    print(f"RESULT fraction_of_bandwidth={fraction:.2f} steps_per_s={rate:.1f} weights_mb={weight_bytes / 1e6:.0f} "
-          f"bandwidth_gb_s={bandwidth / 1e9:.2f} achieved_gb_s={achieved / 1e9:.2f}")
+    print(
+        f"RESULT fraction_of_bandwidth={fraction:.2f} steps_per_s={rate:.1f} weights_mb={weight_bytes / 1e6:.0f} "
+        f"bandwidth_gb_s={bandwidth / 1e9:.2f} achieved_gb_s={achieved / 1e9:.2f}"
+    )
 
 
 if __name__ == "__main__":

@@ -21,13 +21,18 @@ SIZES = {
     "tiny": {},
     "100m": {
         "text_config": {
-            "model_type": "qwen2", "vocab_size": 512, "hidden_size": 768, "intermediate_size": 3072,
-            "num_hidden_layers": 12, "num_attention_heads": 12, "num_key_value_heads": 4,
+            "model_type": "qwen2",
+            "vocab_size": 512,
+            "hidden_size": 768,
+            "intermediate_size": 3072,
+            "num_hidden_layers": 12,
+            "num_attention_heads": 12,
+            "num_key_value_heads": 4,
             "max_position_embeddings": 512,
         },
         "num_shared_layers": 6,
     },
-}  # fmt: skip
+}
 
 
 def build(name, sizes=SIZES):
@@ -35,8 +40,9 @@ def build(name, sizes=SIZES):
     tokenizer = tiny_tokenizer()
     tokenizer.add_tokens(["<image>", "<begin_of_image>", "<end_of_image>"], special_tokens=True)
     ids = tokenizer.convert_tokens_to_ids(["<image>", "<begin_of_image>", "<end_of_image>"])
-    config = UniForkConfig.from_preset("unifork-tiny", image_token_id=ids[0], boi_token_id=ids[1], eoi_token_id=ids[2],
-                                       **sizes[name])  # fmt: skip
+    config = UniForkConfig.from_preset(
+        "unifork-tiny", image_token_id=ids[0], boi_token_id=ids[1], eoi_token_id=ids[2], **sizes[name]
+    )
     torch.manual_seed(0)
     model = UniForkForConditionalGeneration(config).eval()
     model.processor = UniForkProcessor(UniForkImageProcessorPil(), tokenizer, image_seq_length=config.num_image_tokens)
@@ -51,8 +57,11 @@ def naive(model, prompts, scale):
     embeds = model.get_input_embeddings()(ids)
     codes = ids.new_empty((len(prompts), 0))
     for _ in range(model.config.num_image_tokens):
-        logits = model(inputs_embeds=embeds, attention_mask=mask, task="generation", use_cache=False,
-                       logits_to_keep=1).image_logits[:, -1].log_softmax(-1)  # fmt: skip
+        logits = (
+            model(inputs_embeds=embeds, attention_mask=mask, task="generation", use_cache=False, logits_to_keep=1)
+            .image_logits[:, -1]
+            .log_softmax(-1)
+        )
         cond, uncond = logits.chunk(2)
         next_codes = (uncond + scale * (cond - uncond)).argmax(-1)
         codes = torch.cat([codes, next_codes[:, None]], 1)
@@ -83,18 +92,30 @@ def main():
     for name in SIZES:
         model = build(name)
         inner = model.model
-        path = [inner.embed_tokens, inner.image_projector, inner.shared_layers, inner.generation_layers,
-                inner.generation_norm, model.generation_head]  # what one image-token step reads
+        path = [
+            inner.embed_tokens,
+            inner.image_projector,
+            inner.shared_layers,
+            inner.generation_layers,
+            inner.generation_norm,
+            model.generation_head,
+        ]  # what one image-token step reads
         n_params = sum(p.numel() for module in path for p in module.parameters())
         tokens = args.batch * model.config.num_image_tokens
-        fast_s, fast = median_time(lambda: model.generate_image(prompts, guidance_scale=3.0, top_k=1,
-                                                                output_type="tokens", progress_bar=False), args.repeats)  # fmt: skip
+        fast_s, fast = median_time(
+            lambda: model.generate_image(
+                prompts, guidance_scale=3.0, top_k=1, output_type="tokens", progress_bar=False
+            ),
+            args.repeats,
+        )
         slow_s, slow = median_time(lambda: naive(model, prompts, 3.0), args.repeats)
         assert torch.equal(fast, slow), "cached and uncached loops disagree"
         results[name] = slow_s / fast_s
-        print(f"{name}: {n_params / 1e6:.1f}M params on the generation path, {tokens} image tokens, batch {args.batch}, CFG on | "
-              f"generate_image {tokens / fast_s:.0f} tok/s ({fast_s:.2f} s) | naive no-cache {tokens / slow_s:.0f} tok/s "
-              f"({slow_s:.2f} s) | speedup {slow_s / fast_s:.2f}x")
+        print(
+            f"{name}: {n_params / 1e6:.1f}M params on the generation path, {tokens} image tokens, batch {args.batch}, CFG on | "
+            f"generate_image {tokens / fast_s:.0f} tok/s ({fast_s:.2f} s) | naive no-cache {tokens / slow_s:.0f} tok/s "
+            f"({slow_s:.2f} s) | speedup {slow_s / fast_s:.2f}x"
+        )
     print("RESULT " + " ".join(f"speedup_vs_nocache_{k}={v:.2f}" for k, v in results.items()))
 
 

@@ -29,24 +29,47 @@ import statistics
 import time
 
 import torch
-from transformers import GenerationConfig, JanusConfig, JanusForConditionalGeneration
-from transformers.utils import logging
-
 from bench_decode_roofline import copy_bandwidth
 from bench_generate_image import build
+from transformers import GenerationConfig, JanusConfig, JanusForConditionalGeneration
+from transformers.utils import logging
 
 # Language-model geometry shared by both models. "tiny" is unifork-tiny with a Llama LLM (the
 # preset's is Qwen2; Llama makes the decoder layers the same class as Janus's); "100m" is the
 # ~100M-parameter generation path of bench_generate_image.py. Both keep unifork-tiny's VQ:
 # 32 px images -> 8x8 = 64 codes of a 64-entry codebook.
-TEXT = {"model_type": "llama", "vocab_size": 512, "max_position_embeddings": 512, "tie_word_embeddings": False,
-        "eos_token_id": 0, "pad_token_id": 1}  # fmt: skip
+TEXT = {
+    "model_type": "llama",
+    "vocab_size": 512,
+    "max_position_embeddings": 512,
+    "tie_word_embeddings": False,
+    "eos_token_id": 0,
+    "pad_token_id": 1,
+}
 SIZES = {
-    "tiny": {"text_config": {**TEXT, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4,
-                             "num_attention_heads": 4, "num_key_value_heads": 2}, "num_shared_layers": 2},
-    "100m": {"text_config": {**TEXT, "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
-                             "num_attention_heads": 12, "num_key_value_heads": 4}, "num_shared_layers": 6},
-}  # fmt: skip
+    "tiny": {
+        "text_config": {
+            **TEXT,
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 4,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+        },
+        "num_shared_layers": 2,
+    },
+    "100m": {
+        "text_config": {
+            **TEXT,
+            "hidden_size": 768,
+            "intermediate_size": 3072,
+            "num_hidden_layers": 12,
+            "num_attention_heads": 12,
+            "num_key_value_heads": 4,
+        },
+        "num_shared_layers": 6,
+    },
+}
 GUIDANCE = 3.0
 
 
@@ -55,16 +78,34 @@ def build_janus(unifork_config):
     decoder are minimal, as image generation never runs them."""
     text = unifork_config.text_config.to_dict()
     hidden, grid = text["hidden_size"], unifork_config.image_grid_size
-    vision = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "image_size": unifork_config.image_size,
-              "patch_size": unifork_config.image_size // grid, "num_image_tokens": grid**2, "projection_dim": hidden}  # fmt: skip
+    vision = {
+        "hidden_size": 32,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "image_size": unifork_config.image_size,
+        "patch_size": unifork_config.image_size // grid,
+        "num_image_tokens": grid**2,
+        "projection_dim": hidden,
+    }
     # The generation-side pieces mirror UniFork's: code embedding of dim vq_embed_dim, then an
     # aligner Linear(vq_embed_dim, H) -> GELU -> Linear(H, H) (= UniFork's image projector).
     # Janus's head is Linear(H, H) -> GELU -> Linear(H, codebook), one H x H matmul more per
     # step than UniFork's Linear(H, codebook): that is Janus's design and is kept.
-    vq = {"embed_dim": unifork_config.vq_config["vq_embed_dim"], "num_embeddings": unifork_config.codebook_size,
-          "latent_channels": 32, "base_channels": 32, "channel_multiplier": [1, 1, 1], "num_res_blocks": 1,
-          "projection_dim": hidden, "image_token_embed_dim": hidden, "num_hidden_layers": 2, "hidden_act": "gelu"}  # fmt: skip
-    config = JanusConfig(text_config=text, vision_config=vision, vq_config=vq, image_token_id=unifork_config.image_token_id)
+    vq = {
+        "embed_dim": unifork_config.vq_config["vq_embed_dim"],
+        "num_embeddings": unifork_config.codebook_size,
+        "latent_channels": 32,
+        "base_channels": 32,
+        "channel_multiplier": [1, 1, 1],
+        "num_res_blocks": 1,
+        "projection_dim": hidden,
+        "image_token_embed_dim": hidden,
+        "num_hidden_layers": 2,
+        "hidden_act": "gelu",
+    }
+    config = JanusConfig(
+        text_config=text, vision_config=vision, vq_config=vq, image_token_id=unifork_config.image_token_id
+    )
     torch.manual_seed(0)
     model = JanusForConditionalGeneration(config).eval()
     assert model.model.vision_model.config.num_image_tokens == unifork_config.num_image_tokens
@@ -75,8 +116,14 @@ def build_janus(unifork_config):
 def param_counts(ours, janus):
     """Parameters that one image-token step reads (plus the text embeddings the prompt uses)."""
     inner = ours.model
-    ours_path = [inner.embed_tokens, inner.image_projector, inner.shared_layers, inner.generation_layers,
-                 inner.generation_norm, ours.generation_head]  # fmt: skip
+    ours_path = [
+        inner.embed_tokens,
+        inner.image_projector,
+        inner.shared_layers,
+        inner.generation_layers,
+        inner.generation_norm,
+        ours.generation_head,
+    ]
     n_ours = sum(p.numel() for m in ours_path for p in m.parameters()) + inner.image_tokenizer.codebook.numel()
     jm = janus.model
     janus_path = [jm.language_model, jm.generation_embeddings, jm.generation_aligner, jm.generation_head]
@@ -123,21 +170,34 @@ def main():
 
         # boi goes through generation_kwargs, which only a GenerationConfig carries (as a kwarg
         # to generate it would be rejected as an unused model kwarg).
-        janus_config = GenerationConfig(guidance_scale=GUIDANCE, do_sample=True, top_k=1, bos_token_id=2,
-                                        pad_token_id=config.text_config.pad_token_id,
-                                        generation_kwargs={"boi_token_id": config.boi_token_id})  # fmt: skip
+        janus_config = GenerationConfig(
+            guidance_scale=GUIDANCE,
+            do_sample=True,
+            top_k=1,
+            bos_token_id=2,
+            pad_token_id=config.text_config.pad_token_id,
+            generation_kwargs={"boi_token_id": config.boi_token_id},
+        )
 
         def run_ours():
-            return ours.generate_image(prompts, guidance_scale=GUIDANCE, top_k=1, output_type="tokens",
-                                       progress_bar=False)  # fmt: skip
+            return ours.generate_image(
+                prompts, guidance_scale=GUIDANCE, top_k=1, output_type="tokens", progress_bar=False
+            )
 
         def run_jacobi():
-            return ours.generate_image(prompts, guidance_scale=GUIDANCE, top_k=1, output_type="tokens",
-                                       progress_bar=False, jacobi_window=args.jacobi_window)  # fmt: skip
+            return ours.generate_image(
+                prompts,
+                guidance_scale=GUIDANCE,
+                top_k=1,
+                output_type="tokens",
+                progress_bar=False,
+                jacobi_window=args.jacobi_window,
+            )
 
         def run_compiled():
-            return ours.generate_image(prompts, guidance_scale=GUIDANCE, top_k=1, output_type="tokens",
-                                       progress_bar=False, compile=True)  # fmt: skip
+            return ours.generate_image(
+                prompts, guidance_scale=GUIDANCE, top_k=1, output_type="tokens", progress_bar=False, compile=True
+            )
 
         def run_janus():
             return janus.generate(ids, attention_mask=mask, generation_mode="image", generation_config=janus_config)
@@ -163,35 +223,51 @@ def main():
         ours_s, jacobi_s, compiled_s, janus_s = (statistics.median(times[k]) for k in contenders)
         results[name] = (tokens / ours_s, tokens / janus_s, tokens / jacobi_s, tokens / compiled_s)
         text = config.text_config
-        print(f"{name}: llama H={text.hidden_size} L={text.num_hidden_layers} (UniFork K={config.num_shared_layers}) "
-              f"heads={text.num_attention_heads} kv={text.num_key_value_heads} I={text.intermediate_size} | "
-              f"{config.num_image_tokens} image tokens x batch {args.batch}, codebook {config.codebook_size}, "
-              f"prompt {ours_ids.shape[1]} tokens, CFG {GUIDANCE}, fp32, {torch.get_num_threads()} threads")
+        print(
+            f"{name}: llama H={text.hidden_size} L={text.num_hidden_layers} (UniFork K={config.num_shared_layers}) "
+            f"heads={text.num_attention_heads} kv={text.num_key_value_heads} I={text.intermediate_size} | "
+            f"{config.num_image_tokens} image tokens x batch {args.batch}, codebook {config.codebook_size}, "
+            f"prompt {ours_ids.shape[1]} tokens, CFG {GUIDANCE}, fp32, {torch.get_num_threads()} threads"
+        )
         print(f"  params on the generation path: unifork {n_ours / 1e6:.2f}M, janus {n_janus / 1e6:.2f}M")
-        print(f"  unifork generate_image {tokens / ours_s:.1f} tok/s ({ours_s:.2f} s) | janus generate "
-              f"{tokens / janus_s:.1f} tok/s ({janus_s:.2f} s) | ratio=ours/janus {janus_s / ours_s:.2f}")
-        print(f"  unifork jacobi_window={args.jacobi_window}: {len(forwards)} forwards for {config.num_image_tokens} "
-              f"tokens, {tokens / jacobi_s:.1f} tok/s ({jacobi_s:.2f} s) | ratio=jacobi/janus {janus_s / jacobi_s:.2f}")
-        print(f"  unifork compile=True: {tokens / compiled_s:.1f} tok/s ({compiled_s:.2f} s; compiling took "
-              f"{compile_s:.0f} s once) | ratio=compiled/janus {janus_s / compiled_s:.2f}")
+        print(
+            f"  unifork generate_image {tokens / ours_s:.1f} tok/s ({ours_s:.2f} s) | janus generate "
+            f"{tokens / janus_s:.1f} tok/s ({janus_s:.2f} s) | ratio=ours/janus {janus_s / ours_s:.2f}"
+        )
+        print(
+            f"  unifork jacobi_window={args.jacobi_window}: {len(forwards)} forwards for {config.num_image_tokens} "
+            f"tokens, {tokens / jacobi_s:.1f} tok/s ({jacobi_s:.2f} s) | ratio=jacobi/janus {janus_s / jacobi_s:.2f}"
+        )
+        print(
+            f"  unifork compile=True: {tokens / compiled_s:.1f} tok/s ({compiled_s:.2f} s; compiling took "
+            f"{compile_s:.0f} s once) | ratio=compiled/janus {janus_s / compiled_s:.2f}"
+        )
         # The roofline: a step must read Janus's decoder + head weights once. At the copy bandwidth
         # measured now, how much faster than Janus could any loop at this dtype decode?
         jm = janus.model
-        step_bytes = sum(p.numel() * p.element_size() for m in (jm.language_model.layers, jm.language_model.norm,
-                                                                 jm.generation_head) for p in m.parameters())  # fmt: skip
+        step_bytes = sum(
+            p.numel() * p.element_size()
+            for m in (jm.language_model.layers, jm.language_model.norm, jm.generation_head)
+            for p in m.parameters()
+        )
         bandwidth, _ = copy_bandwidth(1024, 3)
         janus_bytes_s = step_bytes * config.num_image_tokens / janus_s  # steps/s x bytes per step (whole run)
         ceilings[name] = bandwidth / janus_bytes_s
-        print(f"  janus reads {step_bytes / 1e6:.1f} MB of weights per step -> {janus_bytes_s / 1e9:.2f} GB/s; copy "
-              f"bandwidth {bandwidth / 1e9:.2f} GB/s: no loop reading these weights can beat janus by more than "
-              f"{ceilings[name]:.2f}x")
+        print(
+            f"  janus reads {step_bytes / 1e6:.1f} MB of weights per step -> {janus_bytes_s / 1e9:.2f} GB/s; copy "
+            f"bandwidth {bandwidth / 1e9:.2f} GB/s: no loop reading these weights can beat janus by more than "
+            f"{ceilings[name]:.2f}x"
+        )
         del ours, janus
 
     fields = [f"ratio_{k}={o / j:.2f}" for k, (o, j, _, _) in results.items()]
     fields += [f"ratio_jacobi_{k}={sj / j:.2f}" for k, (_, j, sj, _) in results.items()]
     fields += [f"ratio_compiled_{k}={c / j:.2f}" for k, (_, j, _, c) in results.items()]
-    fields += [f"{side}_{k}_tok_s={v:.1f}" for k, values in results.items()
-               for side, v in zip(("ours", "janus", "jacobi", "compiled"), values)]  # fmt: skip
+    fields += [
+        f"{side}_{k}_tok_s={v:.1f}"
+        for k, values in results.items()
+        for side, v in zip(("ours", "janus", "jacobi", "compiled"), values)
+    ]
     fields += [f"ceiling_ratio_{k}={v:.2f}" for k, v in ceilings.items()]
     print("RESULT " + " ".join(fields))
 

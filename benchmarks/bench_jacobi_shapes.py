@@ -48,8 +48,9 @@ def main():
         for start in range(0, len(captions), args.batch):
             batch = captions[start : start + args.batch]
             generators = [torch.Generator().manual_seed(start + i) for i in range(len(batch))]
-            images += model.generate_image(batch, generator=generators, jacobi_window=window, progress_bar=False,
-                                           compile=compile, **settings)  # fmt: skip
+            images += model.generate_image(
+                batch, generator=generators, jacobi_window=window, progress_bar=False, compile=compile, **settings
+            )
         if hook is not None:
             hook.remove()
         return images
@@ -70,25 +71,35 @@ def main():
 
     num_batches = -(-len(captions) // args.batch)
     plain = statistics.median(times[None])
-    print(f"{len(captions)} test captions, batch {args.batch}, {model.config.num_image_tokens} codes per image, "
-          f"sampling {settings}, "
-          f"{torch.get_num_threads()} threads, median of {args.repeats}")
+    print(
+        f"{len(captions)} test captions, batch {args.batch}, {model.config.num_image_tokens} codes per image, "
+        f"sampling {settings}, "
+        f"{torch.get_num_threads()} threads, median of {args.repeats}"
+    )
     print("| decoding | forwards per batch | time | speedup | all correct | colour | shape | size | position | count |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for window in windows:
         q, seconds = quality[window], statistics.median(times[window])
         name = {None: "plain", "compiled": "plain, compile=True"}.get(window, f"jacobi_window={window}")
         forwards_per_batch = f"{steps[window] / num_batches:.1f}" if window != "compiled" else "64"
-        print(f"| {name} | {forwards_per_batch} | {seconds:.1f} s | {plain / seconds:.2f}x | "
-              + " | ".join(f"{100 * q[k]:.1f}%" for k in ("all", "colour", "shape", "size", "position", "count"))
-              + " |")  # fmt: skip
+        print(
+            f"| {name} | {forwards_per_batch} | {seconds:.1f} s | {plain / seconds:.2f}x | "
+            + " | ".join(f"{100 * q[k]:.1f}%" for k in ("all", "colour", "shape", "size", "position", "count"))
+            + " |"
+        )
     jacobi = [w for w in windows if isinstance(w, int)]
     best = max(jacobi, key=lambda w: plain / statistics.median(times[w]))
-    print(f"RESULT best_window={best} speedup={plain / statistics.median(times[best]):.2f} "
-          f"forwards_per_batch_plain={steps[None] / num_batches:.1f} forwards_per_batch_jacobi={steps[best] / num_batches:.1f} "
-          f"all_plain={quality[None]['all']:.3f} all_jacobi={quality[best]['all']:.3f}"
-          + (f" speedup_compiled={plain / statistics.median(times['compiled']):.2f} "
-             f"all_compiled={quality['compiled']['all']:.3f}" if args.compile else ""))  # fmt: skip
+    print(
+        f"RESULT best_window={best} speedup={plain / statistics.median(times[best]):.2f} "
+        f"forwards_per_batch_plain={steps[None] / num_batches:.1f} forwards_per_batch_jacobi={steps[best] / num_batches:.1f} "
+        f"all_plain={quality[None]['all']:.3f} all_jacobi={quality[best]['all']:.3f}"
+        + (
+            f" speedup_compiled={plain / statistics.median(times['compiled']):.2f} "
+            f"all_compiled={quality['compiled']['all']:.3f}"
+            if args.compile
+            else ""
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -89,8 +89,14 @@ def child(directory: str, batch: int, compile: bool = False) -> None:
     report["weights"] = weights
     report["vq_weights"] = sum(t.nbytes for t in model.model.image_tokenizer.state_dict().values())
     inner = model.model  # what image generation reads (the VQ only for its codebook, unless decoding pixels)
-    path = [inner.embed_tokens, inner.image_projector, inner.shared_layers, inner.generation_layers,
-            inner.generation_norm, model.generation_head]  # fmt: skip
+    path = [
+        inner.embed_tokens,
+        inner.image_projector,
+        inner.shared_layers,
+        inner.generation_layers,
+        inner.generation_norm,
+        model.generation_head,
+    ]
     report["generation_path_weights"] = sum(p.nbytes for module in path for p in module.parameters())
     text = model.config.text_config
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
@@ -103,8 +109,9 @@ def child(directory: str, batch: int, compile: bool = False) -> None:
     report["peak_reset"] = reset_peak()
     prompts = (PROMPTS * batch)[:batch]
     with torch.inference_mode():
-        codes = model.generate_image(prompts, guidance_scale=3, top_k=1, output_type="tokens", progress_bar=False,
-                                     compile=compile)  # fmt: skip
+        codes = model.generate_image(
+            prompts, guidance_scale=3, top_k=1, output_type="tokens", progress_bar=False, compile=compile
+        )
     hook.remove()
     assert codes.shape == (batch, model.config.num_image_tokens), codes.shape
     report["after_generate"] = proc_status()
@@ -169,34 +176,50 @@ def main():
         peak = max(r["ru_maxrss"], gen["VmHWM"], load["VmHWM"])
         limit = 1.3 * weights + 200 * MB
         samples = r["samples"]
-        print(f"[{size}] {r['params'] / 1e6:.1f}M params, batch {args.batch} prompts (x2 with CFG), "
-              f"{len(samples)} forwards (prefill + 1 per image token)")  # fmt: skip
-        print(f"  weights_mb             {weights / MB:8.1f}  (safetensors on disk {r['safetensors_bytes'] / MB:.1f}; "
-              f"VQ {r['vq_weights'] / MB:.1f}; generation path {r['generation_path_weights'] / MB:.1f})")  # fmt: skip
-        print(f"  baseline_rss_mb        {base['VmRSS'] / MB:8.1f}  (after imports; anon {base['RssAnon'] / MB:.1f}, "
-              f"file {base['RssFile'] / MB:.1f})")  # fmt: skip
-        print(f"  after_load_rss_mb      {load['VmRSS'] / MB:8.1f}  (+{(load['VmRSS'] - base['VmRSS']) / MB:.1f}; "
-              f"anon {load['RssAnon'] / MB:.1f}, file {load['RssFile'] / MB:.1f}); load peak {load['VmHWM'] / MB:.1f} "
-              f"(+{(load['VmHWM'] - base['VmRSS']) / MB:.1f} over baseline)")  # fmt: skip
+        print(
+            f"[{size}] {r['params'] / 1e6:.1f}M params, batch {args.batch} prompts (x2 with CFG), "
+            f"{len(samples)} forwards (prefill + 1 per image token)"
+        )
+        print(
+            f"  weights_mb             {weights / MB:8.1f}  (safetensors on disk {r['safetensors_bytes'] / MB:.1f}; "
+            f"VQ {r['vq_weights'] / MB:.1f}; generation path {r['generation_path_weights'] / MB:.1f})"
+        )
+        print(
+            f"  baseline_rss_mb        {base['VmRSS'] / MB:8.1f}  (after imports; anon {base['RssAnon'] / MB:.1f}, "
+            f"file {base['RssFile'] / MB:.1f})"
+        )
+        print(
+            f"  after_load_rss_mb      {load['VmRSS'] / MB:8.1f}  (+{(load['VmRSS'] - base['VmRSS']) / MB:.1f}; "
+            f"anon {load['RssAnon'] / MB:.1f}, file {load['RssFile'] / MB:.1f}); load peak {load['VmHWM'] / MB:.1f} "
+            f"(+{(load['VmHWM'] - base['VmRSS']) / MB:.1f} over baseline)"
+        )
         if r["peak_reset"]:
             grown = (gen["VmHWM"] - load["VmRSS"]) / MB
-            print(f"  generate_peak_rss_mb   {gen['VmHWM'] / MB:8.1f}  (+{grown:.1f} over after-load); after generate: "
-                  f"anon {gen['RssAnon'] / MB:.1f}, file {gen['RssFile'] / MB:.1f}, shmem {gen['RssShmem'] / MB:.1f}")
+            print(
+                f"  generate_peak_rss_mb   {gen['VmHWM'] / MB:8.1f}  (+{grown:.1f} over after-load); after generate: "
+                f"anon {gen['RssAnon'] / MB:.1f}, file {gen['RssFile'] / MB:.1f}, shmem {gen['RssShmem'] / MB:.1f}"
+            )
         if samples:
-            print(f"  rss during decoding    after prefill {samples[0] / MB:.1f}, after step 1 "
-                  f"{samples[min(1, len(samples) - 1)] / MB:.1f}, last step {samples[-1] / MB:.1f}, "
-                  f"max {max(samples) / MB:.1f}; final KV cache ~{r['kv_cache'] / MB:.1f} MB")  # fmt: skip
-        print(f"  peak_rss_mb            {peak / MB:8.1f}  (whole job, load + generate: ru_maxrss "
-              f"{r['ru_maxrss'] / MB:.1f}, VmHWM {max(gen['VmHWM'], load['VmHWM']) / MB:.1f}; parent was "
-              f"{parent_rss / MB:.1f})")  # fmt: skip
+            print(
+                f"  rss during decoding    after prefill {samples[0] / MB:.1f}, after step 1 "
+                f"{samples[min(1, len(samples) - 1)] / MB:.1f}, last step {samples[-1] / MB:.1f}, "
+                f"max {max(samples) / MB:.1f}; final KV cache ~{r['kv_cache'] / MB:.1f} MB"
+            )
+        print(
+            f"  peak_rss_mb            {peak / MB:8.1f}  (whole job, load + generate: ru_maxrss "
+            f"{r['ru_maxrss'] / MB:.1f}, VmHWM {max(gen['VmHWM'], load['VmHWM']) / MB:.1f}; parent was "
+            f"{parent_rss / MB:.1f})"
+        )
         print(f"  peak_minus_baseline_mb {(peak - base['VmRSS']) / MB:8.1f}")
         print(f"  limit_mb               {limit / MB:8.1f}  (1.3 x weights + 200 MB)")
         print(f"  peak_over_weights      {peak / weights:8.2f}   within goal: {peak <= limit}")
         result = (peak, weights, limit)
 
     peak, weights, limit = result
-    print(f"RESULT peak_rss_mb={peak / MB:.1f} weights_mb={weights / MB:.1f} limit_mb={limit / MB:.1f} "
-          f"peak_over_weights={peak / weights:.2f} within_goal={str(peak <= limit).lower()}")
+    print(
+        f"RESULT peak_rss_mb={peak / MB:.1f} weights_mb={weights / MB:.1f} limit_mb={limit / MB:.1f} "
+        f"peak_over_weights={peak / weights:.2f} within_goal={str(peak <= limit).lower()}"
+    )
 
 
 if __name__ == "__main__":

@@ -27,7 +27,6 @@ import time
 
 import torch
 import torch.nn.functional as F
-
 from bench_decode_roofline import copy_bandwidth
 
 HIDDEN, MLP, LAYERS = 768, 3072, 12
@@ -44,8 +43,9 @@ def compile_frozen(weights):
     linears = torch.nn.ModuleList(torch.nn.Linear(w.shape[1], w.shape[0], bias=False) for w in weights).eval()
     for linear, w in zip(linears, weights):
         linear.weight.data = w
-    compiled = torch.compile(lambda xs: [linear(xs[linear.in_features]) for linear in linears], dynamic=False,
-                             options={"max_autotune": True})  # fmt: skip
+    compiled = torch.compile(
+        lambda xs: [linear(xs[linear.in_features]) for linear in linears], dynamic=False, options={"max_autotune": True}
+    )
 
     def run(xs):
         with torch.no_grad(), torch._inductor.config.patch(freezing=True):  # (not honoured from `options`)
@@ -76,16 +76,20 @@ def main():
     }
     x = torch.randn(1, HIDDEN)
     error = (torch._weight_int8pack_mm(x, *int8[0]) - F.linear(x, weights[0])).abs().max()
-    print(f"{LAYERS} layers, hidden {HIDDEN}, MLP {MLP}: {fp32_bytes / 1e6:.0f} MB fp32; "
-          f"int8 max abs error on one layer {error:.2e}; threads {torch.get_num_threads()}")  # fmt: skip
+    print(
+        f"{LAYERS} layers, hidden {HIDDEN}, MLP {MLP}: {fp32_bytes / 1e6:.0f} MB fp32; "
+        f"int8 max abs error on one layer {error:.2e}; threads {torch.get_num_threads()}"
+    )
 
     copy, read = copy_bandwidth(1024, args.repeats)
     print(f"copy {copy / 1e9:.1f} GB/s, read {read / 1e9:.1f} GB/s")
     result = {"copy_gb_s": copy / 1e9}
     for rows in (int(r) for r in args.rows.split(",")):
         inputs = {inp: torch.randn(rows, inp) for inp in (HIDDEN, MLP)}
-        passes = {name: (lambda m=multiply: [m(inputs[w.shape[1]], i) for i, w in enumerate(weights)], nbytes)
-                  for name, (multiply, nbytes) in contenders.items()}  # fmt: skip
+        passes = {
+            name: (lambda m=multiply: [m(inputs[w.shape[1]], i) for i, w in enumerate(weights)], nbytes)
+            for name, (multiply, nbytes) in contenders.items()
+        }
         if not args.no_compile:
             frozen = compile_frozen(weights)
             reference = [F.linear(inputs[w.shape[1]], w) for w in weights]
@@ -100,8 +104,10 @@ def main():
                 times.append(time.perf_counter() - start)
             seconds = statistics.median(times[1:])
             result[f"{name}_rows{rows}_gb_s"] = nbytes / seconds / 1e9
-            print(f"rows {rows:2d} {name:17s} {seconds * 1e3:7.1f} ms per pass  "
-                  f"{nbytes / seconds / 1e9:5.1f} GB/s = {nbytes / seconds / copy:.0%} of copy")  # fmt: skip
+            print(
+                f"rows {rows:2d} {name:17s} {seconds * 1e3:7.1f} ms per pass  "
+                f"{nbytes / seconds / 1e9:5.1f} GB/s = {nbytes / seconds / copy:.0%} of copy"
+            )
     print("RESULT " + " ".join(f"{key}={value:.2f}" for key, value in result.items()))
 
 

@@ -38,22 +38,49 @@ IMG, BOI, EOI = 500, 501, 502  # image placeholder / begin / end ids (text vocab
 UNDERSTANDING, GENERATION = 0, 1
 
 SIZES = {
-    "small": {"model_type": "qwen2", "vocab_size": 512, "hidden_size": 256, "intermediate_size": 1024,
-              "num_hidden_layers": 8, "num_attention_heads": 4, "num_key_value_heads": 4,
-              "max_position_embeddings": 512},
-    "medium": {"model_type": "qwen2", "vocab_size": 512, "hidden_size": 512, "intermediate_size": 2048,
-               "num_hidden_layers": 8, "num_attention_heads": 8, "num_key_value_heads": 4,
-               "max_position_embeddings": 512},
-    "100m": {"model_type": "qwen2", "vocab_size": 512, "hidden_size": 768, "intermediate_size": 3072,
-             "num_hidden_layers": 12, "num_attention_heads": 12, "num_key_value_heads": 4,
-             "max_position_embeddings": 512},
-}  # fmt: skip
+    "small": {
+        "model_type": "qwen2",
+        "vocab_size": 512,
+        "hidden_size": 256,
+        "intermediate_size": 1024,
+        "num_hidden_layers": 8,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 4,
+        "max_position_embeddings": 512,
+    },
+    "medium": {
+        "model_type": "qwen2",
+        "vocab_size": 512,
+        "hidden_size": 512,
+        "intermediate_size": 2048,
+        "num_hidden_layers": 8,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 4,
+        "max_position_embeddings": 512,
+    },
+    "100m": {
+        "model_type": "qwen2",
+        "vocab_size": 512,
+        "hidden_size": 768,
+        "intermediate_size": 3072,
+        "num_hidden_layers": 12,
+        "num_attention_heads": 12,
+        "num_key_value_heads": 4,
+        "max_position_embeddings": 512,
+    },
+}
 
 
 def build(text_config, num_shared_layers, seed=0):
     # unifork-tiny's VQ: 32 px images -> 8x8 = 64 image tokens, 64-entry codebook.
-    config = UniForkConfig.from_preset("unifork-tiny", text_config=text_config, num_shared_layers=num_shared_layers,
-                                       image_token_id=IMG, boi_token_id=BOI, eoi_token_id=EOI)  # fmt: skip
+    config = UniForkConfig.from_preset(
+        "unifork-tiny",
+        text_config=text_config,
+        num_shared_layers=num_shared_layers,
+        image_token_id=IMG,
+        boi_token_id=BOI,
+        eoi_token_id=EOI,
+    )
     torch.manual_seed(seed)
     model = UniForkForConditionalGeneration(config).train()
     model.model.image_tokenizer.requires_grad_(False)  # the VQ is never trained
@@ -65,8 +92,16 @@ def make_batch(batch, num_image_tokens, codebook_size, prefix_len=16, suffix_len
     g = torch.Generator().manual_seed(seed)
     prefix = torch.randint(2, 400, (batch, prefix_len), generator=g)
     suffix = torch.randint(2, 400, (batch, suffix_len), generator=g)
-    ids = torch.cat([prefix, torch.full((batch, 1), BOI), torch.full((batch, num_image_tokens), IMG),
-                     torch.full((batch, 1), EOI), suffix], 1)  # fmt: skip
+    ids = torch.cat(
+        [
+            prefix,
+            torch.full((batch, 1), BOI),
+            torch.full((batch, num_image_tokens), IMG),
+            torch.full((batch, 1), EOI),
+            suffix,
+        ],
+        1,
+    )
     image_ids = torch.randint(0, codebook_size, (batch, num_image_tokens), generator=g)
     task = torch.arange(batch) % 2
     mask = torch.ones_like(ids)
@@ -83,8 +118,12 @@ def make_batch(batch, num_image_tokens, codebook_size, prefix_len=16, suffix_len
 
 
 def shifted_ce_sum(logits, labels):
-    total = nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-                                        labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum")  # fmt: skip
+    total = nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+        labels[:, 1:].reshape(-1),
+        ignore_index=-100,
+        reduction="sum",
+    )
     return total, (labels[:, 1:] != -100).sum()
 
 
@@ -96,10 +135,16 @@ def naive_loss(model, input_ids, image_ids, attention_mask, labels, task):
     is_image = input_ids == model.config.image_token_id
     embeds = embeds.masked_scatter(is_image.unsqueeze(-1), inner.embed_image_codes(image_ids).to(embeds.dtype))
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    mask = create_causal_mask(config=text, inputs_embeds=embeds, attention_mask=attention_mask,
-                              cache=None, position_ids=position_ids)  # fmt: skip
-    layer_kwargs = {"attention_mask": mask, "position_embeddings": inner.rotary_emb(embeds, position_ids),
-                    "position_ids": position_ids, "cache": None, "use_cache": False}  # fmt: skip
+    mask = create_causal_mask(
+        config=text, inputs_embeds=embeds, attention_mask=attention_mask, cache=None, position_ids=position_ids
+    )
+    layer_kwargs = {
+        "attention_mask": mask,
+        "position_embeddings": inner.rotary_emb(embeds, position_ids),
+        "position_ids": position_ids,
+        "cache": None,
+        "use_cache": False,
+    }
 
     def run(layers, hidden):
         for layer in layers:
@@ -179,8 +224,10 @@ def main():
     unknown = [s for s in sizes if s not in SIZES]
     if unknown:
         parser.error(f"unknown size {unknown[0]!r}; choose from {list(SIZES)}")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32 CPU, batch {args.batch}, "
-          f"{args.repeats} timed steps per variant (medians) after {args.warmup} warm-up")  # fmt: skip
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32 CPU, batch {args.batch}, "
+        f"{args.repeats} timed steps per variant (medians) after {args.warmup} warm-up"
+    )
 
     results = {}
     for size in sizes:
@@ -192,12 +239,16 @@ def main():
         loss, loss_diff, grad_diff = check_naive_matches(y, batch)
         und_tokens = int((batch["labels"][batch["task"] == UNDERSTANDING, 1:] != -100).sum())
         gen_tokens = int((batch["labels"][batch["task"] == GENERATION, 1:] != -100).sum())
-        print(f"\n[{size}] hidden {text_config['hidden_size']}, L={num_layers}, seq {batch['input_ids'].shape[1]}, "
-              f"labelled tokens: {und_tokens} text + {gen_tokens} image | naive vs routed Y: loss {loss:.4f}, "
-              f"|diff| {loss_diff:.1e}, max |grad diff| {grad_diff:.1e}")  # fmt: skip
-        print(f"  trainable params: y (K={num_layers // 2}) {n_params(y, True) / 1e6:.1f}M, shared (K={num_layers}) "
-              f"{n_params(shared, True) / 1e6:.1f}M: K=L has no duplicated upper half, so fewer parameters "
-              f"(and a cheaper AdamW step); per sample both run L={num_layers} layers")  # fmt: skip
+        print(
+            f"\n[{size}] hidden {text_config['hidden_size']}, L={num_layers}, seq {batch['input_ids'].shape[1]}, "
+            f"labelled tokens: {und_tokens} text + {gen_tokens} image | naive vs routed Y: loss {loss:.4f}, "
+            f"|diff| {loss_diff:.1e}, max |grad diff| {grad_diff:.1e}"
+        )
+        print(
+            f"  trainable params: y (K={num_layers // 2}) {n_params(y, True) / 1e6:.1f}M, shared (K={num_layers}) "
+            f"{n_params(shared, True) / 1e6:.1f}M: K=L has no duplicated upper half, so fewer parameters "
+            f"(and a cheaper AdamW step); per sample both run L={num_layers} layers"
+        )
 
         steps = {
             "y": make_step(y, routed_loss, batch),
@@ -214,8 +265,10 @@ def main():
         med = {name: statistics.median(sum(parts) for parts in t) for name, t in times.items()}
         for name, t in times.items():
             fwd, bwd, opt = (statistics.median(parts[i] for parts in t) for i in range(3))
-            print(f"  {name:<6} median {med[name]:.3f} s/step (forward {fwd:.3f}, backward {bwd:.3f}, "
-                  f"AdamW+zero_grad {opt:.3f}) | steps: " + ", ".join(f"{sum(parts):.3f}" for parts in t))
+            print(
+                f"  {name:<6} median {med[name]:.3f} s/step (forward {fwd:.3f}, backward {bwd:.3f}, "
+                f"AdamW+zero_grad {opt:.3f}) | steps: " + ", ".join(f"{sum(parts):.3f}" for parts in t)
+            )
         results[size] = (med["y"] / med["shared"], med["naive"] / med["y"])
         print(f"  y/shared {results[size][0]:.2f}x, naive/y {results[size][1]:.2f}x")
 

@@ -34,16 +34,30 @@ def main():
     print(f"{'guidance':>8} {'temp':>5} {'test all':>9} {'paraphrase all':>15} {'s':>5}")
     for guidance, temperature in itertools.product(args.guidance, args.temperature):
         start = time.time()
-        scores = {split: evaluate_shapes(model, scenes, understanding=False, progress_bar=False, top_k=0, top_p=1.0,
-                                         guidance_scale=guidance, temperature=temperature)["generation"]["all"]
-                  for split, scenes in splits.items()}  # fmt: skip
-        print(f"{guidance:8.1f} {temperature:5.1f} {scores['test']:9.1%} {scores['paraphrase']:15.1%} "
-              f"{time.time() - start:5.0f}")  # fmt: skip
+        scores = {
+            split: evaluate_shapes(
+                model,
+                scenes,
+                understanding=False,
+                progress_bar=False,
+                top_k=0,
+                top_p=1.0,
+                guidance_scale=guidance,
+                temperature=temperature,
+            )["generation"]["all"]
+            for split, scenes in splits.items()
+        }
+        print(
+            f"{guidance:8.1f} {temperature:5.1f} {scores['test']:9.1%} {scores['paraphrase']:15.1%} "
+            f"{time.time() - start:5.0f}"
+        )
         if best is None or scores["test"] + scores["paraphrase"] > sum(best[2].values()):
             best = (guidance, temperature, scores)
     guidance, temperature, scores = best
-    print(f"RESULT best_guidance={guidance} best_temperature={temperature} test_all={scores['test']} "
-          f"paraphrase_all={scores['paraphrase']} n={args.n}")
+    print(
+        f"RESULT best_guidance={guidance} best_temperature={temperature} test_all={scores['test']} "
+        f"paraphrase_all={scores['paraphrase']} n={args.n}"
+    )
 
 
 if __name__ == "__main__":

@@ -23,8 +23,8 @@ import sys
 import pandas as pd
 
 from unifork_hf import UniForkForConditionalGeneration
-from unifork_hf.evaluation.alignment import modality_alignment, plot_alignment
 from unifork_hf.data.shapes import QUESTION_TYPES, shapes_dataset
+from unifork_hf.evaluation.alignment import modality_alignment, plot_alignment
 
 ATTRIBUTES = ("colour", "shape", "size", "position", "count", "all")
 
@@ -38,11 +38,30 @@ def runs(layers: int):
 def train(args, k, seed, out):
     if os.path.exists(os.path.join(out, "metrics.json")):
         return
-    command = [sys.executable, os.path.join(os.path.dirname(__file__), "shapes", "train_unifork.py"),
-               "--vq", args.vq, "--tokenizer", args.tokenizer, "--out", out, "--layers", str(args.layers),
-               "--num-shared-layers", str(k), "--seed", str(seed), "--max-steps", str(args.max_steps),
-               "--eval-n", str(args.eval_n), "--num-train", str(args.num_train),
-               "--data-cache", os.path.join(args.out, "data")]  # fmt: skip
+    command = [
+        sys.executable,
+        os.path.join(os.path.dirname(__file__), "shapes", "train_unifork.py"),
+        "--vq",
+        args.vq,
+        "--tokenizer",
+        args.tokenizer,
+        "--out",
+        out,
+        "--layers",
+        str(args.layers),
+        "--num-shared-layers",
+        str(k),
+        "--seed",
+        str(seed),
+        "--max-steps",
+        str(args.max_steps),
+        "--eval-n",
+        str(args.eval_n),
+        "--num-train",
+        str(args.num_train),
+        "--data-cache",
+        os.path.join(args.out, "data"),
+    ]
     print("$", " ".join(command), flush=True)
     subprocess.run(command, check=True)
 
@@ -51,8 +70,10 @@ def alignment(out, test, n):
     path = os.path.join(out, "alignment.csv")
     if not os.path.exists(path):
         model = UniForkForConditionalGeneration.from_pretrained(out).eval()
-        tables = [modality_alignment(model, test, task=task, k=10, num_samples=n, progress_bar=False)
-                  for task in ("understanding", "generation")]  # fmt: skip
+        tables = [
+            modality_alignment(model, test, task=task, k=10, num_samples=n, progress_bar=False)
+            for task in ("understanding", "generation")
+        ]
         pd.concat(tables).to_csv(path, index=False)
     return pd.read_csv(path)
 
@@ -78,9 +99,17 @@ def main():
         out = os.path.join(args.out, f"K{k}-seed{seed}")
         train(args, k, seed, out)
         result = json.load(open(os.path.join(out, "metrics.json")))
-        summary.append({"K": k, "seed": seed, "metrics": result["metrics"], "losses": result.get("final_losses"),
-                        "num_parameters": result.get("num_parameters"), "train_minutes": result["train_minutes"],
-                        "alignment": alignment(out, test, args.eval_n).to_dict("records")})  # fmt: skip
+        summary.append(
+            {
+                "K": k,
+                "seed": seed,
+                "metrics": result["metrics"],
+                "losses": result.get("final_losses"),
+                "num_parameters": result.get("num_parameters"),
+                "train_minutes": result["train_minutes"],
+                "alignment": alignment(out, test, args.eval_n).to_dict("records"),
+            }
+        )
         report(sorted(summary, key=lambda row: (row["K"], row["seed"])), args)  # after every run: partial results
 
 
@@ -90,30 +119,54 @@ def run_cells(row):
 
 def loss_cells(row):
     losses = row["losses"] or {}
-    return " | " + " | ".join(f"{float(losses.get(f'loss_{task}') or 'nan'):.3f}" for task in ("understanding", "generation")) + " |"
+    return (
+        " | "
+        + " | ".join(f"{float(losses.get(f'loss_{task}') or 'nan'):.3f}" for task in ("understanding", "generation"))
+        + " |"
+    )
 
 
 def report(summary, args):
     with open(os.path.join(args.out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
 
-    lines = ["### Summary (all-correct images / answered questions, %; final training losses)", "",
-             "| K | seed | params | test gen. | test und. | held-out gen. | held-out und. | loss und. | loss gen. |",
-             "|" + " ---: |" * 9]  # fmt: skip
+    lines = [
+        "### Summary (all-correct images / answered questions, %; final training losses)",
+        "",
+        "| K | seed | params | test gen. | test und. | held-out gen. | held-out und. | loss und. | loss gen. |",
+        "|" + " ---: |" * 9,
+    ]
     for row in summary:
-        lines.append(run_cells(row) + " | ".join(percent(row["metrics"][split][task]["all"])
-                                                 for split in ("test", "heldout") for task in ("generation", "understanding"))
-                     + loss_cells(row))  # fmt: skip
+        lines.append(
+            run_cells(row)
+            + " | ".join(
+                percent(row["metrics"][split][task]["all"])
+                for split in ("test", "heldout")
+                for task in ("generation", "understanding")
+            )
+            + loss_cells(row)
+        )
     lines.append("")
     for split in ("heldout", "test"):
-        lines += [f"### {split} split ({args.eval_n} scenes, {5 * args.eval_n} questions)", "",
-                  "| K | seed | params | und. " + " | und. ".join(QUESTION_TYPES) + " | und. all | gen. "
-                  + " | gen. ".join(ATTRIBUTES) + " | loss und. | loss gen. |",
-                  "|" + " ---: |" * (5 + len(QUESTION_TYPES) + len(ATTRIBUTES) + 1)]  # fmt: skip
+        lines += [
+            f"### {split} split ({args.eval_n} scenes, {5 * args.eval_n} questions)",
+            "",
+            "| K | seed | params | und. "
+            + " | und. ".join(QUESTION_TYPES)
+            + " | und. all | gen. "
+            + " | gen. ".join(ATTRIBUTES)
+            + " | loss und. | loss gen. |",
+            "|" + " ---: |" * (5 + len(QUESTION_TYPES) + len(ATTRIBUTES) + 1),
+        ]
         for row in summary:
             und, gen = row["metrics"][split]["understanding"], row["metrics"][split]["generation"]
-            lines.append(run_cells(row) + " | ".join(percent(und[t]) for t in (*QUESTION_TYPES, "all")) + " | "
-                         + " | ".join(percent(gen[a]) for a in ATTRIBUTES) + loss_cells(row))  # fmt: skip
+            lines.append(
+                run_cells(row)
+                + " | ".join(percent(und[t]) for t in (*QUESTION_TYPES, "all"))
+                + " | "
+                + " | ".join(percent(gen[a]) for a in ATTRIBUTES)
+                + loss_cells(row)
+            )
         lines.append("")
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write("\n".join(lines))
@@ -124,8 +177,11 @@ def report(summary, args):
         for row in summary:
             table = pd.DataFrame(row["alignment"])
             curves[f"K={row['K']} seed {row['seed']}"] = table[table["task"] == task].reset_index(drop=True)
-        plot_alignment(curves, os.path.join(args.out, f"alignment-{task}.png"),
-                       title=f"{task}: image-caption alignment along the path")  # fmt: skip
+        plot_alignment(
+            curves,
+            os.path.join(args.out, f"alignment-{task}.png"),
+            title=f"{task}: image-caption alignment along the path",
+        )
 
 
 if __name__ == "__main__":

@@ -57,4 +57,6 @@ trainer.train()
 trainer.save_model()  # weights + processor + model card
 for log in trainer.state.log_history:
     if "loss" in log:
-        print(f"step {log['step']}: understanding {log.get('loss_understanding')}, generation {log.get('loss_generation')}")
+        print(
+            f"step {log['step']}: understanding {log.get('loss_understanding')}, generation {log.get('loss_generation')}"
+        )

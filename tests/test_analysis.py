@@ -4,8 +4,8 @@ import pytest
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from unifork_hf.evaluation.alignment import _batch, modality_alignment, mutual_knn_alignment, plot_alignment
 from unifork_hf.data.shapes import shapes_dataset
+from unifork_hf.evaluation.alignment import _batch, modality_alignment, mutual_knn_alignment, plot_alignment
 
 
 def test_identical_or_rotated_features_align_perfectly():
@@ -27,7 +27,9 @@ def test_independent_features_align_at_chance():
 
 def test_a_hand_computed_case():
     # unit vectors at angles 0, 0.1, 0.3, 1.0 (a) and 0, 0.1, 1.0, 0.3 (b: samples 2 and 3 swapped)
-    angles = lambda *values: torch.tensor([[torch.cos(torch.tensor(v)), torch.sin(torch.tensor(v))] for v in values])
+    def angles(*values):
+        return torch.tensor([[torch.cos(torch.tensor(v)), torch.sin(torch.tensor(v))] for v in values])
+
     a, b = angles(0.0, 0.1, 0.3, 1.0), angles(0.0, 0.1, 1.0, 0.3)
     # k=1 neighbours: a -> [1, 0, 1, 2], b -> [1, 0, 3, 1]: agreement on samples 0 and 1
     assert mutual_knn_alignment(a, b, k=1) == 0.5
@@ -48,8 +50,10 @@ def pairs():
 def test_alignment_along_each_task_path_of_a_unifork(built_model, pairs):
     config = built_model.config
     depth, k_shared = config.text_config.num_hidden_layers, config.num_shared_layers
-    tables = {task: modality_alignment(built_model, pairs, task=task, k=5, batch_size=16, progress_bar=False)
-              for task in ("understanding", "generation")}  # fmt: skip
+    tables = {
+        task: modality_alignment(built_model, pairs, task=task, k=5, batch_size=16, progress_bar=False)
+        for task in ("understanding", "generation")
+    }
     for task, table in tables.items():
         assert isinstance(table, pd.DataFrame) and list(table["layer"]) == list(range(depth + 1))
         assert list(table["branch"]) == ["shared"] * (k_shared + 1) + [task] * (depth - k_shared)
@@ -77,11 +81,19 @@ def test_alignment_of_a_plain_causal_lm_fed_the_same_sequences(built_model, pair
     processor = built_model.processor
     offset = len(processor.tokenizer)
     torch.manual_seed(0)
-    llm = Qwen2ForCausalLM(Qwen2Config(vocab_size=offset + built_model.config.codebook_size, hidden_size=32,
-                                       intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
-                                       num_key_value_heads=1)).eval()  # fmt: skip
-    table = modality_alignment(llm, pairs, task="generation", k=5, processor=processor, image_token_offset=offset,
-                               progress_bar=False)  # fmt: skip
+    llm = Qwen2ForCausalLM(
+        Qwen2Config(
+            vocab_size=offset + built_model.config.codebook_size,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=3,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+        )
+    ).eval()
+    table = modality_alignment(
+        llm, pairs, task="generation", k=5, processor=processor, image_token_offset=offset, progress_bar=False
+    )
     assert list(table["layer"]) == [0, 1, 2, 3] and set(table["branch"]) == {"llm"}
     with pytest.raises(ValueError, match="image_token_offset"):
         modality_alignment(llm, pairs, processor=processor)
@@ -101,8 +113,11 @@ def test_alignment_errors_and_plot(built_model, pairs, tmp_path):
 
     drawn, empty = np.asarray(Image.open(path).convert("RGB")), np.asarray(Image.open(blank).convert("RGB"))
     assert drawn.shape == empty.shape and drawn.shape[0] > 100
+
     # the curve: coloured (not grey) pixels that the axes alone do not have
-    coloured = lambda a: int((a.astype(int).max(-1) - a.astype(int).min(-1) > 60).sum())
+    def coloured(a):
+        return int((a.astype(int).max(-1) - a.astype(int).min(-1) > 60).sum())
+
     assert coloured(drawn) > 200 and coloured(empty) == 0
 
 

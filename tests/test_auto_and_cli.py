@@ -23,8 +23,13 @@ def test_auto_classes_load_the_checkpoint(built_dir):
     assert isinstance(AutoImageProcessor.from_pretrained(built_dir), UniForkImageProcessorPil)
     config = json.load(open(os.path.join(built_dir, "config.json")))
     assert set(config["auto_map"]) == {"AutoConfig", "AutoModel", "AutoModelForImageTextToText"}
-    for name in ("modeling_unifork.py", "configuration_unifork.py", "vq_unifork.py", "processing_unifork.py",
-                 "image_processing_unifork.py"):  # fmt: skip
+    for name in (
+        "modeling_unifork.py",
+        "configuration_unifork.py",
+        "vq_unifork.py",
+        "processing_unifork.py",
+        "image_processing_unifork.py",
+    ):
         assert os.path.exists(os.path.join(built_dir, name)), name
 
 
@@ -73,15 +78,30 @@ def test_build_then_generate_images_and_text(tiny_parts, tmp_path, capsys):
 
 def test_cli_generate_image_and_answer(built_dir, tmp_path, capsys):
     png = tmp_path / "grid.png"
-    main(["generate-image", "--model", built_dir, "--prompt", "a red circle", "--prompt", "two blue squares",
-          "--num-images-per-prompt", "3", "--out", str(png)])  # fmt: skip
+    main(
+        [
+            "generate-image",
+            "--model",
+            built_dir,
+            "--prompt",
+            "a red circle",
+            "--prompt",
+            "two blue squares",
+            "--num-images-per-prompt",
+            "3",
+            "--out",
+            str(png),
+        ]
+    )
     grid = Image.open(png)
     assert grid.size == (3 * 128, 2 * (128 + 16))
     # each cell is the image generate_image draws with that image's generator (seed 0, 1, ...), upscaled
     model = UniForkForConditionalGeneration.from_pretrained(built_dir)
-    images = model.generate_image(["a red circle", "a red circle", "a red circle", "two blue squares", "two blue squares",
-                                   "two blue squares"], generator=[torch.Generator().manual_seed(i) for i in range(6)],
-                                  progress_bar=False)  # fmt: skip
+    images = model.generate_image(
+        ["a red circle", "a red circle", "a red circle", "two blue squares", "two blue squares", "two blue squares"],
+        generator=[torch.Generator().manual_seed(i) for i in range(6)],
+        progress_bar=False,
+    )
     for index, image in enumerate(images):
         row, column = divmod(index, 3)
         cell = grid.crop((column * 128, row * 144 + 16, column * 128 + 128, row * 144 + 144))
@@ -93,8 +113,10 @@ def test_cli_generate_image_and_answer(built_dir, tmp_path, capsys):
     # independently: greedy decoding by hand, a full forward per token (no generate, no cache)
     model = UniForkForConditionalGeneration.from_pretrained(built_dir).eval()
     processor = model.processor
-    text = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour?"}]}],
-                                         add_generation_prompt=True)  # fmt: skip
+    text = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour?"}]}],
+        add_generation_prompt=True,
+    )
     inputs = processor(images=Image.open(image), text=text, return_tensors="pt")
     ids, new = inputs.input_ids, []
     with torch.no_grad():
@@ -117,7 +139,18 @@ def test_cli_samples_with_the_checkpoints_settings_unless_told(built_dir, tmp_pa
 
     def grid(*flags):
         out = tmp_path / f"grid{len(flags)}-{'-'.join(flags)}.png"
-        main(["generate-image", "--model", str(tmp_path / "model"), "--prompt", "a red circle", "--out", str(out), *flags])
+        main(
+            [
+                "generate-image",
+                "--model",
+                str(tmp_path / "model"),
+                "--prompt",
+                "a red circle",
+                "--out",
+                str(out),
+                *flags,
+            ]
+        )
         return np.asarray(Image.open(out))
 
     default = grid()
@@ -127,19 +160,35 @@ def test_cli_samples_with_the_checkpoints_settings_unless_told(built_dir, tmp_pa
 
 def test_cli_reports_bad_input_without_a_traceback(built_dir, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        main(["generate-image", "--model", built_dir, "--prompt", "x", "--guidance-scale", "0.1", "--out",
-              str(tmp_path / "x.png")])  # fmt: skip
+        main(
+            [
+                "generate-image",
+                "--model",
+                built_dir,
+                "--prompt",
+                "x",
+                "--guidance-scale",
+                "0.1",
+                "--out",
+                str(tmp_path / "x.png"),
+            ]
+        )
     assert exit_info.value.code == 2
     assert "guidance_scale must be a finite number >= 1" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["evaluate", "--model", "M", "-n", "0"], "argument -n: expected an integer >= 1, got 0"),
-    (["evaluate", "--model", "M", "--batch-size", "0"], "argument --batch-size: expected an integer >= 1, got 0"),
-    (["generate-image", "--model", "M", "--prompt", "x", "--out", "x.png", "--num-images-per-prompt", "-1"],
-     "argument --num-images-per-prompt: expected an integer >= 1, got -1"),
-    (["analyze-alignment", "--model", "M", "-k", "0"], "argument -k: expected an integer >= 1, got 0"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["evaluate", "--model", "M", "-n", "0"], "argument -n: expected an integer >= 1, got 0"),
+        (["evaluate", "--model", "M", "--batch-size", "0"], "argument --batch-size: expected an integer >= 1, got 0"),
+        (
+            ["generate-image", "--model", "M", "--prompt", "x", "--out", "x.png", "--num-images-per-prompt", "-1"],
+            "argument --num-images-per-prompt: expected an integer >= 1, got -1",
+        ),
+        (["analyze-alignment", "--model", "M", "-k", "0"], "argument -k: expected an integer >= 1, got 0"),
+    ],
+)
 def test_cli_rejects_bad_numbers_before_any_work(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(argv)  # (the model "M" is never loaded)

@@ -6,12 +6,15 @@ from unifork_hf import UniForkForConditionalGeneration
 from unifork_hf.data.tiny import tiny_llm, tiny_tokenizer, tiny_vq
 
 
-@pytest.mark.parametrize("architecture, config", [
-    ("qwen2", {}),
-    ("llama", {}),
-    ("llama", {"rms_norm_eps": 1e-2}),  # a norm that dropped the LLM's eps would differ by ~0.5
-    ("qwen2", {"use_sliding_window": True, "sliding_window": 4, "max_window_layers": 1}),  # layers 1-3 look 4 back
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "architecture, config",
+    [
+        ("qwen2", {}),
+        ("llama", {}),
+        ("llama", {"rms_norm_eps": 1e-2}),  # a norm that dropped the LLM's eps would differ by ~0.5
+        ("qwen2", {"use_sliding_window": True, "sliding_window": 4, "max_window_layers": 1}),  # layers 1-3 look 4 back
+    ],
+)
 def test_understanding_path_reproduces_the_source_llm(architecture, config, tmp_path):
     llm = tiny_llm(architecture, **config)
     with torch.no_grad():  # norm weights other than ones, so that eps and every norm's weight matter
@@ -38,8 +41,9 @@ def test_understanding_path_reproduces_the_source_llm(architecture, config, tmp_
 
 def test_the_y_is_initialised_from_the_llm():
     llm = tiny_llm("qwen2", num_hidden_layers=6)
-    model = UniForkForConditionalGeneration.from_pretrained_llm(llm, tiny_vq(), tokenizer=tiny_tokenizer(),
-                                                                num_shared_layers=2)  # fmt: skip
+    model = UniForkForConditionalGeneration.from_pretrained_llm(
+        llm, tiny_vq(), tokenizer=tiny_tokenizer(), num_shared_layers=2
+    )
     source = llm.model.layers
     inner = model.model
     assert len(inner.shared_layers) == 2 and len(inner.generation_layers) == 4
@@ -58,7 +62,10 @@ def test_builder_adds_tokens_and_keeps_the_vq():
     model = UniForkForConditionalGeneration.from_pretrained_llm(tiny_llm(), vq, tokenizer=tokenizer)
     config = model.config
     assert tokenizer.convert_tokens_to_ids(["<image>", "<begin_of_image>", "<end_of_image>"]) == [
-        config.image_token_id, config.boi_token_id, config.eoi_token_id]  # fmt: skip
+        config.image_token_id,
+        config.boi_token_id,
+        config.eoi_token_id,
+    ]
     assert model.processor.tokenizer.padding_side == "left"
     # post_init must not have re-initialised the pretrained VQ
     for name, tensor in vq.state_dict().items():
@@ -87,20 +94,23 @@ def test_builder_bad_inputs():
     with pytest.raises(TypeError, match="vq_model must be a diffusers VQModel"):
         UniForkForConditionalGeneration.from_pretrained_llm(tiny_llm(), object(), tokenizer=tiny_tokenizer())
     with pytest.raises(ValueError, match="num_shared_layers must be in 0..4"):
-        UniForkForConditionalGeneration.from_pretrained_llm(tiny_llm(), tiny_vq(), tokenizer=tiny_tokenizer(),
-                                                            num_shared_layers=9)  # fmt: skip
+        UniForkForConditionalGeneration.from_pretrained_llm(
+            tiny_llm(), tiny_vq(), tokenizer=tiny_tokenizer(), num_shared_layers=9
+        )
     assert isinstance(tiny_vq(), VQModel)
 
 
 def test_learned_code_embeddings_start_at_zero_and_train(tmp_path):
-    model = UniForkForConditionalGeneration.from_pretrained_llm(tiny_llm(), tiny_vq(seed=1), tokenizer=tiny_tokenizer(),
-                                                                learn_image_code_embeddings=True)  # fmt: skip
+    model = UniForkForConditionalGeneration.from_pretrained_llm(
+        tiny_llm(), tiny_vq(seed=1), tokenizer=tiny_tokenizer(), learn_image_code_embeddings=True
+    )
     inner = model.model
     table = inner.image_projector.code_embeddings
     assert table.shape == (64, model.config.text_config.hidden_size) and not table.any()
     codes = torch.randint(0, 64, (2, 64))
-    paper_way = inner.image_projector.linear_2(inner.image_projector.act(inner.image_projector.linear_1(
-        inner.image_tokenizer.embed_codes(codes))))  # fmt: skip
+    paper_way = inner.image_projector.linear_2(
+        inner.image_projector.act(inner.image_projector.linear_1(inner.image_tokenizer.embed_codes(codes)))
+    )
     torch.testing.assert_close(inner.embed_image_codes(codes), paper_way)  # starts as the paper's projector
 
     # trained by the align and joint stages (it sits in the projector), and added per code
@@ -120,5 +130,9 @@ def test_learned_code_embeddings_start_at_zero_and_train(tmp_path):
     reloaded = UniForkForConditionalGeneration.from_pretrained(tmp_path / "m")
     assert reloaded.config.learn_image_code_embeddings
     assert torch.equal(reloaded.model.image_projector.code_embeddings, table)
-    assert UniForkForConditionalGeneration.from_pretrained_llm(
-        tiny_llm(), tiny_vq(), tokenizer=tiny_tokenizer()).model.image_projector.code_embeddings is None  # fmt: skip
+    assert (
+        UniForkForConditionalGeneration.from_pretrained_llm(
+            tiny_llm(), tiny_vq(), tokenizer=tiny_tokenizer()
+        ).model.image_projector.code_embeddings
+        is None
+    )

@@ -84,12 +84,18 @@ def vq_with(**changes):
     return {**UniForkConfig.from_preset("unifork-tiny").vq_config, **changes}
 
 
-@pytest.mark.parametrize("overrides, message", [  # each used to fail inside a forward, in torch or diffusers
-    ({"vq_config": vq_with(norm_num_groups=3)}, r"block_out_channels entry \[.*\] must be a multiple of norm_num_groups \(3\)"),
-    ({"vq_config": vq_with(num_vq_embeddings=0)}, r"num_vq_embeddings and vq_embed_dim must be positive, got 0"),
-    ({"vq_config": vq_with(act_fn="swishy")}, r"vq_config act_fn 'swishy' is not an activation"),
-    ({"projector_hidden_act": "relu7"}, r"projector_hidden_act 'relu7' is not an activation"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "overrides, message",
+    [  # each used to fail inside a forward, in torch or diffusers
+        (
+            {"vq_config": vq_with(norm_num_groups=3)},
+            r"block_out_channels entry \[.*\] must be a multiple of norm_num_groups \(3\)",
+        ),
+        ({"vq_config": vq_with(num_vq_embeddings=0)}, r"num_vq_embeddings and vq_embed_dim must be positive, got 0"),
+        ({"vq_config": vq_with(act_fn="swishy")}, r"vq_config act_fn 'swishy' is not an activation"),
+        ({"projector_hidden_act": "relu7"}, r"projector_hidden_act 'relu7' is not an activation"),
+    ],
+)
 def test_configs_that_cannot_build_a_model_raise_naming_the_field(overrides, message):
     if overrides.get("vq_config", {}).get("num_vq_embeddings") == 0:
         overrides = {**overrides, "codebook_size": 0}

@@ -16,11 +16,71 @@ from unifork_hf.evaluation import detect
 CAPTION = "a small purple square at the top left and a small orange triangle at the bottom left"
 # Greedy generation (top_k=1, no guidance) of CAPTION, recorded when the checkpoint was made.
 RECORDED_TOKENS = [
-    162, 1585, 761, 761, 761, 761, 761, 761, 1838, 417, 761, 761, 761, 761, 761, 761,
-    761, 761, 761, 761, 761, 761, 761, 761, 761, 761, 761, 761, 761, 761, 761, 761,
-    761, 761, 761, 761, 761, 761, 761, 761, 761, 761, 761, 761, 761, 761, 761, 761,
-    1418, 506, 761, 761, 761, 761, 761, 761, 793, 1854, 761, 761, 761, 761, 761, 761,
-]  # fmt: skip
+    162,
+    1585,
+    761,
+    761,
+    761,
+    761,
+    761,
+    761,
+    1838,
+    417,
+    761,
+    761,
+    761,
+    761,
+    761,
+    761,
+    761,
+    761,
+    761,
+    761,
+    761,
+    761,
+    761,
+    761,
+    761,
+    761,
+    761,
+    761,
+    761,
+    761,
+    761,
+    761,
+    761,
+    761,
+    761,
+    761,
+    761,
+    761,
+    761,
+    761,
+    761,
+    761,
+    761,
+    761,
+    761,
+    761,
+    761,
+    761,
+    1418,
+    506,
+    761,
+    761,
+    761,
+    761,
+    761,
+    761,
+    793,
+    1854,
+    761,
+    761,
+    761,
+    761,
+    761,
+    761,
+]
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +103,9 @@ def test_checkpoint_points_only_at_code_it_holds(demo_model, tmp_path):
         config = json.load(open(os.path.join(unifork_hf.DEMO_CHECKPOINT, name)))
         for part in (config, config.get("image_processor", {})):
             for reference in part.get("auto_map", {}).values():  # trust_remote_code would fail on a missing module
-                assert os.path.exists(os.path.join(unifork_hf.DEMO_CHECKPOINT, reference.split(".")[0] + ".py")), reference
+                assert os.path.exists(os.path.join(unifork_hf.DEMO_CHECKPOINT, reference.split(".")[0] + ".py")), (
+                    reference
+                )
     demo_model.save_pretrained(tmp_path)  # the portable copy carries its code
     assert os.path.exists(tmp_path / "modeling_unifork.py") and "auto_map" in json.load(open(tmp_path / "config.json"))
 
@@ -64,8 +126,9 @@ def test_checkpoint_reproduces_recorded_outputs(demo_model):
 def test_speculative_jacobi_decoding_on_the_checkpoint(demo_model):
     forwards = []
     hook = demo_model.generation_head.register_forward_hook(lambda *_: forwards.append(1))
-    tokens = demo_model.generate_image(CAPTION, guidance_scale=1.0, top_k=1, output_type="tokens", progress_bar=False,
-                                       jacobi_window=16)  # fmt: skip
+    tokens = demo_model.generate_image(
+        CAPTION, guidance_scale=1.0, top_k=1, output_type="tokens", progress_bar=False, jacobi_window=16
+    )
     hook.remove()
     assert tokens[0].tolist() == RECORDED_TOKENS  # greedy: the same codes
     assert len(forwards) <= 64 // 2  # in under half the forwards (11 when recorded)

@@ -8,12 +8,19 @@ import pytest
 
 import unifork_hf
 
-MODULES = sorted(info.name for info in pkgutil.walk_packages(unifork_hf.__path__, "unifork_hf.")
-                 if not info.name.endswith("__main__"))  # fmt: skip
+MODULES = sorted(
+    info.name
+    for info in pkgutil.walk_packages(unifork_hf.__path__, "unifork_hf.")
+    if not info.name.endswith("__main__")
+)
 
 
 def test_the_modules_with_examples_are_all_collected():
-    assert {"unifork_hf.modeling.modeling_unifork", "unifork_hf.training.trainer", "unifork_hf.evaluation.alignment"} <= set(MODULES)
+    assert {
+        "unifork_hf.modeling.modeling_unifork",
+        "unifork_hf.training.trainer",
+        "unifork_hf.evaluation.alignment",
+    } <= set(MODULES)
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -6,7 +6,6 @@ import math
 import traceback
 
 import numpy as np
-import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -17,8 +16,11 @@ numbers = st.one_of(st.none(), st.integers(-3, 100), st.floats(allow_nan=True, a
 
 
 # Messages of transformers' own processor checks that already name the argument and the numbers.
-CLEAR_LIBRARY_MESSAGES = ("number of <image> tokens in the prompts should be the same as the number of images",
-                          "but no images were passed", "you should probably activate truncation and/or padding")  # fmt: skip
+CLEAR_LIBRARY_MESSAGES = (
+    "number of <image> tokens in the prompts should be the same as the number of images",
+    "but no images were passed",
+    "you should probably activate truncation and/or padding",
+)
 
 
 def assert_ours(call):
@@ -46,12 +48,34 @@ def assert_ours(call):
     output_type=st.sampled_from(["pil", "pt", "tokens", "np", None]),
     generator=st.sampled_from([None, 0, "seed", torch.Generator().manual_seed(0)]),
 )
-def test_generate_image_arguments(built_model, prompt, guidance_scale, temperature, top_k, top_p,
-                                  num_images_per_prompt, max_batch_size, jacobi_window, output_type, generator):  # fmt: skip
-    result = assert_ours(lambda: built_model.generate_image(
-        prompt, guidance_scale=guidance_scale, temperature=temperature, top_k=top_k, top_p=top_p,
-        num_images_per_prompt=num_images_per_prompt, max_batch_size=max_batch_size, jacobi_window=jacobi_window,
-        output_type=output_type, generator=generator, progress_bar=False))  # fmt: skip
+def test_generate_image_arguments(
+    built_model,
+    prompt,
+    guidance_scale,
+    temperature,
+    top_k,
+    top_p,
+    num_images_per_prompt,
+    max_batch_size,
+    jacobi_window,
+    output_type,
+    generator,
+):
+    result = assert_ours(
+        lambda: built_model.generate_image(
+            prompt,
+            guidance_scale=guidance_scale,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            num_images_per_prompt=num_images_per_prompt,
+            max_batch_size=max_batch_size,
+            jacobi_window=jacobi_window,
+            output_type=output_type,
+            generator=generator,
+            progress_bar=False,
+        )
+    )
     if result is not None:  # accepted: then the output is what was asked for
         count = (1 if isinstance(prompt, str) else len(prompt)) * num_images_per_prompt
         assert len(result) == count
@@ -64,17 +88,29 @@ def test_generate_image_arguments(built_model, prompt, guidance_scale, temperatu
 
 def images():
     sizes = st.tuples(st.integers(0, 40), st.integers(0, 40))
-    pil = st.builds(lambda size, mode: Image.new(mode, size), sizes, st.sampled_from(["RGB", "L", "RGBA", "LA", "P", "1", "I", "F"]))
-    arrays = st.builds(lambda shape, dtype: np.zeros(shape, dtype=dtype),
-                       st.sampled_from([(8, 8), (8, 8, 3), (8, 8, 4), (3, 8, 8), (8, 8, 1), (0, 8, 3), (8, 8, 5), (2, 8, 8, 3)]),
-                       st.sampled_from([np.uint8, np.float32, np.int64, bool]))  # fmt: skip
-    tensors = st.builds(lambda shape: torch.zeros(shape), st.sampled_from([(3, 8, 8), (8, 8, 3), (1, 3, 8, 8), (5, 8, 8)]))
+    pil = st.builds(
+        lambda size, mode: Image.new(mode, size), sizes, st.sampled_from(["RGB", "L", "RGBA", "LA", "P", "1", "I", "F"])
+    )
+    arrays = st.builds(
+        lambda shape, dtype: np.zeros(shape, dtype=dtype),
+        st.sampled_from([(8, 8), (8, 8, 3), (8, 8, 4), (3, 8, 8), (8, 8, 1), (0, 8, 3), (8, 8, 5), (2, 8, 8, 3)]),
+        st.sampled_from([np.uint8, np.float32, np.int64, bool]),
+    )
+    tensors = st.builds(
+        lambda shape: torch.zeros(shape), st.sampled_from([(3, 8, 8), (8, 8, 3), (1, 3, 8, 8), (5, 8, 8)])
+    )
     return st.one_of(pil, arrays, tensors, st.integers(), st.text(max_size=5))
 
 
 @FUZZ
-@given(image_list=st.one_of(images(), st.lists(images(), max_size=3)),
-       text=st.one_of(st.none(), st.text(max_size=20), st.lists(st.sampled_from(["<image>", "a <image> b", "no image", ""]), max_size=3)))  # fmt: skip
+@given(
+    image_list=st.one_of(images(), st.lists(images(), max_size=3)),
+    text=st.one_of(
+        st.none(),
+        st.text(max_size=20),
+        st.lists(st.sampled_from(["<image>", "a <image> b", "no image", ""]), max_size=3),
+    ),
+)
 def test_processor_inputs(built_model, image_list, text):
     processor = built_model.processor
     batch = assert_ours(lambda: processor(images=image_list, text=text, return_tensors="pt"))

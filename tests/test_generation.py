@@ -2,7 +2,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-
 from transformers import CompileConfig
 
 from unifork_hf import DEFAULT_IMAGE_GENERATION, UniForkForConditionalGeneration
@@ -29,8 +28,9 @@ def test_batch_of_different_lengths_equals_each_alone(built_model):
     for i, prompt in enumerate(prompts):
         alone = built_model.generate_image(prompt, generator=seeds(i), output_type="tokens", progress_bar=False)
         assert torch.equal(batched[i], alone[0]), prompt
-    chunked = built_model.generate_image(prompts, generator=seeds(0, 1, 2), output_type="tokens", max_batch_size=2,
-                                         progress_bar=False)  # fmt: skip
+    chunked = built_model.generate_image(
+        prompts, generator=seeds(0, 1, 2), output_type="tokens", max_batch_size=2, progress_bar=False
+    )
     assert torch.equal(chunked, batched)
 
 
@@ -59,7 +59,9 @@ def assert_sampling_follows_uncached_forward(model):
     """top_k=1 makes sampling argmax; replay the codes through full forwards and check every step."""
     processor = model.processor
     scale = 3.0
-    codes = model.generate_image("a red circle", guidance_scale=scale, top_k=1, output_type="tokens", progress_bar=False)
+    codes = model.generate_image(
+        "a red circle", guidance_scale=scale, top_k=1, output_type="tokens", progress_bar=False
+    )
     n = model.config.num_image_tokens
     logits = []
     for prompt in ("a red circle", ""):
@@ -74,14 +76,19 @@ def assert_sampling_follows_uncached_forward(model):
 
 
 def test_output_types_and_images_per_prompt(built_model):
-    images = built_model.generate_image(["a red circle", "two blue squares"], num_images_per_prompt=2,
-                                        generator=seeds(0, 1, 2, 3), progress_bar=False)  # fmt: skip
+    images = built_model.generate_image(
+        ["a red circle", "two blue squares"], num_images_per_prompt=2, generator=seeds(0, 1, 2, 3), progress_bar=False
+    )
     assert len(images) == 4 and all(isinstance(i, Image.Image) and i.size == (32, 32) for i in images)
-    pixels = built_model.generate_image(["a red circle", "two blue squares"], num_images_per_prompt=2,
-                                        generator=seeds(0, 1, 2, 3), output_type="pt", progress_bar=False)  # fmt: skip
+    pixels = built_model.generate_image(
+        ["a red circle", "two blue squares"],
+        num_images_per_prompt=2,
+        generator=seeds(0, 1, 2, 3),
+        output_type="pt",
+        progress_bar=False,
+    )
     assert pixels.shape == (4, 3, 32, 32) and 0 <= pixels.min() and pixels.max() <= 1
-    assert torch.equal(torch.from_numpy(np.array(images[3])).float(),
-                       (pixels[3] * 255).round().permute(1, 2, 0))  # fmt: skip
+    assert torch.equal(torch.from_numpy(np.array(images[3])).float(), (pixels[3] * 255).round().permute(1, 2, 0))
 
 
 def test_negative_prompt_changes_the_unconditional_branch(built_model):
@@ -127,8 +134,9 @@ def test_generate_image_errors(built_model, built_dir):
 
 def test_sampling_defaults_come_from_the_checkpoints_generation_config(built_model, tmp_path):
     def tokens(model, **kwargs):
-        return model.generate_image(["a red circle", "a blue square"], generator=seeds(0, 1), output_type="tokens",
-                                    progress_bar=False, **kwargs)  # fmt: skip
+        return model.generate_image(
+            ["a red circle", "a blue square"], generator=seeds(0, 1), output_type="tokens", progress_bar=False, **kwargs
+        )
 
     # a fresh model: the library defaults (guidance 5, temperature 1)
     assert built_model.image_generation_settings() == DEFAULT_IMAGE_GENERATION
@@ -144,12 +152,18 @@ def test_sampling_defaults_come_from_the_checkpoints_generation_config(built_mod
     assert not torch.equal(unguided, tokens(built_model, guidance_scale=5.0, temperature=1.0))
     # explicit arguments win over the checkpoint; 0 / 1.0 turn its top-k / top-p off
     assert torch.equal(tokens(saved, temperature=1.0, top_k=0), tokens(built_model, guidance_scale=1.0))
-    assert saved.image_generation_settings(top_p=0.9) == {"guidance_scale": 1.0, "temperature": 0.5, "top_k": 8,
-                                                          "top_p": 0.9}  # fmt: skip
+    assert saved.image_generation_settings(top_p=0.9) == {
+        "guidance_scale": 1.0,
+        "temperature": 0.5,
+        "top_k": 8,
+        "top_p": 0.9,
+    }
     # text generation ignores them (greedy answers stay greedy)
     assert saved.generation_config.temperature is None and not saved.generation_config.do_sample
     saved.generation_config.image_generation = {"guidance_scale": 0.5}
-    with pytest.raises(ValueError, match=r"guidance_scale must be a finite number >= 1.*generation_config.image_generation"):
+    with pytest.raises(
+        ValueError, match=r"guidance_scale must be a finite number >= 1.*generation_config.image_generation"
+    ):
         saved.generate_image("x")
     saved.generation_config.image_generation = {"guidance": 2.0}
     with pytest.raises(ValueError, match="must be a dict with keys from"):
@@ -251,9 +265,11 @@ def test_weights_fingerprint_sees_content_changes_a_sum_misses(built_model):
     assert torch.equal(built_model._weights_fingerprint(), before)  # deterministic
     weight = built_model.generation_head.weight.data
     saved = weight.clone()
-    for change in (lambda w: w.index_copy_(0, torch.tensor([0, 1]), w[[1, 0]].clone()),  # rows swapped
-                   lambda w: w.copy_(w.flip(1).clone()),  # columns reversed
-                   lambda w: w[3, 5].add_(1e-3)):  # fmt: skip
+    for change in (
+        lambda w: w.index_copy_(0, torch.tensor([0, 1]), w[[1, 0]].clone()),  # rows swapped
+        lambda w: w.copy_(w.flip(1).clone()),  # columns reversed
+        lambda w: w[3, 5].add_(1e-3),
+    ):
         try:
             change(weight)
             assert torch.isclose(weight.sum(), saved.sum(), rtol=0, atol=1.1e-3)
@@ -297,9 +313,15 @@ def test_temperature_and_top_p_sample_the_distribution_they_define(built_model):
             keep = order[(ordered.cumsum(0) - ordered) < top_p]
             expected = torch.zeros_like(expected).index_fill(0, keep, 1.0) * expected
             expected /= expected.sum()
-        codes = built_model.generate_image(["a red circle"] * 40, guidance_scale=1.0, temperature=temperature, top_p=top_p,
-                                           output_type="tokens", generator=torch.Generator().manual_seed(0),
-                                           progress_bar=False).flatten()  # fmt: skip
+        codes = built_model.generate_image(
+            ["a red circle"] * 40,
+            guidance_scale=1.0,
+            temperature=temperature,
+            top_p=top_p,
+            output_type="tokens",
+            generator=torch.Generator().manual_seed(0),
+            progress_bar=False,
+        ).flatten()
         assert total_variation(codes, expected) < 0.04, (temperature, top_p)
         assert expected[codes].min() > 0  # nothing outside the nucleus
 
@@ -309,8 +331,14 @@ def test_speculative_jacobi_decoding_samples_the_model_distribution(built_model)
     torch.manual_seed(0)
     logits = 2 * torch.randn(built_model.config.codebook_size)
     built_model.generation_head = head = FixedLogits(logits)
-    codes = built_model.generate_image(["a red circle"] * 64, guidance_scale=1.0, jacobi_window=8, output_type="tokens",
-                                       generator=torch.Generator().manual_seed(0), progress_bar=False)  # fmt: skip
+    codes = built_model.generate_image(
+        ["a red circle"] * 64,
+        guidance_scale=1.0,
+        jacobi_window=8,
+        output_type="tokens",
+        generator=torch.Generator().manual_seed(0),
+        progress_bar=False,
+    )
     assert total_variation(codes.flatten(), logits.softmax(-1)) < 0.06
     assert head.calls < 64 / 4  # fewer forwards than codes
     with pytest.raises(ValueError, match="jacobi_window must be None or a positive int, got 0"):
@@ -327,7 +355,9 @@ def test_benchmark_answers_put_the_question_where_asked(built_model, monkeypatch
     processor = built_model.processor
     prompts, fed = [], []
     render = processor.apply_chat_template
-    monkeypatch.setattr(processor, "apply_chat_template", lambda *a, **k: prompts.append(render(*a, **k)) or prompts[-1])
+    monkeypatch.setattr(
+        processor, "apply_chat_template", lambda *a, **k: prompts.append(render(*a, **k)) or prompts[-1]
+    )
     generate = built_model.generate
     monkeypatch.setattr(built_model, "generate", lambda **k: fed.append(k["input_ids"]) or generate(**k))
     images = [Image.new("RGB", (32, 32), (200, 30, 30))] * 2

@@ -15,7 +15,6 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from unifork_hf import UniForkConfig, UniForkForConditionalGeneration
 from unifork_hf.modeling.modelcard_unifork import MODEL_CARD_MARKER, build_model_card
 
-
 DEFAULT_TAGS = ["unifork", "image-generation", "multimodal", "custom_code"]
 
 
@@ -299,18 +298,26 @@ def test_trainer_push_to_hub_uploads_the_card_with_the_training_summary(hub, tmp
     def upload_folder(self, repo_id, folder_path, **kwargs):  # Trainer uploads its output_dir in one call
         hub.uploads[repo_id] = {
             os.path.relpath(os.path.join(root, name), folder_path): open(os.path.join(root, name), "rb").read()
-            for root, _, names in os.walk(folder_path) for name in names
+            for root, _, names in os.walk(folder_path)
+            for name in names
         }
 
     monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
     from unifork_hf.data.tiny import tiny_llm, tiny_tokenizer, tiny_vq
-    from unifork_hf.training import (UniForkTrainer, UniForkTrainingArguments, colour_dataset, prepare_generation)
+    from unifork_hf.training import UniForkTrainer, UniForkTrainingArguments, colour_dataset, prepare_generation
 
     model = UniForkForConditionalGeneration.from_pretrained_llm(tiny_llm(), tiny_vq(), tokenizer=tiny_tokenizer())
     train = prepare_generation(colour_dataset(8)["generation"], model.processor)
-    args = UniForkTrainingArguments(output_dir=str(tmp_path / "run"), max_steps=2, per_device_train_batch_size=4,
-                                    logging_steps=1, report_to=[], save_strategy="no", disable_tqdm=True,
-                                    hub_model_id="my-org/trained")  # fmt: skip
+    args = UniForkTrainingArguments(
+        output_dir=str(tmp_path / "run"),
+        max_steps=2,
+        per_device_train_batch_size=4,
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        disable_tqdm=True,
+        hub_model_id="my-org/trained",
+    )
     trainer = UniForkTrainer(model=model, args=args, train_dataset=train, processing_class=model.processor)
     trainer.train()
     trainer.push_to_hub(license="apache-2.0")

@@ -2,9 +2,9 @@ import json
 
 import pytest
 import torch
+from conftest import tiny_config, tiny_model
 from safetensors.torch import load_file, save_file
 
-from conftest import tiny_config, tiny_model
 from unifork_hf import GENERATION, UNDERSTANDING, UniForkForConditionalGeneration
 
 IMG = 500  # image placeholder id of tiny_config
@@ -15,7 +15,9 @@ def image_sequence(prefix_len=5, suffix_len=2, batch=1, seed=0):
     g = torch.Generator().manual_seed(seed)
     prefix = torch.randint(0, 400, (batch, prefix_len), generator=g)
     suffix = torch.randint(0, 400, (batch, suffix_len), generator=g)
-    return torch.cat([prefix, torch.full((batch, 1), 501), torch.full((batch, N), IMG), torch.full((batch, 1), 502), suffix], 1)
+    return torch.cat(
+        [prefix, torch.full((batch, 1), 501), torch.full((batch, N), IMG), torch.full((batch, 1), 502), suffix], 1
+    )
 
 
 def test_mixed_batch_equals_single_task_batches():
@@ -30,9 +32,12 @@ def test_mixed_batch_equals_single_task_batches():
     mixed = model(input_ids=ids, image_ids=image_ids, attention_mask=mask, task=task, labels=labels)
     und = model(input_ids=ids[[0, 2]], image_ids=image_ids[[0, 2]], attention_mask=mask[[0, 2]], labels=labels[[0, 2]])
     gen = model(
-        input_ids=ids[[1, 3]], image_ids=image_ids[[1, 3]], attention_mask=mask[[1, 3]], labels=labels[[1, 3]],
+        input_ids=ids[[1, 3]],
+        image_ids=image_ids[[1, 3]],
+        attention_mask=mask[[1, 3]],
+        labels=labels[[1, 3]],
         task="generation",
-    )  # fmt: skip
+    )
     torch.testing.assert_close(mixed.logits, und.logits, atol=1e-5, rtol=0)
     torch.testing.assert_close(mixed.image_logits, gen.image_logits, atol=1e-5, rtol=0)
     torch.testing.assert_close(mixed.loss_understanding, und.loss, atol=1e-5, rtol=0)
@@ -47,8 +52,11 @@ def test_mixed_batch_equals_single_task_batches():
 def test_each_sample_runs_through_one_branch_only():
     model = tiny_model()
     seen = {"understanding": [], "generation": [], "shared": []}
-    for name, layers in [("understanding", model.model.understanding_layers), ("generation", model.model.generation_layers),
-                         ("shared", model.model.shared_layers)]:  # fmt: skip
+    for name, layers in [
+        ("understanding", model.model.understanding_layers),
+        ("generation", model.model.generation_layers),
+        ("shared", model.model.shared_layers),
+    ]:
         layers[0].register_forward_hook(lambda m, args, out, name=name: seen[name].append(args[0].shape[0]))
     model(input_ids=torch.randint(0, 400, (5, 7)), task=[0, 1, 1, 0, 1])
     assert seen == {"shared": [5], "understanding": [2], "generation": [3]}
@@ -168,8 +176,12 @@ def test_tiled_vq_codes_depend_on_their_own_tile_only(tmp_path):
 def test_vq_is_frozen_and_the_rest_trains():
     model = tiny_model().train()
     assert not any(p.requires_grad for p in model.model.image_tokenizer.parameters())
-    out = model(input_ids=image_sequence(batch=2), image_ids=torch.randint(0, 64, (2, N)), task=[0, 1],
-                labels=image_sequence(batch=2))  # fmt: skip
+    out = model(
+        input_ids=image_sequence(batch=2),
+        image_ids=torch.randint(0, 64, (2, N)),
+        task=[0, 1],
+        labels=image_sequence(batch=2),
+    )
     out.loss.backward()
     assert model.model.understanding_layers[0].mlp.up_proj.weight.grad is not None
     assert model.model.generation_layers[0].mlp.up_proj.weight.grad is not None
@@ -198,8 +210,9 @@ def test_save_load_round_trip(tmp_path):
     for task in ("understanding", "generation"):
         a = model(input_ids=ids, image_ids=image_ids, task=task)
         b = loaded(input_ids=ids, image_ids=image_ids, task=task)
-        assert torch.equal(a.logits if a.logits is not None else a.image_logits,
-                           b.logits if b.logits is not None else b.image_logits)  # fmt: skip
+        assert torch.equal(
+            a.logits if a.logits is not None else a.image_logits, b.logits if b.logits is not None else b.image_logits
+        )
     assert torch.equal(model.model.image_tokenizer.codebook, loaded.model.image_tokenizer.codebook)
     assert loaded.processor is None
 
@@ -207,8 +220,11 @@ def test_save_load_round_trip(tmp_path):
 def test_checkpoint_without_vq_weights_raises(tmp_path):
     tiny_model().save_pretrained(tmp_path)
     weights = load_file(tmp_path / "model.safetensors")
-    save_file({k: v for k, v in weights.items() if "image_tokenizer" not in k}, tmp_path / "model.safetensors",
-              metadata={"format": "pt"})  # fmt: skip
+    save_file(
+        {k: v for k, v in weights.items() if "image_tokenizer" not in k},
+        tmp_path / "model.safetensors",
+        metadata={"format": "pt"},
+    )
     (tmp_path / "weights.sha256").unlink()  # (a checkpoint saved by other code: no checksums to check)
     with pytest.raises(ValueError, match="lacks the VQ image tokenizer weights"):
         UniForkForConditionalGeneration.from_pretrained(tmp_path)
@@ -217,8 +233,11 @@ def test_checkpoint_without_vq_weights_raises(tmp_path):
 def test_checkpoint_that_does_not_match_its_config_raises(tmp_path):
     tiny_model().save_pretrained(tmp_path)
     weights = load_file(tmp_path / "model.safetensors")
-    save_file({k: v for k, v in weights.items() if not k.startswith("generation_head")}, tmp_path / "model.safetensors",
-              metadata={"format": "pt"})  # fmt: skip
+    save_file(
+        {k: v for k, v in weights.items() if not k.startswith("generation_head")},
+        tmp_path / "model.safetensors",
+        metadata={"format": "pt"},
+    )
     (tmp_path / "weights.sha256").unlink()  # (a checkpoint saved by other code: no checksums to check)
     with pytest.raises(ValueError, match=r"1 weights missing \(e.g. \['generation_head.weight'\]\), 0 unused"):
         UniForkForConditionalGeneration.from_pretrained(tmp_path)  # used to load with a random head, warning only
@@ -259,10 +278,15 @@ def test_bad_inputs_raise_clear_errors():
         with pytest.raises(ValueError, match=r"input_ids must be a non-empty \(batch, length\) tensor of integer"):
             model(input_ids=bad)
     pixels = torch.zeros(1, 3, 32, 32)
-    for bad, shown in ((pixels + 255, "from 255.0 to 255.0"), (pixels.index_fill(1, torch.tensor([0]), float("nan")), "nan")):
+    for bad, shown in (
+        (pixels + 255, "from 255.0 to 255.0"),
+        (pixels.index_fill(1, torch.tensor([0]), float("nan")), "nan"),
+    ):
         with pytest.raises(ValueError, match=rf"pixel_values must be finite numbers in \[-1, 1\].*{shown}"):
             model(input_ids=ids, pixel_values=bad)
-    with pytest.raises(ValueError, match=r"attention_mask must have shape \(batch, cached \+ new tokens\) = \(1, 25\), got \(1, 26\)"):
+    with pytest.raises(
+        ValueError, match=r"attention_mask must have shape \(batch, cached \+ new tokens\) = \(1, 25\), got \(1, 26\)"
+    ):
         model(input_ids=ids, image_ids=torch.zeros(1, N, dtype=torch.long), attention_mask=torch.ones(1, 26))
     with pytest.raises(ValueError, match="labels must have the shape of the input"):
         model(input_ids=torch.zeros(1, 3, dtype=torch.long), labels=torch.zeros(1, 4, dtype=torch.long))
@@ -279,8 +303,10 @@ def test_a_preset_model_without_image_tokens_runs_text_and_says_why_it_cannot_ta
     assert model.config.image_token_id is None
     ids = torch.tensor([[3, 1, 4, 1, 5]])
     # used to raise AttributeError: 'bool' object has no attribute 'any'
-    for task, head, size in (("understanding", "logits", model.config.text_config.vocab_size),
-                             ("generation", "image_logits", model.config.codebook_size)):  # fmt: skip
+    for task, head, size in (
+        ("understanding", "logits", model.config.text_config.vocab_size),
+        ("generation", "image_logits", model.config.codebook_size),
+    ):
         logits = getattr(model(input_ids=ids, task=task), head)
         assert logits.shape == (1, 5, size) and torch.isfinite(logits).all()
     with pytest.raises(ValueError, match="config.image_token_id is None"):
@@ -298,5 +324,9 @@ def test_hidden_states_follow_each_sample_along_its_path():
         torch.testing.assert_close(mixed[depth][[0, 2]], und[depth], atol=1e-5, rtol=0)
         torch.testing.assert_close(mixed[depth][[1]], gen[depth], atol=1e-5, rtol=0)
     # the shared part is the same for both tasks, the branches differ
-    torch.testing.assert_close(und[2][1], model(input_ids=ids[[2]], task=1, output_hidden_states=True).hidden_states[2][0])
-    assert not torch.allclose(und[4][1], model(input_ids=ids[[2]], task=1, output_hidden_states=True).hidden_states[4][0])
+    torch.testing.assert_close(
+        und[2][1], model(input_ids=ids[[2]], task=1, output_hidden_states=True).hidden_states[2][0]
+    )
+    assert not torch.allclose(
+        und[4][1], model(input_ids=ids[[2]], task=1, output_hidden_states=True).hidden_states[4][0]
+    )

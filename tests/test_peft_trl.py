@@ -3,12 +3,12 @@
 import datasets
 import pytest
 import torch
+from conftest import tiny_model
 from peft import PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 from peft.utils import ModulesToSaveWrapper
 from PIL import Image
 
-from conftest import tiny_model
 from unifork_hf import UniForkForConditionalGeneration
 from unifork_hf.training.peft_utils import lora_config
 
@@ -73,10 +73,13 @@ def mixed_inputs(seed=0):
         ("generation", ["generation_layers"], {"generation_head", "model.generation_norm"}),
         ("understanding", ["understanding_layers"], {"lm_head", "model.understanding_norm"}),
         ("shared", ["shared_layers"], set()),
-        ("all", ["shared_layers", "understanding_layers", "generation_layers"],
-         {"generation_head", "model.generation_norm", "lm_head", "model.understanding_norm"}),
+        (
+            "all",
+            ["shared_layers", "understanding_layers", "generation_layers"],
+            {"generation_head", "model.generation_norm", "lm_head", "model.understanding_norm"},
+        ),
     ],
-)  # fmt: skip
+)
 def test_lora_config_targets_exactly_one_part_of_the_y(branch, layer_lists, heads):
     expected = set().union(*(branch_modules(layers) for layers in layer_lists))
     assert len(expected) == 7 * 2 * len(layer_lists)

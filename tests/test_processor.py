@@ -12,8 +12,9 @@ from unifork_hf.data.tiny import tiny_tokenizer
 def make_processor(image_seq_length=64):
     tokenizer = tiny_tokenizer()
     tokenizer.add_tokens(["<image>", "<begin_of_image>", "<end_of_image>"], special_tokens=True)
-    return UniForkProcessor(UniForkImageProcessorPil(size={"height": 32, "width": 32}), tokenizer,
-                            image_seq_length=image_seq_length)  # fmt: skip
+    return UniForkProcessor(
+        UniForkImageProcessorPil(size={"height": 32, "width": 32}), tokenizer, image_seq_length=image_seq_length
+    )
 
 
 def test_chat_template_expands_each_image_to_boi_n_tokens_eoi():
@@ -37,10 +38,18 @@ def test_chat_template_expands_each_image_to_boi_n_tokens_eoi():
 
 def test_tokenized_chat_template_returns_pixels():
     processor = make_processor()
-    conversation = [{"role": "user", "content": [{"type": "image", "image": Image.new("RGB", (8, 8), "blue")},
-                                                 {"type": "text", "text": "Describe the image."}]}]  # fmt: skip
-    out = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True, return_dict=True,
-                                        return_tensors="pt")  # fmt: skip
+    conversation = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image", "image": Image.new("RGB", (8, 8), "blue")},
+                {"type": "text", "text": "Describe the image."},
+            ],
+        }
+    ]
+    out = processor.apply_chat_template(
+        conversation, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+    )
     assert out["pixel_values"].shape == (1, 3, 32, 32)
     torch.testing.assert_close(out["pixel_values"][0, :, 0, 0], torch.tensor([-1.0, -1.0, 1.0]))
     assert (out["input_ids"] == processor.image_token_id).sum() == 64
@@ -71,7 +80,10 @@ def test_image_modes_are_converted_and_bad_types_rejected():
         with pytest.raises(ValueError, match=rf"images\[1\] has no pixels \(size {size}\)"):  # was a blank image
             processor.image_processor([Image.new("RGB", (4, 4)), empty])
     # found by tests/test_fuzz.py: each used to fail inside transformers or return an empty batch
-    with pytest.raises(ValueError, match=r"images\[0\] is an array of shape \(8, 8\): expected one image as \(height, width, channels\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"images\[0\] is an array of shape \(8, 8\): expected one image as \(height, width, channels\)",
+    ):
         processor.image_processor(np.zeros((8, 8), dtype=np.uint8))
     with pytest.raises(ValueError, match="images is empty: pass at least one image, or images=None"):
         processor(images=[], text="x")

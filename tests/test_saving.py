@@ -12,8 +12,11 @@ from unifork_hf import UniForkForConditionalGeneration
 
 
 def snapshot(directory):
-    return {name: open(os.path.join(directory, name), "rb").read()
-            for name in sorted(os.listdir(directory)) if os.path.isfile(os.path.join(directory, name))}  # fmt: skip
+    return {
+        name: open(os.path.join(directory, name), "rb").read()
+        for name in sorted(os.listdir(directory))
+        if os.path.isfile(os.path.join(directory, name))
+    }
 
 
 @pytest.fixture
@@ -36,7 +39,9 @@ def test_a_full_disk_while_writing_the_weights_leaves_the_old_model(saved, monke
     monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", save_half_then_fail)
     with pytest.raises(OSError, match="No space left"):
         model.save_pretrained(directory)
-    assert snapshot(directory) == before and sorted(os.listdir(directory)) == list(before)  # no staging folder left either
+    assert snapshot(directory) == before and sorted(os.listdir(directory)) == list(
+        before
+    )  # no staging folder left either
 
 
 def test_a_failure_while_saving_the_processor_leaves_the_old_model(saved, monkeypatch):
@@ -97,10 +102,13 @@ def test_flipped_bytes_in_the_weights_are_caught_on_load(saved):
     UniForkForConditionalGeneration.from_pretrained(directory)  # the user's way out, as the message says
 
 
-@pytest.mark.parametrize("field, value, message", [
-    ("image_token", "<end_of_image>", r"the config says image_token_id (\d+), the processor (?!\1)\d+"),
-    ("image_seq_length", 5, r"the config says image tokens per image 64, the processor 5"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("image_token", "<end_of_image>", r"the config says image_token_id (\d+), the processor (?!\1)\d+"),
+        ("image_seq_length", 5, r"the config says image tokens per image 64, the processor 5"),
+    ],
+)
 def test_a_processor_that_disagrees_with_the_config_is_refused(saved, field, value, message):
     _, directory, _ = saved
     processor_config = directory / "processor_config.json"

@@ -50,8 +50,10 @@ def test_same_seed_same_data_other_seed_other_data(data):
     for split in ("train", "test", "heldout", "paraphrase"):
         assert again[split]["caption"] == data[split]["caption"]
         assert again[split]["questions"] == data[split]["questions"]
-        assert all(np.array_equal(np.asarray(a), np.asarray(b))
-                   for a, b in zip(again[split]["image"][:50], data[split]["image"][:50]))  # fmt: skip
+        assert all(
+            np.array_equal(np.asarray(a), np.asarray(b))
+            for a, b in zip(again[split]["image"][:50], data[split]["image"][:50])
+        )
     assert other["train"]["caption"] != data["train"]["caption"]
     # the evaluation splits do not depend on how many training scenes were drawn
     evaluation_only = shapes_dataset(num_train=0, num_test=300, num_heldout=300, seed=0)
@@ -109,7 +111,10 @@ def test_scene_contents_and_questions(data):
     assert row["image"].size == (32, 32)
     und = to_understanding(data["test"].select(range(4)))
     assert len(und) == 20 and und[0]["messages"][1]["content"][0]["text"] == und[0]["answer"]
-    assert und[0]["messages"][0]["content"] == [{"type": "text", "text": und[0]["question"]}, {"type": "image", "text": None}]
+    assert und[0]["messages"][0]["content"] == [
+        {"type": "text", "text": und[0]["question"]},
+        {"type": "image", "text": None},
+    ]
     image_first = to_understanding(data["test"].select(range(4)), question_first=False)
     assert [item["type"] for item in image_first[0]["messages"][0]["content"]] == ["image", "text"]
     assert to_generation(data["test"]).column_names == ["image", "caption"]
@@ -201,7 +206,10 @@ def test_splits_use_their_phrasings(data):
     for objects, asked in zip(data["train"]["objects"], data["train"]["asked"]):
         for o, a in zip(sorted(objects, key=lambda o: o["position"]), sorted(asked, key=lambda o: o["position"])):
             assert a["size"] in (None, o["size"]) and (a["colour"], a["shape"], a["position"]) == (
-                o["colour"], o["shape"], o["position"])  # fmt: skip
+                o["colour"],
+                o["shape"],
+                o["position"],
+            )
     assert any(a["size"] is None for asked in data["train"]["asked"] for a in asked)
     assert any(text.startswith("two ") for text in data["train"]["caption"])
     assert set(SIZE_SYNONYMS.values()) <= words
@@ -258,7 +266,9 @@ def test_a_circle_missing_a_pixel_is_still_a_circle():
         for y, x in ((ys[0], xs[0]), (ys[-1], xs[-1])):  # its top and bottom pixels, one at a time
             damaged = array.copy()
             damaged[y, x] = 255
-            assert detect(PIL.Image.fromarray(damaged)) == [{k: circle[k] for k in ("colour", "shape", "size", "position")}]
+            assert detect(PIL.Image.fromarray(damaged)) == [
+                {k: circle[k] for k in ("colour", "shape", "size", "position")}
+            ]
 
 
 def test_counts_are_exact_and_matching_is_one_to_one():
@@ -272,7 +282,9 @@ def test_counts_are_exact_and_matching_is_one_to_one():
     scores = score_image([RED, twin], detect(render([RED])))
     assert scores["colour"] == [1, 2] and scores["shape"] == [1, 2] and scores["all"] == 0.0
     # objects drawn in each other's cells: matched one to one, positions wrong
-    swapped = score_image([RED, blue], detect(render([dict(RED, position=blue["position"]), dict(blue, position="center")])))
+    swapped = score_image(
+        [RED, blue], detect(render([dict(RED, position=blue["position"]), dict(blue, position="center")]))
+    )
     assert swapped["position"][0] < 2 and swapped["all"] == 0.0
     # an unasked attribute (None) is not judged
     loose = score_image([dict(RED, size=None)], detect(render([dict(RED, size="small")])))
@@ -280,8 +292,10 @@ def test_counts_are_exact_and_matching_is_one_to_one():
 
 
 def test_the_judge_catches_each_kind_of_error():
-    expected = [{"colour": "red", "shape": "circle", "size": "large", "position": "top left"},
-                {"colour": "blue", "shape": "square", "size": "small", "position": "bottom right"}]  # fmt: skip
+    expected = [
+        {"colour": "red", "shape": "circle", "size": "large", "position": "top left"},
+        {"colour": "blue", "shape": "square", "size": "small", "position": "bottom right"},
+    ]
     for attribute, wrong in (("colour", "green"), ("shape", "triangle"), ("size", "small"), ("position", "center")):
         drawn = [dict(expected[0], **{attribute: wrong}), expected[1]]
         scores = score_image(expected, detect(render(drawn)))
@@ -295,10 +309,12 @@ def test_the_judge_catches_each_kind_of_error():
 
 
 def test_exact_match_per_question_type_and_baselines():
-    scores = score_answers(["Red ", "circle", "top", "one"], ["red", "square", "top", "one"],
-                           ["colour", "shape", "position", "count"])  # fmt: skip
+    scores = score_answers(
+        ["Red ", "circle", "top", "one"], ["red", "square", "top", "one"], ["colour", "shape", "position", "count"]
+    )
     assert scores == {"colour": 1.0, "count": 1.0, "position": 1.0, "shape": 0.0, "all": 0.75}
-    baselines = answer_baselines(["two", "two", "one", "red"], ["count", "count", "count", "colour"],
-                                 {"count": 2, "colour": 6})  # fmt: skip
+    baselines = answer_baselines(
+        ["two", "two", "one", "red"], ["count", "count", "count", "colour"], {"count": 2, "colour": 6}
+    )
     assert baselines["majority"] == {"colour": 1.0, "count": 2 / 3, "all": 0.75}
     assert baselines["chance"] == {"colour": 1 / 6, "count": 0.5, "all": (3 / 2 + 1 / 6) / 4}

@@ -47,8 +47,18 @@ def prepared(model):
 
 
 def training_args(tmp_path, **overrides):
-    kwargs = dict(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=3, learning_rate=1e-3,
-                  logging_steps=1, save_strategy="no", use_cpu=True, report_to=[], disable_tqdm=True, seed=0)  # fmt: skip
+    kwargs = dict(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        max_steps=3,
+        learning_rate=1e-3,
+        logging_steps=1,
+        save_strategy="no",
+        use_cpu=True,
+        report_to=[],
+        disable_tqdm=True,
+        seed=0,
+    )
     kwargs.update(overrides)
     return UniForkTrainingArguments(**kwargs)
 
@@ -72,8 +82,9 @@ def test_generation_labels_cover_every_image_token(model, prepared):
     _, gen, parts = prepared
     processor = model.processor
     row = gen[3]
-    prompt = processor.tokenizer(processor.image_generation_prompt(parts["generation"][3]["caption"]),
-                                 add_special_tokens=False).input_ids  # fmt: skip
+    prompt = processor.tokenizer(
+        processor.image_generation_prompt(parts["generation"][3]["caption"]), add_special_tokens=False
+    ).input_ids
     n = processor.image_seq_length
     assert row["input_ids"] == prompt + [processor.image_token_id] * n + [processor.eoi_token_id]
     assert row["labels"] == [-100] * len(prompt) + [processor.image_token_id] * n + [-100]
@@ -101,8 +112,12 @@ def test_collator_pads_on_the_right_and_routes_tasks(model, prepared):
 def test_mixed_batch_losses_equal_single_task_batches(model, prepared, tmp_path):
     und, gen, _ = prepared
     collator = UniForkDataCollator(model.processor, cfg_dropout=0.0)
-    trainer = UniForkTrainer(model=model, args=training_args(tmp_path, freeze="none"), data_collator=collator,
-                             processing_class=model.processor)  # fmt: skip
+    trainer = UniForkTrainer(
+        model=model,
+        args=training_args(tmp_path, freeze="none"),
+        data_collator=collator,
+        processing_class=model.processor,
+    )
     model.eval()
     with torch.no_grad():
         _, mixed = trainer.compute_loss(model, collator([und[0], gen[0], und[1], gen[1]]), return_outputs=True)
@@ -118,8 +133,16 @@ def test_mixed_batch_losses_equal_single_task_batches(model, prepared, tmp_path)
 
 def test_cfg_dropout_rate_and_what_is_dropped(model):
     processor = model.processor
-    rows = [{"task": GENERATION, "row": i, "prompt_length": 3, "input_ids": [7, 8, 9, 10, 11], "labels": [-100] * 3 + [1, 2]}
-            for i in range(4000)]  # fmt: skip
+    rows = [
+        {
+            "task": GENERATION,
+            "row": i,
+            "prompt_length": 3,
+            "input_ids": [7, 8, 9, 10, 11],
+            "labels": [-100] * 3 + [1, 2],
+        }
+        for i in range(4000)
+    ]
     collator = UniForkDataCollator(processor, cfg_dropout=0.1)
     dropped = [collator.drops_prompt(row) for row in rows]
     assert abs(sum(dropped) / len(rows) - 0.1) < 0.015
@@ -150,14 +173,19 @@ def test_freezing_policies_train_exactly_their_parameters(policy):
     per_layer = {n.split(".", 3)[3] for n, _ in model.named_parameters() if n.startswith("model.shared_layers.0.")}
     layers = lambda prefix, count: {f"{prefix}.{i}.{p}" for i in range(count) for p in per_layer}  # noqa: E731
     expected = {
-        "align": {"model.image_projector.linear_1.weight", "model.image_projector.linear_1.bias",
-                  "model.image_projector.linear_2.weight", "model.image_projector.linear_2.bias",
-                  "lm_head.weight", "generation_head.weight"},
-        "generation_branch": layers("model.generation_layers", branch) | {"model.generation_norm.weight",
-                                                                        "generation_head.weight"},
-        "understanding_branch": layers("model.understanding_layers", branch) | {"model.understanding_norm.weight",
-                                                                              "lm_head.weight"},
-    }  # fmt: skip
+        "align": {
+            "model.image_projector.linear_1.weight",
+            "model.image_projector.linear_1.bias",
+            "model.image_projector.linear_2.weight",
+            "model.image_projector.linear_2.bias",
+            "lm_head.weight",
+            "generation_head.weight",
+        },
+        "generation_branch": layers("model.generation_layers", branch)
+        | {"model.generation_norm.weight", "generation_head.weight"},
+        "understanding_branch": layers("model.understanding_layers", branch)
+        | {"model.understanding_norm.weight", "lm_head.weight"},
+    }
     vq = {n for n, _ in model.named_parameters() if n.startswith("model.image_tokenizer.")}
     everything = {n for n, _ in model.named_parameters()}
     expected["joint"] = everything - vq
@@ -169,19 +197,27 @@ def test_freezing_policies_train_exactly_their_parameters(policy):
 def test_bad_rows_name_the_column_and_the_row(model):
     processor = model.processor
     image = Image.new("RGB", (8, 8))
-    good = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "q"}]},
-            {"role": "assistant", "content": [{"type": "text", "text": "a"}]}]  # fmt: skip
+    good = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "q"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "a"}]},
+    ]
     with pytest.raises(ValueError, match=r"Row 1: column 'caption' must be a string, got None"):
         prepare_generation(Dataset.from_dict({"image": [image, image], "caption": ["ok", None]}), processor)
     with pytest.raises(ValueError, match=r"Row 0: column 'picture' must be an image, got 'not an image'"):
-        prepare_generation(Dataset.from_dict({"picture": ["not an image"], "caption": ["x"]}), processor,
-                           image_column="picture")  # fmt: skip
+        prepare_generation(
+            Dataset.from_dict({"picture": ["not an image"], "caption": ["x"]}), processor, image_column="picture"
+        )
     with pytest.raises(ValueError, match=r"Generation dataset has no column 'caption'"):
         prepare_generation(Dataset.from_dict({"image": [image], "text": ["x"]}), processor)
-    with pytest.raises(ValueError, match=r"Row 1: column 'messages' must be a conversation with one image item per image"):
-        prepare_understanding(Dataset.from_dict({"images": [[image], [image, image]], "messages": [good, good]}),
-                              processor)  # fmt: skip
-    with pytest.raises(ValueError, match=r"Row 0: column 'messages' must be a conversation with at least one assistant"):
+    with pytest.raises(
+        ValueError, match=r"Row 1: column 'messages' must be a conversation with one image item per image"
+    ):
+        prepare_understanding(
+            Dataset.from_dict({"images": [[image], [image, image]], "messages": [good, good]}), processor
+        )
+    with pytest.raises(
+        ValueError, match=r"Row 0: column 'messages' must be a conversation with at least one assistant"
+    ):
         prepare_understanding(Dataset.from_dict({"images": [[image]], "messages": [good[:1]]}), processor)
     with pytest.raises(ValueError, match=r"Understanding dataset has no column 'images'"):
         prepare_understanding(Dataset.from_dict({"messages": [good]}), processor)
@@ -219,9 +255,14 @@ def test_pretokenized_images_are_encoded_once(model, prepared, tmp_path):
     original = model.model.image_tokenizer.encode
     model.model.image_tokenizer.encode = lambda *a, **k: calls.append(1) or original(*a, **k)
     try:
-        trainer = UniForkTrainer(model=model, args=training_args(tmp_path, max_steps=len(pretokenized) // 2,
-                                 per_device_train_batch_size=4, num_train_epochs=2), train_dataset=pretokenized,
-                                 processing_class=model.processor)  # fmt: skip
+        trainer = UniForkTrainer(
+            model=model,
+            args=training_args(
+                tmp_path, max_steps=len(pretokenized) // 2, per_device_train_batch_size=4, num_train_epochs=2
+            ),
+            train_dataset=pretokenized,
+            processing_class=model.processor,
+        )
         trainer.train()
     finally:
         model.model.image_tokenizer.encode = original
@@ -239,8 +280,9 @@ def test_training_draws_new_cfg_dropout_each_epoch(model, prepared, tmp_path, mo
         return real_call(self, rows)
 
     monkeypatch.setattr(UniForkDataCollator, "__call__", recording_call)
-    args = training_args(tmp_path, max_steps=-1, num_train_epochs=3, per_device_train_batch_size=8, cfg_dropout=0.4,
-                         learning_rate=0.0)  # fmt: skip
+    args = training_args(
+        tmp_path, max_steps=-1, num_train_epochs=3, per_device_train_batch_size=8, cfg_dropout=0.4, learning_rate=0.0
+    )
     UniForkTrainer(model=model, args=args, train_dataset=train, processing_class=model.processor).train()
     epochs = sorted({epoch for epoch, _, _ in seen})
     assert epochs == [0, 1, 2]  # the trainer tells the collator each new epoch (nothing else does)
@@ -254,11 +296,17 @@ def test_streaming_datasets_train(model, prepared, tmp_path, monkeypatch):
     und = prepare_understanding(parts["understanding"].to_iterable_dataset(), processor)
     gen = prepare_generation(parts["generation"].to_iterable_dataset(), processor)
     train = pretokenize_images(mix_tasks(und, gen, 0.5), processor)
-    trainer = UniForkTrainer(model=model, args=training_args(tmp_path, max_steps=3, cfg_dropout=0.0), train_dataset=train,
-                             processing_class=processor)  # fmt: skip
+    trainer = UniForkTrainer(
+        model=model,
+        args=training_args(tmp_path, max_steps=3, cfg_dropout=0.0),
+        train_dataset=train,
+        processing_class=processor,
+    )
     batches = []
     real_collate = UniForkDataCollator.__call__
-    monkeypatch.setattr(UniForkDataCollator, "__call__", lambda self, rows: batches.append(real_collate(self, rows)) or batches[-1])
+    monkeypatch.setattr(
+        UniForkDataCollator, "__call__", lambda self, rows: batches.append(real_collate(self, rows)) or batches[-1]
+    )
     before = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
     trainer.train()
     logged = [log for log in trainer.state.log_history if "loss" in log]
@@ -266,8 +314,9 @@ def test_streaming_datasets_train(model, prepared, tmp_path, monkeypatch):
     # the first batch holds the stream's first rows, in order and unchanged (right-padded)
     first = list(itertools.islice(iter(train), 4))
     batch = batches[0]
-    assert [ids[: int(mask.sum())] for ids, mask in zip(batch["input_ids"].tolist(), batch["attention_mask"])] == \
-        [row["input_ids"] for row in first]  # fmt: skip
+    assert [ids[: int(mask.sum())] for ids, mask in zip(batch["input_ids"].tolist(), batch["attention_mask"])] == [
+        row["input_ids"] for row in first
+    ]
     assert batch["task"].tolist() == [row["task"] for row in first]
     changed = [name for name, p in model.named_parameters() if name in before and not torch.equal(p, before[name])]
     assert changed  # the stream trained the model
@@ -277,16 +326,29 @@ def test_task_stratified_batches_hold_each_task_in_proportion(model, tmp_path):
     processor = model.processor
     rows = colour_dataset(64, seed=1)
     # understanding rows of two kinds (lengths): length grouping would put each kind in batches of its own
-    long = rows["understanding"].map(lambda row: {"messages": [{**row["messages"][0], "content": row["messages"][0]["content"][:1] + [
-        {"type": "text", "text": "What colour is the shape in this picture, would you say?"}]}, row["messages"][1]]})  # fmt: skip
+    long = rows["understanding"].map(
+        lambda row: {
+            "messages": [
+                {
+                    **row["messages"][0],
+                    "content": row["messages"][0]["content"][:1]
+                    + [{"type": "text", "text": "What colour is the shape in this picture, would you say?"}],
+                },
+                row["messages"][1],
+            ]
+        }
+    )
     und = prepare_understanding(concatenate_datasets([rows["understanding"], long]), processor)
     train = mix_tasks(und, prepare_generation(rows["generation"], processor), generation_ratio=0.3, seed=0)
     share = sum(t == UNDERSTANDING for t in train["task"]) / len(train)
 
     def batches(seed, strategy="task_stratified", dataset=train):
-        trainer = UniForkTrainer(model=model, args=training_args(tmp_path, per_device_train_batch_size=10, seed=seed,
-                                                                 train_sampling_strategy=strategy),
-                                 train_dataset=dataset, processing_class=processor)  # fmt: skip
+        trainer = UniForkTrainer(
+            model=model,
+            args=training_args(tmp_path, per_device_train_batch_size=10, seed=seed, train_sampling_strategy=strategy),
+            train_dataset=dataset,
+            processing_class=processor,
+        )
         return list(trainer.get_train_dataloader())
 
     first = batches(0)
@@ -298,7 +360,9 @@ def test_task_stratified_batches_hold_each_task_in_proportion(model, tmp_path):
     assert sum(len(kinds) > 1 for kinds in lengths) > len(first) / 2  # both kinds mixed in most batches
     assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(first, batches(0)))  # seeded
     assert not all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(first, batches(1)))
-    grouped = batches(0, "group_by_length", train.add_column("length", [len(ids) for ids in train["input_ids"]]))  # what the recipe used to do: whole batches of one task
+    grouped = batches(
+        0, "group_by_length", train.add_column("length", [len(ids) for ids in train["input_ids"]])
+    )  # what the recipe used to do: whole batches of one task
     assert any(int((batch["task"] == UNDERSTANDING).sum()) in (0, 10) for batch in grouped)
 
 
@@ -308,18 +372,26 @@ def test_understanding_loss_share_sets_each_tasks_share_of_loss_and_gradient(mod
     processor = model.processor
     collator = UniForkDataCollator(processor, cfg_dropout=0.0)
     mixed = collator([und[0], gen[0], und[1], gen[1], gen[2]])
-    alone = {task: collator(rows) for task, rows in ((UNDERSTANDING, [und[0], und[1]]),
-                                                     (GENERATION, [gen[0], gen[1], gen[2]]))}  # fmt: skip
-    trainer = UniForkTrainer(model=model, args=training_args(tmp_path, understanding_loss_share=share),
-                             train_dataset=und, processing_class=processor)  # fmt: skip
+    alone = {
+        task: collator(rows)
+        for task, rows in ((UNDERSTANDING, [und[0], und[1]]), (GENERATION, [gen[0], gen[1], gen[2]]))
+    }
+    trainer = UniForkTrainer(
+        model=model,
+        args=training_args(tmp_path, understanding_loss_share=share),
+        train_dataset=und,
+        processing_class=processor,
+    )
     model.train()
 
     def gradients(loss):
         model.zero_grad()
         loss.backward()
         # a head the loss does not reach has no gradient at all
-        return tuple(torch.zeros_like(w) if w.grad is None else w.grad.clone()
-                     for w in (model.lm_head.weight, model.generation_head.weight))
+        return tuple(
+            torch.zeros_like(w) if w.grad is None else w.grad.clone()
+            for w in (model.lm_head.weight, model.generation_head.weight)
+        )
 
     items = trainer._get_num_items_in_batch([mixed], torch.device("cpu"))
     loss = trainer.compute_loss(model, mixed, num_items_in_batch=items)
@@ -338,15 +410,21 @@ def test_understanding_loss_share_sets_each_tasks_share_of_loss_and_gradient(mod
     trainer._logged["understanding_share"].zero_()
     trainer._log_task_losses(model(**mixed), mixed, share, token_mean=share is None)
     part = weights[0] * und_loss
-    torch.testing.assert_close(trainer._logged["understanding_share"][0], (part / (part + weights[1] * gen_loss)).detach())
+    torch.testing.assert_close(
+        trainer._logged["understanding_share"][0], (part / (part + weights[1] * gen_loss)).detach()
+    )
     model.zero_grad()
     model.eval()
 
 
 def test_training_logs_the_understanding_share(model, prepared, tmp_path):
     und, gen, _ = prepared
-    trainer = UniForkTrainer(model=model, args=training_args(tmp_path, max_steps=2, understanding_loss_share=0.4),
-                             train_dataset=mix_tasks(und, gen, 0.5), processing_class=model.processor)  # fmt: skip
+    trainer = UniForkTrainer(
+        model=model,
+        args=training_args(tmp_path, max_steps=2, understanding_loss_share=0.4),
+        train_dataset=mix_tasks(und, gen, 0.5),
+        processing_class=model.processor,
+    )
     trainer.train()
     for log in [log for log in trainer.state.log_history if "loss" in log]:
         part = 0.4 * log["loss_understanding"]
@@ -363,8 +441,21 @@ def test_gradient_accumulation_equals_one_large_batch(tmp_path):
     weights = []
     for batch, accumulation in ((8, 1), (4, 2)):
         out = tmp_path / f"b{batch}"
-        subprocess.run([sys.executable, os.path.join(HERE, "train_script.py"), str(out), "--per-device-batch", str(batch),
-                        "--grad-accum", str(accumulation), "--max-steps", "4"], check=True, capture_output=True)  # fmt: skip
+        subprocess.run(
+            [
+                sys.executable,
+                os.path.join(HERE, "train_script.py"),
+                str(out),
+                "--per-device-batch",
+                str(batch),
+                "--grad-accum",
+                str(accumulation),
+                "--max-steps",
+                "4",
+            ],
+            check=True,
+            capture_output=True,
+        )
         weights.append(load_file(out / "final.safetensors"))
     for name in weights[0]:
         torch.testing.assert_close(weights[0][name], weights[1][name], atol=2e-6, rtol=0, msg=name)
@@ -374,11 +465,28 @@ def test_two_process_ddp_matches_one_process(tmp_path):
     script = os.path.join(HERE, "train_script.py")
     single, double = tmp_path / "single", tmp_path / "ddp"
     common = ["--max-steps", "6", "--cfg-dropout", "0.1"]
-    subprocess.run([sys.executable, script, str(single), "--per-device-batch", "8", *common], check=True,
-                   capture_output=True)  # fmt: skip
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                             "29533", script, str(double), "--per-device-batch", "4", *common],
-                            capture_output=True, text=True, timeout=600)  # fmt: skip
+    subprocess.run(
+        [sys.executable, script, str(single), "--per-device-batch", "8", *common], check=True, capture_output=True
+    )
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29533",
+            script,
+            str(double),
+            "--per-device-batch",
+            "4",
+            *common,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     a, b = load_file(single / "final.safetensors"), load_file(double / "final.safetensors")
     for name in a:
@@ -393,8 +501,9 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path):
     common = ["--max-steps", "20", "--save-steps", "8", "--cfg-dropout", "0.3"]  # 20 steps cross an epoch
     subprocess.run([*script, str(tmp_path / "full"), *common], check=True, capture_output=True)
     killed = tmp_path / "killed"
-    process = subprocess.Popen([*script, str(killed), *common, "--step-delay", "0.3"], stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)  # fmt: skip
+    process = subprocess.Popen(
+        [*script, str(killed), *common, "--step-delay", "0.3"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.time() + 300
     while not (killed / "checkpoint-16" / "trainer_state.json").exists():
         assert process.poll() is None and time.time() < deadline, "the run ended before it could be killed"
@@ -410,9 +519,13 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path):
 
 
 def test_recipe_trains_both_tasks_and_both_losses_fall(tmp_path, capsys):
-    trainer = run_recipe(RECIPE, {"training": {"output_dir": str(tmp_path), "max_steps": 60, "logging_steps": 10,
-                                               "save_strategy": "no"},
-                                  "image_generation": {"guidance_scale": 1.5}})  # fmt: skip
+    trainer = run_recipe(
+        RECIPE,
+        {
+            "training": {"output_dir": str(tmp_path), "max_steps": 60, "logging_steps": 10, "save_strategy": "no"},
+            "image_generation": {"guidance_scale": 1.5},
+        },
+    )
     logs = [log for log in trainer.state.log_history if "loss" in log]
     for name in ("loss_understanding", "loss_generation"):
         assert logs[-1][name] < 0.8 * logs[0][name], (name, logs)
@@ -420,8 +533,12 @@ def test_recipe_trains_both_tasks_and_both_losses_fall(tmp_path, capsys):
     reloaded = UniForkForConditionalGeneration.from_pretrained(tmp_path)
     assert reloaded.processor is not None
     # the checkpoint says how to sample it: the recipe's settings over the library's
-    assert reloaded.generation_config.image_generation == {"guidance_scale": 1.5, "temperature": 1.0, "top_k": None,
-                                                           "top_p": None}  # fmt: skip
+    assert reloaded.generation_config.image_generation == {
+        "guidance_scale": 1.5,
+        "temperature": 1.0,
+        "top_k": None,
+        "top_p": None,
+    }
 
 
 def test_cli_resume_true_continues_from_the_last_checkpoint(tmp_path, capsys):
@@ -433,8 +550,11 @@ def test_cli_resume_true_continues_from_the_last_checkpoint(tmp_path, capsys):
     # mark the checkpoint: a run that resumes from it carries the mark, one that starts afresh does not
     weights = load_file(tmp_path / "checkpoint-4" / "model.safetensors")
     marked = next(name for name in weights if "generation_head" in name)
-    save_file({**weights, marked: weights[marked] + 1.0}, tmp_path / "checkpoint-4" / "model.safetensors",
-              metadata={"format": "pt"})  # fmt: skip
+    save_file(
+        {**weights, marked: weights[marked] + 1.0},
+        tmp_path / "checkpoint-4" / "model.safetensors",
+        metadata={"format": "pt"},
+    )
     with pytest.raises(SystemExit):  # a changed weights file is refused while its checksums say otherwise
         main([*common, "--max-steps", "6", "--resume", "true"])
     assert "does not match its checksum" in capsys.readouterr().err
@@ -452,17 +572,24 @@ def test_resume_refuses_a_checkpoint_it_cannot_continue(prepared, tmp_path):
 
     def trainer(num_shared_layers=1, **args):
         torch.manual_seed(0)
-        model = UniForkForConditionalGeneration.from_pretrained_llm(tiny_llm(), tiny_vq(), tokenizer=tiny_tokenizer(),
-                                                                    num_shared_layers=num_shared_layers)  # fmt: skip
-        return UniForkTrainer(model=model, args=training_args(tmp_path, save_strategy="steps", save_steps=2, **args),
-                              train_dataset=train, processing_class=model.processor)  # fmt: skip
+        model = UniForkForConditionalGeneration.from_pretrained_llm(
+            tiny_llm(), tiny_vq(), tokenizer=tiny_tokenizer(), num_shared_layers=num_shared_layers
+        )
+        return UniForkTrainer(
+            model=model,
+            args=training_args(tmp_path, save_strategy="steps", save_steps=2, **args),
+            train_dataset=train,
+            processing_class=model.processor,
+        )
 
     with pytest.raises(ValueError, match="holds no checkpoint-"):
         trainer().train(resume_from_checkpoint=True)
     trainer(max_steps=2).train()
     checkpoint = tmp_path / "checkpoint-2"
     with pytest.raises(ValueError, match=r"its model has num_shared_layers=1, this run's model num_shared_layers=2"):
-        trainer(num_shared_layers=2, max_steps=4).train(resume_from_checkpoint=True)  # used to fail late, in the optimizer
+        trainer(num_shared_layers=2, max_steps=4).train(
+            resume_from_checkpoint=True
+        )  # used to fail late, in the optimizer
     os.remove(checkpoint / "optimizer.pt")
     with pytest.raises(ValueError, match=r"it has no optimizer.pt, so the optimizer .* resume_without_optimizer_state"):
         trainer(max_steps=4).train(resume_from_checkpoint=str(checkpoint))  # used to start a fresh optimizer silently
@@ -475,8 +602,12 @@ def test_trainer_writes_the_unifork_card_with_a_training_summary(model, prepared
     from huggingface_hub import ModelCard
 
     und, gen, _ = prepared
-    trainer = UniForkTrainer(model=model, args=training_args(tmp_path, max_steps=2, freeze="generation_branch"),
-                             train_dataset=mix_tasks(und, gen, 0.5), processing_class=model.processor)  # fmt: skip
+    trainer = UniForkTrainer(
+        model=model,
+        args=training_args(tmp_path, max_steps=2, freeze="generation_branch"),
+        train_dataset=mix_tasks(und, gen, 0.5),
+        processing_class=model.processor,
+    )
     trainer.train()
     trainer.create_model_card(license="apache-2.0", dataset="colours", tags="smoke-test")
     card = ModelCard.load(tmp_path / "README.md")
@@ -489,24 +620,22 @@ def test_trainer_writes_the_unifork_card_with_a_training_summary(model, prepared
     apply_freezing(model, "joint")
 
 
-@pytest.mark.parametrize("text, message", [
-    ("model: {tiny: true, layers: 3}\n",
-     r"section 'model' has unknown keys \['layers'\]"),
-    ("modle: {}\n",
-     r"unknown sections \['modle'\]"),
-    ("image_generation: {cfg: 2}\n",
-     r"section 'image_generation' has unknown keys \['cfg'\]"),
-    ("training: {freeze: everything}\n",
-     "freeze must be one of"),
-    ("training:\n  learning_rate: abc\n",
-     r"^Recipe training.learning_rate: expected a number, got 'abc'\.$"),
-    ("training: {max_steps: 1.5}\n",
-     r"^Recipe training.max_steps: expected an integer, got 1.5\.$"),
-    ("data: {pretokenize_images: 'no'}\n",
-     r"^Recipe data.pretokenize_images: expected true or false, got 'no'\.$"),
-    ("model:\n  tiny: true\n   num_shared_layers: 2\n",
-     r"is not valid YAML at line 3, column 21: mapping values are not allowed here"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("model: {tiny: true, layers: 3}\n", r"section 'model' has unknown keys \['layers'\]"),
+        ("modle: {}\n", r"unknown sections \['modle'\]"),
+        ("image_generation: {cfg: 2}\n", r"section 'image_generation' has unknown keys \['cfg'\]"),
+        ("training: {freeze: everything}\n", "freeze must be one of"),
+        ("training:\n  learning_rate: abc\n", r"^Recipe training.learning_rate: expected a number, got 'abc'\.$"),
+        ("training: {max_steps: 1.5}\n", r"^Recipe training.max_steps: expected an integer, got 1.5\.$"),
+        ("data: {pretokenize_images: 'no'}\n", r"^Recipe data.pretokenize_images: expected true or false, got 'no'\.$"),
+        (
+            "model:\n  tiny: true\n   num_shared_layers: 2\n",
+            r"is not valid YAML at line 3, column 21: mapping values are not allowed here",
+        ),
+    ],
+)
 def test_recipe_errors_name_the_key(tmp_path, text, message):
     bad = tmp_path / "bad.yaml"
     bad.write_text(text)

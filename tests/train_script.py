@@ -55,8 +55,11 @@ def main():
     model = UniForkForConditionalGeneration.from_pretrained_llm(tiny_llm(), tiny_vq(), tokenizer=tiny_tokenizer())
     processor = model.processor
     parts = colour_dataset(48, seed=0)
-    train = mix_tasks(prepare_understanding(parts["understanding"], processor),
-                      prepare_generation(parts["generation"], processor), 0.5)  # fmt: skip
+    train = mix_tasks(
+        prepare_understanding(parts["understanding"], processor),
+        prepare_generation(parts["generation"], processor),
+        0.5,
+    )
     train = pretokenize_images(train, processor)
     training_args = UniForkTrainingArguments(
         output_dir=args.out,

@@ -44,15 +44,24 @@ def main():
             if asked_pair not in HELDOUT_PAIRS:
                 continue
             drawn = found.get(obj["position"])
-            outcomes["nothing at its place" if drawn is None
-                     else "the held-out pair" if drawn == asked_pair
-                     else "another held-out pair" if drawn in HELDOUT_PAIRS
-                     else "right colour, a trained shape" if drawn[0] == obj["colour"]
-                     else "right shape, a trained colour" if drawn[1] == obj["shape"]
-                     else "neither"] += 1  # fmt: skip
+            outcomes[
+                "nothing at its place"
+                if drawn is None
+                else "the held-out pair"
+                if drawn == asked_pair
+                else "another held-out pair"
+                if drawn in HELDOUT_PAIRS
+                else "right colour, a trained shape"
+                if drawn[0] == obj["colour"]
+                else "right shape, a trained colour"
+                if drawn[1] == obj["shape"]
+                else "neither"
+            ] += 1
     total = sum(outcomes.values())
-    print(f"held-out objects in {args.heldout_n} held-out captions, drawn as: "
-          + ", ".join(f"{k} {100 * v / total:.1f}%" for k, v in outcomes.most_common()))
+    print(
+        f"held-out objects in {args.heldout_n} held-out captions, drawn as: "
+        + ", ".join(f"{k} {100 * v / total:.1f}%" for k, v in outcomes.most_common())
+    )
 
 
 if __name__ == "__main__":

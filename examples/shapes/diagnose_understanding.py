@@ -46,15 +46,23 @@ def fit_probe(features: torch.Tensor, labels: list[str], steps: int = 300) -> fl
 
 def named_object_lookup(model, scenes, question_first=False):
     """Part 3: position questions about two-shape scenes, asked about the named object and about the other."""
-    rows = [(scene, qa) for scene in scenes if len(scene["objects"]) == 2 for qa in scene["questions"]
-            if qa["type"] == "position"]  # fmt: skip
+    rows = [
+        (scene, qa)
+        for scene in scenes
+        if len(scene["objects"]) == 2
+        for qa in scene["questions"]
+        if qa["type"] == "position"
+    ]
     asked, others, kinds = [], [], []
     for scene, qa in rows:
         target, other = sorted(scene["objects"], key=lambda o: o["position"] != qa["answer"])
         asked.append(qa["question"])
         others.append(f"Where is the {other['colour']} {other['shape']}?")
-        kinds.append(("same colour" if target["colour"] == other["colour"] else "other colour") + ", "
-                     + ("same shape" if target["shape"] == other["shape"] else "other shape"))  # fmt: skip
+        kinds.append(
+            ("same colour" if target["colour"] == other["colour"] else "other colour")
+            + ", "
+            + ("same shape" if target["shape"] == other["shape"] else "other shape")
+        )
     images = [scene["image"] for scene, _ in rows]
     replies = answer_questions(model, images, asked, progress_bar=False, question_first=question_first)
     swapped = answer_questions(model, images, others, progress_bar=False, question_first=question_first)
@@ -71,8 +79,12 @@ def main():
     parser.add_argument("--model", default=unifork_hf.DEMO_CHECKPOINT)
     parser.add_argument("-n", type=int, default=300, help="test scenes")
     parser.add_argument("--type", default="colour", choices=["colour", "shape", "size", "position", "count"])
-    parser.add_argument("--question-first", action=argparse.BooleanOptionalAction, default=True,
-                        help="ask each question before its image (--no-question-first: a model trained image first)")
+    parser.add_argument(
+        "--question-first",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="ask each question before its image (--no-question-first: a model trained image first)",
+    )
     args = parser.parse_args()
     model = UniForkForConditionalGeneration.from_pretrained(args.model, attn_implementation="eager").eval()
     processor = model.processor
@@ -109,8 +121,9 @@ def main():
             for layer, weights in enumerate(captured):
                 row = weights[0, :, -1].mean(0)  # the answer position, averaged over heads
                 on_image = row[image_positions]
-                attention[layer] += torch.stack([on_image[asked.flatten()].sum(), on_image[~asked.flatten()].sum(),
-                                                 1 - on_image.sum()])  # fmt: skip
+                attention[layer] += torch.stack(
+                    [on_image[asked.flatten()].sum(), on_image[~asked.flatten()].sum(), 1 - on_image.sum()]
+                )
             states.append(torch.stack([h[0, -1] for h in out.hidden_states[1:]]))
             codes = out.image_ids[0].reshape(grid, grid)[asked]
             code_features.append(torch.zeros(model.config.codebook_size).index_add_(0, codes, torch.ones(len(codes))))

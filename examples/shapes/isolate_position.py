@@ -45,14 +45,23 @@ def main():
 
     torch.manual_seed(0)
     tokenizer = PreTrainedTokenizerFast.from_pretrained(args.tokenizer)
-    llm = Qwen2ForCausalLM(Qwen2Config(
-        vocab_size=len(tokenizer), hidden_size=args.hidden_size, intermediate_size=3 * args.hidden_size,
-        num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
-        max_position_embeddings=128, tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    ))  # fmt: skip
-    model = UniForkForConditionalGeneration.from_pretrained_llm(llm, args.vq, tokenizer=tokenizer, image_size=32,
-                                                                vq_tile_size=4)  # fmt: skip
+    llm = Qwen2ForCausalLM(
+        Qwen2Config(
+            vocab_size=len(tokenizer),
+            hidden_size=args.hidden_size,
+            intermediate_size=3 * args.hidden_size,
+            num_hidden_layers=args.layers,
+            num_attention_heads=args.heads,
+            num_key_value_heads=args.kv_heads,
+            max_position_embeddings=128,
+            tie_word_embeddings=True,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+    )
+    model = UniForkForConditionalGeneration.from_pretrained_llm(
+        llm, args.vq, tokenizer=tokenizer, image_size=32, vq_tile_size=4
+    )
     rows = load_from_disk(os.path.join(args.data_cache, "understanding"))
     # caches written before question-first became the default have no such key: they put the image first
     question_first = json.load(open(os.path.join(args.data_cache, "key.json"))).get("question_first", False)
@@ -61,10 +70,20 @@ def main():
         rows = rows.filter(lambda row: where in row["input_ids"])
     print(f"{len(rows)} training rows", flush=True)
     training_args = UniForkTrainingArguments(
-        output_dir=args.out, max_steps=args.steps, per_device_train_batch_size=64, learning_rate=args.learning_rate,
-        lr_scheduler_type="cosine", warmup_steps=100, weight_decay=0.01, logging_steps=100, save_strategy="no",
-        use_cpu=True, report_to=[], seed=0, disable_tqdm=True,
-    )  # fmt: skip
+        output_dir=args.out,
+        max_steps=args.steps,
+        per_device_train_batch_size=64,
+        learning_rate=args.learning_rate,
+        lr_scheduler_type="cosine",
+        warmup_steps=100,
+        weight_decay=0.01,
+        logging_steps=100,
+        save_strategy="no",
+        use_cpu=True,
+        report_to=[],
+        seed=0,
+        disable_tqdm=True,
+    )
     start = time.time()
     UniForkTrainer(model=model, args=training_args, train_dataset=rows, processing_class=model.processor).train()
     print(f"trained in {time.time() - start:.0f} s", flush=True)
@@ -75,14 +94,23 @@ def main():
     result = {}
     for kind in ("position", "colour"):
         picked = [i for i, t in enumerate(questions["type"]) if t == kind]
-        replies = answer_questions(model, [scenes[i // 5]["image"] for i in picked],
-                                   [questions[i]["question"] for i in picked],
-                                   progress_bar=False, question_first=question_first)  # fmt: skip
+        replies = answer_questions(
+            model,
+            [scenes[i // 5]["image"] for i in picked],
+            [questions[i]["question"] for i in picked],
+            progress_bar=False,
+            question_first=question_first,
+        )
         right = [reply == questions[i]["answer"] for reply, i in zip(replies, picked)]
         two = [len(scenes[i // 5]["objects"]) == 2 for i in picked]
-        result[kind] = {"all": round(sum(right) / len(right), 3),
-                        "two_shape": round(sum(r for r, t in zip(right, two) if t) / sum(two), 3)}  # fmt: skip
-    print("RESULT " + " ".join(f"{kind}_{part}={value}" for kind, parts in result.items() for part, value in parts.items()))
+        result[kind] = {
+            "all": round(sum(right) / len(right), 3),
+            "two_shape": round(sum(r for r, t in zip(right, two) if t) / sum(two), 3),
+        }
+    print(
+        "RESULT "
+        + " ".join(f"{kind}_{part}={value}" for kind, parts in result.items() for part, value in parts.items())
+    )
     with open(os.path.join(args.out, "metrics.json"), "w") as f:
         json.dump({"metrics": result, "args": vars(args)}, f, indent=2)
 

@@ -37,13 +37,25 @@ def main():
 
     torch.manual_seed(args.seed)
     tokenizer = PreTrainedTokenizerFast.from_pretrained(args.tokenizer)
-    dims = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
-                num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True,
-                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)  # fmt: skip
+    dims = dict(
+        hidden_size=128,
+        intermediate_size=384,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
     # The UniFork builder only to get the same processor (special tokens, prompt template, VQ) as the demo.
     processor = UniForkForConditionalGeneration.from_pretrained_llm(
-        Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tokenizer), **dims)), args.vq, tokenizer=tokenizer,
-        image_size=32, vq_tile_size=args.vq_tile_size).processor  # fmt: skip
+        Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tokenizer), **dims)),
+        args.vq,
+        tokenizer=tokenizer,
+        image_size=32,
+        vq_tile_size=args.vq_tile_size,
+    ).processor
     offset = len(processor.tokenizer)
     codebook_size = processor.image_tokenizer.codebook_size
 
@@ -62,22 +74,43 @@ def main():
         width = max(len(row["input_ids"]) for row in batch)
         pad = lambda key, value: torch.tensor([row[key] + [value] * (width - len(row[key])) for row in batch])  # noqa: E731
         lengths = torch.tensor([len(row["input_ids"]) for row in batch])
-        return {"input_ids": pad("input_ids", tokenizer.pad_token_id), "labels": pad("labels", -100),
-                "attention_mask": (torch.arange(width)[None] < lengths[:, None]).long()}  # fmt: skip
+        return {
+            "input_ids": pad("input_ids", tokenizer.pad_token_id),
+            "labels": pad("labels", -100),
+            "attention_mask": (torch.arange(width)[None] < lengths[:, None]).long(),
+        }
 
     model = Qwen2ForCausalLM(Qwen2Config(vocab_size=offset + codebook_size, **dims))
     training_args = TrainingArguments(
-        output_dir=args.out, max_steps=args.max_steps, per_device_train_batch_size=64, learning_rate=2e-3,
-        lr_scheduler_type="cosine", warmup_steps=200, weight_decay=0.01, logging_steps=100, save_strategy="no",
-        seed=args.seed, use_cpu=True, report_to=[], remove_unused_columns=False,
-    )  # fmt: skip
+        output_dir=args.out,
+        max_steps=args.max_steps,
+        per_device_train_batch_size=64,
+        learning_rate=2e-3,
+        lr_scheduler_type="cosine",
+        warmup_steps=200,
+        weight_decay=0.01,
+        logging_steps=100,
+        save_strategy="no",
+        seed=args.seed,
+        use_cpu=True,
+        report_to=[],
+        remove_unused_columns=False,
+    )
     trainer = Trainer(model=model, args=training_args, train_dataset=train, data_collator=collate)
     trainer.train()
     trainer.save_model()
     processor.save_pretrained(args.out)
     with open(os.path.join(args.out, "image_token_offset.json"), "w") as f:
-        json.dump({"image_token_offset": offset, "num_parameters": model.num_parameters(),
-                   "train_minutes": round((time.time() - start) / 60, 1), "args": vars(args)}, f, indent=2)  # fmt: skip
+        json.dump(
+            {
+                "image_token_offset": offset,
+                "num_parameters": model.num_parameters(),
+                "train_minutes": round((time.time() - start) / 60, 1),
+                "args": vars(args),
+            },
+            f,
+            indent=2,
+        )
 
 
 if __name__ == "__main__":

@@ -13,8 +13,16 @@ from transformers import PreTrainedTokenizerFast
 
 from unifork_hf.data.shapes import shapes_dataset
 
-SPECIAL = ["<|pad|>", "<|endoftext|>", "<unk>", "<|user|>", "<|assistant|>", "<image>", "<begin_of_image>",
-           "<end_of_image>"]  # fmt: skip
+SPECIAL = [
+    "<|pad|>",
+    "<|endoftext|>",
+    "<unk>",
+    "<|user|>",
+    "<|assistant|>",
+    "<image>",
+    "<begin_of_image>",
+    "<end_of_image>",
+]
 
 
 def main():
@@ -30,9 +38,12 @@ def main():
     tokenizer.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
     tokenizer.train_from_iterator(texts, trainers.WordLevelTrainer(special_tokens=SPECIAL, show_progress=False))
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, pad_token="<|pad|>", eos_token="<|endoftext|>", unk_token="<unk>",
+        tokenizer_object=tokenizer,
+        pad_token="<|pad|>",
+        eos_token="<|endoftext|>",
+        unk_token="<unk>",
         additional_special_tokens=SPECIAL[3:],
-    )  # fmt: skip
+    )
     fast.save_pretrained(args.out)
     print(f"vocabulary of {len(fast)} tokens -> {args.out}")
     print("example:", fast.tokenize("<|user|>\n<image>What colour is the shape at the top left?\n<|assistant|>\n"))

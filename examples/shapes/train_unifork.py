@@ -21,7 +21,7 @@ from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM,
 
 from unifork_hf import UniForkForConditionalGeneration
 from unifork_hf.data.shapes import JITTER, shapes_dataset, to_generation, to_understanding
-from unifork_hf.evaluation.benchmark import evaluate_shapes, eval_results_for_card
+from unifork_hf.evaluation.benchmark import eval_results_for_card, evaluate_shapes
 from unifork_hf.training import (
     UniForkTrainer,
     UniForkTrainingArguments,
@@ -35,7 +35,19 @@ from unifork_hf.training import (
 def encoded_training_rows(scenes, processor, args):
     """Both tasks' training rows, tokenized and VQ-encoded (minutes of work); with `--data-cache`
     saved there once and loaded by later runs whose data, VQ and tokenizer are the same."""
-    key = {name: getattr(args, name) for name in ("vq", "tokenizer", "num_train", "data_seed", "vq_tile_size", "jitter", "question_first", "ask_every_position")}
+    key = {
+        name: getattr(args, name)
+        for name in (
+            "vq",
+            "tokenizer",
+            "num_train",
+            "data_seed",
+            "vq_tile_size",
+            "jitter",
+            "question_first",
+            "ask_every_position",
+        )
+    }
     key["vq"], key["tokenizer"] = os.path.abspath(args.vq), os.path.abspath(args.tokenizer)
     if args.data_cache and os.path.exists(os.path.join(args.data_cache, "key.json")):
         cached = json.load(open(os.path.join(args.data_cache, "key.json")))
@@ -44,8 +56,13 @@ def encoded_training_rows(scenes, processor, args):
         return [load_from_disk(os.path.join(args.data_cache, task)) for task in ("understanding", "generation")]
     # VQ-encode each part before mixing: the mix cycles the smaller part, so it holds many more rows.
     # Questions as multi-turn rows (about two per scene): the image tokens are paid for once per row.
-    conversations = to_understanding(scenes, conversation=True, seed=args.data_seed,
-                                     ask_every_position=args.ask_every_position, question_first=args.question_first)  # fmt: skip
+    conversations = to_understanding(
+        scenes,
+        conversation=True,
+        seed=args.data_seed,
+        ask_every_position=args.ask_every_position,
+        question_first=args.question_first,
+    )
     understanding = pretokenize_images(prepare_understanding(conversations, processor), processor)
     generation = pretokenize_images(prepare_generation(to_generation(scenes), processor), processor)
     if args.data_cache:
@@ -70,8 +87,16 @@ class LearningCurve(TrainerCallback):
         metrics = evaluate_shapes(self.model, self.scenes, progress_bar=False, question_first=self.question_first)
         self.model.train()
         with open(self.path, "a") as f:
-            f.write(json.dumps({"step": state.global_step, "generation": metrics["generation"],
-                                "understanding": metrics["understanding"]}) + "\n")  # fmt: skip
+            f.write(
+                json.dumps(
+                    {
+                        "step": state.global_step,
+                        "generation": metrics["generation"],
+                        "understanding": metrics["understanding"],
+                    }
+                )
+                + "\n"
+            )
 
 
 def main():
@@ -86,52 +111,99 @@ def main():
     parser.add_argument("--hidden-size", type=int, default=128)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--eval-n", type=int, default=500)
-    parser.add_argument("--eval-every", type=int, default=0,
-                        help="also judge 100 test scenes every this many steps (learning_curve.jsonl)")
+    parser.add_argument(
+        "--eval-every",
+        type=int,
+        default=0,
+        help="also judge 100 test scenes every this many steps (learning_curve.jsonl)",
+    )
     parser.add_argument("--num-train", type=int, default=25000, help="training scenes (5 questions each)")
     parser.add_argument("--num-shared-layers", type=int, default=None, help="K, the fork point (default L/2)")
-    parser.add_argument("--learn-code-embeddings", action=argparse.BooleanOptionalAction, default=True,
-                        help="trainable image-code input table (see UniForkConfig.learn_image_code_embeddings)")
-    parser.add_argument("--learn-position-embeddings", action=argparse.BooleanOptionalAction, default=True,
-                        help="trainable image-position input table (UniForkConfig.learn_image_position_embeddings)")
+    parser.add_argument(
+        "--learn-code-embeddings",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="trainable image-code input table (see UniForkConfig.learn_image_code_embeddings)",
+    )
+    parser.add_argument(
+        "--learn-position-embeddings",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="trainable image-position input table (UniForkConfig.learn_image_position_embeddings)",
+    )
     parser.add_argument("--vq-tile-size", type=int, default=4, help="the tile the VQ was trained on (train_vq.py)")
-    parser.add_argument("--sampler", choices=["task_stratified", "random", "group_by_length"], default=None,
-                        help="train_sampling_strategy (default: UniForkTrainingArguments')")
-    parser.add_argument("--understanding-loss-share", default=None,
-                        help="a number in (0, 1), or 'tokens' for one token mean (default: UniForkTrainingArguments')")
+    parser.add_argument(
+        "--sampler",
+        choices=["task_stratified", "random", "group_by_length"],
+        default=None,
+        help="train_sampling_strategy (default: UniForkTrainingArguments')",
+    )
+    parser.add_argument(
+        "--understanding-loss-share",
+        default=None,
+        help="a number in (0, 1), or 'tokens' for one token mean (default: UniForkTrainingArguments')",
+    )
     parser.add_argument("--guidance-scale", type=float, default=1.0, help="the checkpoint's image sampling default")
     parser.add_argument("--temperature", type=float, default=0.1, help="the checkpoint's image sampling default")
     parser.add_argument("--top-k", type=int, default=None, help="the checkpoint's image sampling default")
     parser.add_argument("--seed", type=int, default=0, help="model initialisation and data order")
     parser.add_argument("--data-seed", type=int, default=0, help="the Shapes scenes")
     parser.add_argument("--jitter", type=int, default=JITTER, help="pixels a shape may move in its cell")
-    parser.add_argument("--ask-every-position", action=argparse.BooleanOptionalAction, default=False,
-                        help="also ask where the other shape of a two-shape training scene is (to_understanding)")
-    parser.add_argument("--question-first", action=argparse.BooleanOptionalAction, default=True,
-                        help="each row's first question before its image (to_understanding); --no-question-first: "
-                             "the image first, as the demo was trained before 2026-12-02")
-    parser.add_argument("--data-cache", default=None,
-                        help="keep the VQ-encoded training rows here and reuse them in runs with the same data")
+    parser.add_argument(
+        "--ask-every-position",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="also ask where the other shape of a two-shape training scene is (to_understanding)",
+    )
+    parser.add_argument(
+        "--question-first",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="each row's first question before its image (to_understanding); --no-question-first: "
+        "the image first, as the demo was trained before 2026-12-02",
+    )
+    parser.add_argument(
+        "--data-cache",
+        default=None,
+        help="keep the VQ-encoded training rows here and reuse them in runs with the same data",
+    )
     args = parser.parse_args()
     start = time.time()
 
     torch.manual_seed(args.seed)
     tokenizer = PreTrainedTokenizerFast.from_pretrained(args.tokenizer)
-    llm = Qwen2ForCausalLM(Qwen2Config(
-        vocab_size=len(tokenizer), hidden_size=args.hidden_size, intermediate_size=3 * args.hidden_size,
-        num_hidden_layers=args.layers, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-        tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-    ))  # fmt: skip
-    model = UniForkForConditionalGeneration.from_pretrained_llm(llm, args.vq, tokenizer=tokenizer,
-                                                                num_shared_layers=args.num_shared_layers,
-                                                                learn_image_code_embeddings=args.learn_code_embeddings,
-                                                                learn_image_position_embeddings=args.learn_position_embeddings,
-                                                                image_size=32, vq_tile_size=args.vq_tile_size)  # fmt: skip
-    model.card_data.update(datasets=[f"unifork_hf.data.shapes (procedural, seed {args.data_seed})"], license="apache-2.0")
+    llm = Qwen2ForCausalLM(
+        Qwen2Config(
+            vocab_size=len(tokenizer),
+            hidden_size=args.hidden_size,
+            intermediate_size=3 * args.hidden_size,
+            num_hidden_layers=args.layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=128,
+            tie_word_embeddings=True,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+    )
+    model = UniForkForConditionalGeneration.from_pretrained_llm(
+        llm,
+        args.vq,
+        tokenizer=tokenizer,
+        num_shared_layers=args.num_shared_layers,
+        learn_image_code_embeddings=args.learn_code_embeddings,
+        learn_image_position_embeddings=args.learn_position_embeddings,
+        image_size=32,
+        vq_tile_size=args.vq_tile_size,
+    )
+    model.card_data.update(
+        datasets=[f"unifork_hf.data.shapes (procedural, seed {args.data_seed})"], license="apache-2.0"
+    )
     processor = model.processor
 
-    data = shapes_dataset(num_train=args.num_train, num_test=500, num_heldout=500, seed=args.data_seed,
-                          jitter=args.jitter)  # fmt: skip
+    data = shapes_dataset(
+        num_train=args.num_train, num_test=500, num_heldout=500, seed=args.data_seed, jitter=args.jitter
+    )
     understanding, generation = encoded_training_rows(data["train"], processor, args)
     train = mix_tasks(understanding, generation, args.generation_ratio, seed=args.seed)
     if args.sampler == "group_by_length":
@@ -166,25 +238,49 @@ def main():
     )
     trainer = UniForkTrainer(model=model, args=training_args, train_dataset=train, processing_class=processor)
     if args.eval_every:
-        trainer.add_callback(LearningCurve(model, data["test"].select(range(100)), args.eval_every,
-                                           os.path.join(args.out, "learning_curve.jsonl"), args.question_first))  # fmt: skip
-    trainer.train(resume_from_checkpoint=any(n.startswith("checkpoint-") for n in os.listdir(args.out))
-                  if os.path.isdir(args.out) else None)  # fmt: skip
+        trainer.add_callback(
+            LearningCurve(
+                model,
+                data["test"].select(range(100)),
+                args.eval_every,
+                os.path.join(args.out, "learning_curve.jsonl"),
+                args.question_first,
+            )
+        )
+    trainer.train(
+        resume_from_checkpoint=any(n.startswith("checkpoint-") for n in os.listdir(args.out))
+        if os.path.isdir(args.out)
+        else None
+    )
     train_minutes = (time.time() - start) / 60
 
     model.eval()
-    metrics = {split: evaluate_shapes(model, data[split], n=args.eval_n, understanding=split != "paraphrase",
-                                      question_first=args.question_first)
-               for split in ("test", "heldout", "paraphrase")}  # (paraphrase: test's scenes, other captions)
+    metrics = {
+        split: evaluate_shapes(
+            model, data[split], n=args.eval_n, understanding=split != "paraphrase", question_first=args.question_first
+        )
+        for split in ("test", "heldout", "paraphrase")
+    }  # (paraphrase: test's scenes, other captions)
     model.card_data["eval_results"] = eval_results_for_card(metrics)
     trainer.create_model_card()
     trainer.save_model()
     with open(os.path.join(args.out, "metrics.json"), "w") as f:
         # the last logged training losses, per task
-        losses = {key: next((log[key] for log in reversed(trainer.state.log_history) if key in log), None)
-                  for key in ("loss", "loss_understanding", "loss_generation")}  # fmt: skip
-        json.dump({"metrics": metrics, "final_losses": losses, "train_minutes": round(train_minutes, 1),
-                   "num_parameters": model.num_parameters(), "args": vars(args)}, f, indent=2)  # fmt: skip
+        losses = {
+            key: next((log[key] for log in reversed(trainer.state.log_history) if key in log), None)
+            for key in ("loss", "loss_understanding", "loss_generation")
+        }
+        json.dump(
+            {
+                "metrics": metrics,
+                "final_losses": losses,
+                "train_minutes": round(train_minutes, 1),
+                "num_parameters": model.num_parameters(),
+                "args": vars(args),
+            },
+            f,
+            indent=2,
+        )
     print(json.dumps(metrics, indent=2))
     print(f"total {(time.time() - start) / 60:.1f} min (training {train_minutes:.1f} min)")
 

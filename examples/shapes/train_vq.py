@@ -61,8 +61,10 @@ def code_locality(tokenizer: UniForkVQImageTokenizer, scenes, seed=0) -> float:
         mask[max(top - 1, 0) : bottom + 2, max(left - 1, 0) : right + 2] = 0
         far.append(mask)
     with torch.no_grad():
-        codes = [tokenizer.encode(images).reshape(-1, side, side)
-                 for images in (to_tensor([render(objects) for objects in scenes]), to_tensor(reduced))]  # fmt: skip
+        codes = [
+            tokenizer.encode(images).reshape(-1, side, side)
+            for images in (to_tensor([render(objects) for objects in scenes]), to_tensor(reduced))
+        ]
     far = torch.stack(far)
     return float(((codes[0] != codes[1]) * far).sum() / far.sum())
 
@@ -148,7 +150,9 @@ def main():
         codes_used = codes.unique().numel()
     scores = score_images(reconstructions, data["test"]["objects"])
     vq.save_pretrained(args.out)
-    print(f"trained {args.steps} steps in {time.time() - start:.0f} s; test codes used {codes_used}/{args.codebook_size}")
+    print(
+        f"trained {args.steps} steps in {time.time() - start:.0f} s; test codes used {codes_used}/{args.codebook_size}"
+    )
     print("reconstructions judged:", {k: round(v, 4) for k, v in scores.items()})
     print(f"codes away from a removed object that change: {code_locality(tokenizer, data['test']['objects']):.3f}")
     print(f"code -> colour purity of one-colour code regions: {code_colour_purity(tokenizer, test):.3f}")

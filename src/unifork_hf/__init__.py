@@ -26,7 +26,6 @@ from .modeling.modeling_unifork import (
 from .modeling.processing_unifork import UniForkProcessor
 from .modeling.vq_unifork import UniForkVQImageTokenizer
 
-
 __version__ = "0.1.0"
 
 # The bundled checkpoint trained on the Shapes benchmark (examples/shapes/, recipe in its README.md):

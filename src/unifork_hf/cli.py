@@ -1,12 +1,12 @@
 """The `unifork` command line: build, generate-image, answer, demo.
 
-    unifork build --llm Qwen/Qwen2.5-0.5B --vq path/to/vq --out unifork-0.5b
-    unifork generate-image --model unifork-0.5b --prompt "a red circle" --prompt "two blue squares" --out grid.png
-    unifork answer --model unifork-0.5b --image photo.png --question "What colour is the circle?"
-    unifork train --recipe configs/tiny-colours.yaml
-    unifork evaluate --model DIR --split heldout -n 500 --json metrics.json
-    unifork analyze-alignment --model DIR --split test -n 500 -k 10 --out alignment.png
-    unifork demo --out demo_out
+unifork build --llm Qwen/Qwen2.5-0.5B --vq path/to/vq --out unifork-0.5b
+unifork generate-image --model unifork-0.5b --prompt "a red circle" --prompt "two blue squares" --out grid.png
+unifork answer --model unifork-0.5b --image photo.png --question "What colour is the circle?"
+unifork train --recipe configs/tiny-colours.yaml
+unifork evaluate --model DIR --split heldout -n 500 --json metrics.json
+unifork analyze-alignment --model DIR --split test -n 500 -k 10 --out alignment.png
+unifork demo --out demo_out
 """
 
 import argparse
@@ -40,11 +40,14 @@ def _positive_int(text: str) -> int:
 
 
 def _load(model_dir: str):
-    import unifork_hf  # noqa: F401  (registers the Auto classes)
     from transformers import AutoModel
 
+    import unifork_hf  # noqa: F401  (registers the Auto classes)
+
     # a path that does not exist would otherwise reach the Hub and fail on the repo id's spelling
-    if not os.path.isdir(model_dir) and (os.path.isabs(model_dir) or model_dir.startswith((".", "~")) or model_dir.count("/") > 1):
+    if not os.path.isdir(model_dir) and (
+        os.path.isabs(model_dir) or model_dir.startswith((".", "~")) or model_dir.count("/") > 1
+    ):
         raise OSError(f"--model {model_dir}: no such directory (a Hub model is named 'owner/name')")
 
     return AutoModel.from_pretrained(model_dir).eval()
@@ -69,7 +72,9 @@ def generate_grid(model, prompts, out, num_images_per_prompt=1, seed=0, **sampli
     import torch
 
     generators = [torch.Generator().manual_seed(seed + i) for i in range(len(prompts) * num_images_per_prompt)]
-    images = model.generate_image(prompts, num_images_per_prompt=num_images_per_prompt, generator=generators, **sampling)
+    images = model.generate_image(
+        prompts, num_images_per_prompt=num_images_per_prompt, generator=generators, **sampling
+    )
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     _label_grid(images, prompts, columns=num_images_per_prompt).save(out)
     return images
@@ -99,8 +104,11 @@ def cmd_answer(args) -> None:
     from unifork_hf.evaluation.benchmark import answer_questions
 
     model = _load(args.model)
-    print(answer_questions(model, [Image.open(args.image)], [args.question], max_new_tokens=args.max_new_tokens,
-                           progress_bar=False)[0])  # fmt: skip
+    print(
+        answer_questions(
+            model, [Image.open(args.image)], [args.question], max_new_tokens=args.max_new_tokens, progress_bar=False
+        )[0]
+    )
 
 
 def cmd_evaluate(args) -> None:
@@ -111,8 +119,15 @@ def cmd_evaluate(args) -> None:
 
     model = _load(args.model)
     split = shapes_dataset(num_train=0, num_test=500, num_heldout=500, seed=0)[args.split]
-    metrics = evaluate_shapes(model, split, n=args.n, batch_size=args.batch_size, jacobi_window=args.jacobi_window,
-                              compile=args.compile, understanding=args.split != "paraphrase")  # fmt: skip
+    metrics = evaluate_shapes(
+        model,
+        split,
+        n=args.n,
+        batch_size=args.batch_size,
+        jacobi_window=args.jacobi_window,
+        compile=args.compile,
+        understanding=args.split != "paraphrase",
+    )
     print(f"Shapes {args.split}, {metrics['num_scenes']} scenes, sampling {metrics['settings']}:")
     print("  generation      " + "  ".join(f"{k} {v:.3f}" for k, v in metrics["generation"].items() if v is not None))
     if "understanding" in metrics:
@@ -138,14 +153,21 @@ def cmd_analyze_alignment(args) -> None:
 
         data = shapes_dataset(num_train=0, num_test=args.n, num_heldout=args.n, seed=0)[args.split]
     tasks = ["understanding", "generation"] if args.task == "both" else [args.task]
-    tables = {task: modality_alignment(model, data, task=task, k=args.k, num_samples=min(args.n, len(data)),
-                                       batch_size=args.batch_size) for task in tasks}  # fmt: skip
+    tables = {
+        task: modality_alignment(
+            model, data, task=task, k=args.k, num_samples=min(args.n, len(data)), batch_size=args.batch_size
+        )
+        for task in tasks
+    }
     print(f"Mutual {args.k}-NN image-caption alignment per layer (K = {model.config.num_shared_layers} shared):")
     print("layer  " + "  ".join(f"{task:>13}" for task in tasks))
     for layer in range(len(tables[tasks[0]])):
         print(f"{layer:5d}  " + "  ".join(f"{tables[task]['alignment'][layer]:13.3f}" for task in tasks))
-    plot_alignment({task: table for task, table in tables.items()}, args.out,
-                   title=f"{os.path.basename(os.path.normpath(args.model))}: image-text alignment")  # fmt: skip
+    plot_alignment(
+        {task: table for task, table in tables.items()},
+        args.out,
+        title=f"{os.path.basename(os.path.normpath(args.model))}: image-text alignment",
+    )
     print(f"plot written to {args.out}")
     if args.csv:
         import pandas as pd
@@ -184,8 +206,9 @@ def cmd_demo(args) -> None:
     print(f"\nText -> image: {len(images)} images of {len(scenes)} test captions -> {grid}")
     print(f"  sampling: {model.image_generation_settings()} (the checkpoint's generation_config)")
     for index, caption in enumerate(scenes["caption"]):
-        per_image = [score_image(scenes["asked"][index], detect(image))["all"]
-                     for image in images[4 * index : 4 * index + 4]]  # fmt: skip
+        per_image = [
+            score_image(scenes["asked"][index], detect(image))["all"] for image in images[4 * index : 4 * index + 4]
+        ]
         print(f"  {int(sum(per_image))}/4 judged fully correct  {caption}")
     print("  judged: " + ", ".join(f"{k} {v:.0%}" for k, v in generation.items() if v is not None))
     print(f"\nImage -> text: {len(asked)} questions about {len(questions) // 5} test images")
@@ -218,10 +241,17 @@ def cmd_train(args) -> None:
 
 
 def _add_decoding_flags(parser) -> None:
-    parser.add_argument("--jacobi-window", type=_positive_int, default=None,
-                        help="speculative Jacobi decoding: codes drafted and verified per forward (default: one code per forward)")
-    parser.add_argument("--compile", action="store_true",
-                        help="decode through torch.compile: faster steps after a one-time compilation (a minute or more)")  # fmt: skip
+    parser.add_argument(
+        "--jacobi-window",
+        type=_positive_int,
+        default=None,
+        help="speculative Jacobi decoding: codes drafted and verified per forward (default: one code per forward)",
+    )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="decode through torch.compile: faster steps after a one-time compilation (a minute or more)",
+    )
 
 
 def _add_model_commands(commands) -> None:
@@ -237,10 +267,15 @@ def _add_model_commands(commands) -> None:
     generate.add_argument("--prompt", required=True, action="append", help="repeat for several prompts")
     generate.add_argument("--out", required=True, help="PNG file")
     generate.add_argument("--num-images-per-prompt", type=_positive_int, default=1)
-    for flag, kind, what in (("--guidance-scale", float, "CFG scale (1: off)"), ("--temperature", float, "> 0"),
-                             ("--top-k", int, "0: off"), ("--top-p", float, "1.0: off")):  # fmt: skip
-        generate.add_argument(flag, type=kind, default=None,
-                              help=f"{what}; default: the checkpoint's generation_config.image_generation")
+    for flag, kind, what in (
+        ("--guidance-scale", float, "CFG scale (1: off)"),
+        ("--temperature", float, "> 0"),
+        ("--top-k", int, "0: off"),
+        ("--top-p", float, "1.0: off"),
+    ):
+        generate.add_argument(
+            flag, type=kind, default=None, help=f"{what}; default: the checkpoint's generation_config.image_generation"
+        )
     generate.add_argument("--seed", type=int, default=0)
     _add_decoding_flags(generate)
     generate.set_defaults(run=cmd_generate_image)
@@ -263,8 +298,12 @@ def _add_model_commands(commands) -> None:
 def _add_benchmark_commands(commands) -> None:
     evaluate = commands.add_parser("evaluate", help="the Shapes benchmark for a checkpoint")
     evaluate.add_argument("--model", required=True)
-    evaluate.add_argument("--split", choices=["test", "heldout", "paraphrase"], default="test",
-                          help="paraphrase: the test scenes in caption phrasings training never used (generation only)")
+    evaluate.add_argument(
+        "--split",
+        choices=["test", "heldout", "paraphrase"],
+        default="test",
+        help="paraphrase: the test scenes in caption phrasings training never used (generation only)",
+    )
     evaluate.add_argument("-n", type=_positive_int, default=500, help="scenes (5 questions each)")
     evaluate.add_argument("--batch-size", type=_positive_int, default=100)
     evaluate.add_argument("--json", default=None, help="also write the metrics here")

@@ -13,8 +13,14 @@ def colour_dataset(num_rows: int = 128, image_size: int = 32, seed: int = 0) -> 
     Returns `{"understanding": Dataset(images, messages), "generation": Dataset(image, caption)}`; the
     question asks for the colour, the caption names it. (The shapes benchmark is the real one.)
     """
-    colours = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (40, 60, 220), "yellow": (240, 220, 40),
-               "purple": (140, 50, 170), "orange": (250, 140, 20)}  # fmt: skip
+    colours = {
+        "red": (220, 30, 30),
+        "green": (30, 180, 60),
+        "blue": (40, 60, 220),
+        "yellow": (240, 220, 40),
+        "purple": (140, 50, 170),
+        "orange": (250, 140, 20),
+    }
     rng = random.Random(seed)
     names = [rng.choice(sorted(colours)) for _ in range(num_rows)]
     images = [PIL.Image.new("RGB", (image_size, image_size), colours[name]) for name in names]

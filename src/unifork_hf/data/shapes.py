@@ -75,17 +75,31 @@ ATTRIBUTES = ("colour", "shape", "size", "position")
 
 # Phrasings: (size words, preposition, order). "synonym" also says "middle" for "center".
 SIZE_SYNONYMS = {"small": "little", "large": "big"}
-STYLES = tuple((size, preposition, order) for size in ("plain", "synonym", "omitted") for preposition in ("at", "in")
-               for order in ("reading", "reversed"))  # fmt: skip
+STYLES = tuple(
+    (size, preposition, order)
+    for size in ("plain", "synonym", "omitted")
+    for preposition in ("at", "in")
+    for order in ("reading", "reversed")
+)
 CANONICAL_STYLE = ("plain", "at", "reading")
 # Held out by size words and preposition only: a one-shape caption reads the same in either order.
 PARAPHRASE_STYLES = tuple(style for style in STYLES if style[:2] in (("synonym", "in"), ("omitted", "in")))
 TRAIN_STYLES = tuple(style for style in STYLES if style not in PARAPHRASE_STYLES)
 
-OBJECT_FEATURES = {"colour": Value("string"), "shape": Value("string"), "size": Value("string"),
-                   "position": Value("string"), "dx": Value("int8"), "dy": Value("int8")}  # fmt: skip
-ASKED_FEATURES = {"colour": Value("string"), "shape": Value("string"), "size": Value("string"),
-                  "position": Value("string")}  # fmt: skip
+OBJECT_FEATURES = {
+    "colour": Value("string"),
+    "shape": Value("string"),
+    "size": Value("string"),
+    "position": Value("string"),
+    "dx": Value("int8"),
+    "dy": Value("int8"),
+}
+ASKED_FEATURES = {
+    "colour": Value("string"),
+    "shape": Value("string"),
+    "size": Value("string"),
+    "position": Value("string"),
+}
 FEATURES = Features(
     {
         "image": Image(),
@@ -153,13 +167,23 @@ def caption(objects: list[dict], style: tuple = CANONICAL_STYLE) -> tuple[str, l
     def words(*parts):
         return " ".join(part for part in parts if part)
 
-    asked = [{key: obj[key] for key in ATTRIBUTES} | ({"size": None} if size_words == "omitted" else {})
-             for obj in objects]  # fmt: skip
+    asked = [
+        {key: obj[key] for key in ATTRIBUTES} | ({"size": None} if size_words == "omitted" else {}) for obj in objects
+    ]
     same = len(objects) == 2 and all(asked[0][key] == asked[1][key] for key in ("colour", "shape", "size"))
     if same:  # "two big red circles in the top and the left"
         first, second = (place(obj["position"]) for obj in objects)
-        text = words("two", size_word(objects[0]["size"]), objects[0]["colour"], objects[0]["shape"] + "s",
-                     preposition, "the", first, "and the", second)  # fmt: skip
+        text = words(
+            "two",
+            size_word(objects[0]["size"]),
+            objects[0]["colour"],
+            objects[0]["shape"] + "s",
+            preposition,
+            "the",
+            first,
+            "and the",
+            second,
+        )
     else:
         text = " and ".join(
             words("a", size_word(obj["size"]), obj["colour"], obj["shape"], preposition, "the", place(obj["position"]))
@@ -175,8 +199,11 @@ def questions(objects: list[dict], rng: random.Random) -> list[dict]:
     return [
         {"type": "colour", "question": f"What colour is the shape {where}?", "answer": target["colour"]},
         {"type": "shape", "question": f"What shape is {where}?", "answer": target["shape"]},
-        {"type": "position", "question": f"Where is the {target['colour']} {target['shape']}?",
-         "answer": target["position"]},  # fmt: skip
+        {
+            "type": "position",
+            "question": f"Where is the {target['colour']} {target['shape']}?",
+            "answer": target["position"],
+        },
         {"type": "size", "question": f"How big is the shape {where}?", "answer": target["size"]},
         {"type": "count", "question": "How many shapes are there?", "answer": NUMBERS[len(objects)]},
     ]
@@ -222,8 +249,9 @@ def is_evaluation_content(objects: list[dict], seed: int = 0) -> bool:
     return int.from_bytes(digest, "big") / 2**64 < EVALUATION_SHARE
 
 
-def shapes_dataset(num_train: int = 20000, num_test: int = 500, num_heldout: int = 500, seed: int = 0,
-                   jitter: int = JITTER) -> DatasetDict:  # fmt: skip
+def shapes_dataset(
+    num_train: int = 20000, num_test: int = 500, num_heldout: int = 500, seed: int = 0, jitter: int = JITTER
+) -> DatasetDict:
     """The splits `train`, `test`, `heldout`, `paraphrase`, each row `{image, caption, objects, asked, questions}`.
 
     Each split draws from its own random stream (seeded by `seed` and its name), so a split does not
@@ -272,8 +300,13 @@ def to_generation(dataset: Dataset) -> Dataset:
     return dataset.select_columns(["image", "caption"])
 
 
-def to_understanding(dataset: Dataset, conversation: bool = False, seed: int = 0,
-                     ask_every_position: bool = False, question_first: bool = True) -> Dataset:  # fmt: skip
+def to_understanding(
+    dataset: Dataset,
+    conversation: bool = False,
+    seed: int = 0,
+    ask_every_position: bool = False,
+    question_first: bool = True,
+) -> Dataset:
     """Chat rows (`images`, `messages`) for `prepare_understanding`.
 
     `question_first=True` (default): the first user turn says its question, then shows the image. The
@@ -303,8 +336,10 @@ def to_understanding(dataset: Dataset, conversation: bool = False, seed: int = 0
         groups = []
         for qa in rng.sample(qas, len(qas)):
             for group in groups:
-                if not any(reveals(other["question"], qa["answer"]) or reveals(qa["question"], other["answer"])
-                           for other in group):  # fmt: skip
+                if not any(
+                    reveals(other["question"], qa["answer"]) or reveals(qa["question"], other["answer"])
+                    for other in group
+                ):
                     group.append(qa)
                     break
             else:
@@ -313,10 +348,12 @@ def to_understanding(dataset: Dataset, conversation: bool = False, seed: int = 0
 
     def other_position_questions(objects, qas):
         asked = next(qa["answer"] for qa in qas if qa["type"] == "position")
-        return [{"type": "position", "question": f"Where is the {obj['colour']} {obj['shape']}?",
-                 "answer": obj["position"]}
-                for obj in objects if obj["position"] != asked and not any(  # fmt: skip
-                    (o["colour"], o["shape"]) == (obj["colour"], obj["shape"]) for o in objects if o is not obj)]
+        return [
+            {"type": "position", "question": f"Where is the {obj['colour']} {obj['shape']}?", "answer": obj["position"]}
+            for obj in objects
+            if obj["position"] != asked
+            and not any((o["colour"], o["shape"]) == (obj["colour"], obj["shape"]) for o in objects if o is not obj)
+        ]
 
     def user_turn(question, with_image):
         content = [{"type": "text", "text": question}]
@@ -329,7 +366,11 @@ def to_understanding(dataset: Dataset, conversation: bool = False, seed: int = 0
         return {"role": "assistant", "content": [{"type": "text", "text": answer}]}
 
     def explode(batch):
-        out = {"images": [], "messages": []} if conversation else {"images": [], "messages": [], "question": [], "type": [], "answer": []}
+        out = (
+            {"images": [], "messages": []}
+            if conversation
+            else {"images": [], "messages": [], "question": [], "type": [], "answer": []}
+        )
         for image, qas, objects in zip(batch["image"], batch["questions"], batch["objects"]):
             if conversation:
                 groups = leak_free_groups(qas)
@@ -337,8 +378,13 @@ def to_understanding(dataset: Dataset, conversation: bool = False, seed: int = 0
                     groups += [[qa] for qa in other_position_questions(objects, qas)]
                 for group in groups:
                     out["images"].append([image])
-                    out["messages"].append([turn for i, qa in enumerate(group) for turn in
-                                            (user_turn(qa["question"], i == 0), assistant_turn(qa["answer"]))])  # fmt: skip
+                    out["messages"].append(
+                        [
+                            turn
+                            for i, qa in enumerate(group)
+                            for turn in (user_turn(qa["question"], i == 0), assistant_turn(qa["answer"]))
+                        ]
+                    )
                 continue
             for qa in qas:
                 out["images"].append([image])

@@ -13,9 +13,15 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast,
 
 _CORPUS = [
     "a red circle at the top left and a blue square at the bottom right",
-    "a green triangle in the center", "two yellow squares", "a purple circle above an orange triangle",
-    "What colour is the circle? red", "How many shapes are there? two", "Where is the square? top left",
-    "What shape is at the bottom right? triangle", "Describe the image.", "Generate an image of a cat.",
+    "a green triangle in the center",
+    "two yellow squares",
+    "a purple circle above an orange triangle",
+    "What colour is the circle? red",
+    "How many shapes are there? two",
+    "Where is the square? top left",
+    "What shape is at the bottom right? triangle",
+    "Describe the image.",
+    "Generate an image of a cat.",
 ]
 
 

@@ -34,7 +34,6 @@ from tqdm.auto import tqdm
 
 from ..modeling.modeling_unifork import UniForkForConditionalGeneration
 
-
 TASKS = ("understanding", "generation")
 
 
@@ -76,9 +75,13 @@ def _batch(processor, captions, task):
     """Tokenized sequences plus, per row, a mask of the caption's tokens (from character offsets)."""
     texts = [_sequence_text(processor, caption, task) for caption in captions]
     encoding = processor.tokenizer(
-        texts, padding=True, padding_side="left", add_special_tokens=False, return_offsets_mapping=True,
+        texts,
+        padding=True,
+        padding_side="left",
+        add_special_tokens=False,
+        return_offsets_mapping=True,
         return_tensors="pt",
-    )  # fmt: skip
+    )
     text_mask = torch.zeros_like(encoding.input_ids, dtype=torch.bool)
     for row, (text, caption) in enumerate(zip(texts, captions)):
         start = text.find(caption)
@@ -166,8 +169,9 @@ def modality_alignment(
         else:
             branch = "llm"
         alignment = mutual_knn_alignment(image_features[layer], text_features[layer], k)
-        rows.append({"layer": layer, "alignment": alignment, "branch": branch, "task": task, "k": k,
-                     "num_samples": num_samples})  # fmt: skip
+        rows.append(
+            {"layer": layer, "alignment": alignment, "branch": branch, "task": task, "k": k, "num_samples": num_samples}
+        )
     return pd.DataFrame(rows)
 
 
@@ -184,8 +188,12 @@ def plot_alignment(tables: dict, path: str, title: str | None = None) -> str:
         if "branch" in table and (table["branch"] == "shared").any():  # mark the fork point in the curve's colour
             fork = table.loc[table["branch"] == "shared", "layer"].max()
             axes.axvline(fork, color=line.get_color(), linestyle=":", linewidth=1)
-    chance = {k / n for table in tables.values() if {"k", "num_samples"} <= set(table.columns)
-              for k, n in zip(table["k"], table["num_samples"])}  # fmt: skip
+    chance = {
+        k / n
+        for table in tables.values()
+        if {"k", "num_samples"} <= set(table.columns)
+        for k, n in zip(table["k"], table["num_samples"])
+    }
     if len(chance) == 1:  # what independent features would score: each kNN set overlaps by k/N on average
         axes.axhline(chance.pop(), color="black", linestyle="--", linewidth=0.8, label="chance (k/N)")
     axes.xaxis.get_major_locator().set_params(integer=True)

@@ -23,8 +23,13 @@ from ..data.shapes import COLOURS, NUMBERS, POSITIONS, SHAPES, SIZES, to_underst
 from .shapes_judge import answer_baselines, score_answers, score_images
 
 # How many answers each question type has: the chance baseline.
-ANSWER_CHOICES = {"colour": len(COLOURS), "shape": len(SHAPES), "position": len(POSITIONS), "size": len(SIZES),
-                  "count": len(NUMBERS)}  # fmt: skip
+ANSWER_CHOICES = {
+    "colour": len(COLOURS),
+    "shape": len(SHAPES),
+    "position": len(POSITIONS),
+    "size": len(SIZES),
+    "count": len(NUMBERS),
+}
 
 
 @torch.no_grad()
@@ -32,13 +37,15 @@ def generate_for_captions(model, captions, batch_size=100, seed=0, progress_bar=
     """One image per caption, each from its own seeded generator (so results do not depend on batching).
     Sampling settings not given come from the checkpoint (see `generate_image`)."""
     generators = [torch.Generator().manual_seed(seed + i) for i in range(len(captions))]
-    return model.generate_image(list(captions), generator=generators, max_batch_size=batch_size,
-                                progress_bar=progress_bar, **settings)  # fmt: skip
+    return model.generate_image(
+        list(captions), generator=generators, max_batch_size=batch_size, progress_bar=progress_bar, **settings
+    )
 
 
 @torch.no_grad()
-def answer_questions(model, images, questions, batch_size=100, max_new_tokens=4, progress_bar=True,
-                     question_first: bool = True):  # fmt: skip
+def answer_questions(
+    model, images, questions, batch_size=100, max_new_tokens=4, progress_bar=True, question_first: bool = True
+):
     """Greedy answers (one image + one question per row), batched with left padding. The user turn says
     the question, then shows the image (as `to_understanding` trains); `question_first=False` asks a
     model trained with the image first."""
@@ -49,17 +56,30 @@ def answer_questions(model, images, questions, batch_size=100, max_new_tokens=4,
         for question in questions[start : start + batch_size]:
             content = [{"type": "image"}, {"type": "text", "text": question}]
             content = content[::-1] if question_first else content
-            texts.append(processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True))
-        inputs = processor(images=list(images[start : start + batch_size]), text=texts, padding=True,
-                           return_tensors="pt").to(model.device)  # fmt: skip
+            texts.append(
+                processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+            )
+        inputs = processor(
+            images=list(images[start : start + batch_size]), text=texts, padding=True, return_tensors="pt"
+        ).to(model.device)
         output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
         answers += processor.batch_decode(output[:, inputs.input_ids.shape[1] :], skip_special_tokens=True)
     return [a.strip() for a in answers]
 
 
-def evaluate_shapes(model, dataset, n: int | None = None, batch_size: int = 100, seed: int = 0,
-                    progress_bar: bool = True, jacobi_window: int | None = None, compile: bool = False,
-                    understanding: bool = True, question_first: bool = True, **sampling) -> dict:  # fmt: skip
+def evaluate_shapes(
+    model,
+    dataset,
+    n: int | None = None,
+    batch_size: int = 100,
+    seed: int = 0,
+    progress_bar: bool = True,
+    jacobi_window: int | None = None,
+    compile: bool = False,
+    understanding: bool = True,
+    question_first: bool = True,
+    **sampling,
+) -> dict:
     """Generation (judged images, per attribute and all-correct) and understanding (exact match per
     question type, with the majority-answer and chance baselines) on the first `n` scenes of a Shapes
     split. Images are judged against what each caption asks for (the `asked` column). Sampling uses the
@@ -77,8 +97,14 @@ def evaluate_shapes(model, dataset, n: int | None = None, batch_size: int = 100,
     if understanding:
         questions = to_understanding(dataset)
         asked = questions["question"]
-        predictions = answer_questions(model, [imgs[0] for imgs in questions["images"]], asked, batch_size,
-                                       progress_bar=progress_bar, question_first=question_first)  # fmt: skip
+        predictions = answer_questions(
+            model,
+            [imgs[0] for imgs in questions["images"]],
+            asked,
+            batch_size,
+            progress_bar=progress_bar,
+            question_first=question_first,
+        )
         baselines = answer_baselines(questions["answer"], questions["type"], ANSWER_CHOICES)
         result["understanding"] = rounded(score_answers(predictions, questions["answer"], questions["type"]))
         result["understanding_baselines"] = {name: rounded(values) for name, values in baselines.items()}
@@ -94,13 +120,21 @@ def eval_results_for_card(metrics: dict) -> list[dict]:
     """`{split: evaluate_shapes(...)}` -> model-index entries for the model card."""
     results = []
     for split, values in metrics.items():
-        for task_type, key, name in (("text-to-image", "generation", "all attributes correct"),
-                                     ("visual-question-answering", "understanding", "exact match")):  # fmt: skip
+        for task_type, key, name in (
+            ("text-to-image", "generation", "all attributes correct"),
+            ("visual-question-answering", "understanding", "exact match"),
+        ):
             if key not in values:
                 continue
-            results.append({
-                "task_type": task_type, "dataset_type": "unifork_hf.data.shapes", "dataset_name": "Shapes",
-                "dataset_split": split, "metric_type": "accuracy", "metric_name": f"{name} ({split})",
-                "metric_value": values[key]["all"],
-            })  # fmt: skip
+            results.append(
+                {
+                    "task_type": task_type,
+                    "dataset_type": "unifork_hf.data.shapes",
+                    "dataset_name": "Shapes",
+                    "dataset_split": split,
+                    "metric_type": "accuracy",
+                    "metric_name": f"{name} ({split})",
+                    "metric_value": values[key]["all"],
+                }
+            )
     return results

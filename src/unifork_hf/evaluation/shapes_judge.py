@@ -145,12 +145,14 @@ def detect(image) -> list[dict]:
         shape, box = classify_shape(np.where(near, amount, 0), box)
         cy, cx = pixels.mean(0)
         row, column = min(int(cy // cell), 2), min(int(cx // cell), 2)
-        objects.append({
-            "colour": _COLOUR_NAMES[main] if pure else "mixed",
-            "shape": shape,
-            "size": "large" if max(box[2] - box[0], box[3] - box[1]) + 1 > SIZE_THRESHOLD else "small",
-            "position": POSITIONS[row * 3 + column],
-        })  # fmt: skip
+        objects.append(
+            {
+                "colour": _COLOUR_NAMES[main] if pure else "mixed",
+                "shape": shape,
+                "size": "large" if max(box[2] - box[0], box[3] - box[1]) + 1 > SIZE_THRESHOLD else "small",
+                "position": POSITIONS[row * 3 + column],
+            }
+        )
     return sorted(objects, key=lambda obj: POSITIONS.index(obj["position"]))
 
 
@@ -167,6 +169,7 @@ def score_image(asked: list[dict], detected: list[dict]) -> dict:
     judged. Returns per attribute `[correct, judged]` counts, `count` (exactly as many objects as asked)
     and `all` (right count and every judged attribute of every asked object right), as floats.
     """
+
     def hits(obj, found):
         return sum(obj.get(a) is not None and found[a] == obj[a] for a in ATTRIBUTES)
 
@@ -174,8 +177,10 @@ def score_image(asked: list[dict], detected: list[dict]) -> dict:
     slots = list(range(len(detected))) + [None] * len(asked)  # None: the asked object is not drawn
     for assignment in set(itertools.permutations(slots, len(asked))):
         pairs = [(obj, detected[i]) for obj, i in zip(asked, assignment) if i is not None]
-        key = (sum(hits(obj, found) for obj, found in pairs),
-               -sum(_cell_distance(obj["position"], found["position"]) for obj, found in pairs if obj.get("position")))  # fmt: skip
+        key = (
+            sum(hits(obj, found) for obj, found in pairs),
+            -sum(_cell_distance(obj["position"], found["position"]) for obj, found in pairs if obj.get("position")),
+        )
         if best_key is None or key > best_key:
             best, best_key = dict(zip(range(len(asked)), assignment)), key
     result = {}

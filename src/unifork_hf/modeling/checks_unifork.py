@@ -1,14 +1,57 @@
-"""Checks of what the model is given, so that bad input fails with an error that names the argument, what was
+"""Checks of what the model is given (and `task_ids`, which reads the per-sample task selector), so that bad input fails with an error that names the argument, what was
 expected and what came, instead of a shape error deep inside torch or silently wrong output."""
 
 import torch
 from transformers.cache_utils import StaticCache
 
+# Task ids of the per-sample selector `task`.
+UNDERSTANDING = 0
+GENERATION = 1
+TASKS = {"understanding": UNDERSTANDING, "generation": GENERATION}
+
+
+def task_ids(task, batch_size: int, device) -> tuple[torch.Tensor, int | None]:
+    """Normalise a task selector (None, "understanding"/"generation", a list of them, or 0/1 ids) to `(B,)`
+    ids, and the batch's task if all its samples have the same one (else None)."""
+    if task is None or isinstance(task, (str, int)):  # one task for the batch, known without reading a tensor
+        only = UNDERSTANDING if task is None else TASKS.get(task, task)
+        if only not in (UNDERSTANDING, GENERATION):
+            raise ValueError(f"task must be 'understanding' or 'generation' (or 0/1), got {task!r}.")
+        return torch.full((batch_size,), only, dtype=torch.long, device=device), only
+    if isinstance(task, (list, tuple)):
+        unknown = [t for t in task if isinstance(t, str) and t not in TASKS]
+        if unknown:
+            raise ValueError(f"task must be 'understanding' or 'generation' (or 0/1), got {unknown[0]!r}.")
+        task = torch.tensor([TASKS.get(t, t) for t in task], device=device)
+    task = torch.as_tensor(task, device=device).long().reshape(-1)
+    if task.numel() == 1 and batch_size != 1:
+        task = task.expand(batch_size)
+    if task.shape[0] != batch_size:
+        raise ValueError(f"task must have one entry per sample ({batch_size}), got {task.shape[0]}.")
+    if ((task != UNDERSTANDING) & (task != GENERATION)).any():
+        raise ValueError(f"task ids must be {UNDERSTANDING} (understanding) or {GENERATION} (generation).")
+    first = int(task[0])
+    return task, first if bool((task == first).all()) else None
+
+
+def check_one_of_each(input_ids, inputs_embeds, pixel_values, image_ids) -> None:
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+    if pixel_values is not None and image_ids is not None:
+        raise ValueError("Pass either pixel_values or image_ids, not both.")
+
 
 def check_input_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
-    if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool or input_ids.ndim != 2 or not input_ids.numel():
-        raise ValueError(f"input_ids must be a non-empty (batch, length) tensor of integer token ids, got "
-                         f"dtype {input_ids.dtype} and shape {tuple(input_ids.shape)}.")  # fmt: skip
+    if (
+        input_ids.dtype.is_floating_point
+        or input_ids.dtype == torch.bool
+        or input_ids.ndim != 2
+        or not input_ids.numel()
+    ):
+        raise ValueError(
+            f"input_ids must be a non-empty (batch, length) tensor of integer token ids, got "
+            f"dtype {input_ids.dtype} and shape {tuple(input_ids.shape)}."
+        )
     low, high = int(input_ids.min()), int(input_ids.max())
     if low < 0 or high >= vocab_size:
         raise ValueError(f"input_ids must be in 0..{vocab_size - 1}, got values from {low} to {high}.")
@@ -16,11 +59,15 @@ def check_input_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
 
 def check_pixel_values(pixel_values: torch.Tensor) -> None:
     if not pixel_values.dtype.is_floating_point or not pixel_values.numel():
-        raise ValueError(f"pixel_values must be a non-empty float tensor, got dtype {pixel_values.dtype} and "
-                         f"shape {tuple(pixel_values.shape)}.")  # fmt: skip
+        raise ValueError(
+            f"pixel_values must be a non-empty float tensor, got dtype {pixel_values.dtype} and "
+            f"shape {tuple(pixel_values.shape)}."
+        )
     if not bool(pixel_values.isfinite().all()) or float(pixel_values.abs().max()) > 1 + 1e-3:
-        raise ValueError("pixel_values must be finite numbers in [-1, 1] (what the processor makes of images), "
-                         f"got values from {pixel_values.min().item()} to {pixel_values.max().item()}.")  # fmt: skip
+        raise ValueError(
+            "pixel_values must be finite numbers in [-1, 1] (what the processor makes of images), "
+            f"got values from {pixel_values.min().item()} to {pixel_values.max().item()}."
+        )
 
 
 def check_image_placeholders(input_ids, image_ids: torch.Tensor, config) -> torch.Tensor:
@@ -28,9 +75,11 @@ def check_image_placeholders(input_ids, image_ids: torch.Tensor, config) -> torc
     if input_ids is None:
         raise ValueError("Images (`pixel_values` or `image_ids`) need `input_ids` to locate the image tokens.")
     if config.image_token_id is None:
-        raise ValueError("Images were given but config.image_token_id is None, so no position of input_ids "
-                         "can hold them: build the model with from_pretrained_llm (which adds the image "
-                         "tokens to the tokenizer) or set image_token_id, boi_token_id and eoi_token_id.")  # fmt: skip
+        raise ValueError(
+            "Images were given but config.image_token_id is None, so no position of input_ids "
+            "can hold them: build the model with from_pretrained_llm (which adds the image "
+            "tokens to the tokenizer) or set image_token_id, boi_token_id and eoi_token_id."
+        )
     if image_ids.ndim != 2 or image_ids.shape[1] != config.num_image_tokens:
         raise ValueError(
             f"image_ids must have shape (num_images, {config.num_image_tokens}), got {tuple(image_ids.shape)}."
@@ -57,9 +106,15 @@ def check_sequence(input_ids, image_ids, attention_mask, cache, batch_size: int,
         )
     if isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 2:
         rows, length = attention_mask.shape  # a static cache's mask may cover the whole cache
-        if rows != batch_size or length < total_length or (length > total_length and not isinstance(cache, StaticCache)):
-            raise ValueError(f"attention_mask must have shape (batch, cached + new tokens) = ({batch_size}, "
-                             f"{total_length}), got {tuple(attention_mask.shape)}.")  # fmt: skip
+        if (
+            rows != batch_size
+            or length < total_length
+            or (length > total_length and not isinstance(cache, StaticCache))
+        ):
+            raise ValueError(
+                f"attention_mask must have shape (batch, cached + new tokens) = ({batch_size}, "
+                f"{total_length}), got {tuple(attention_mask.shape)}."
+            )
 
 
 def check_labels(labels: torch.Tensor, hidden_states: torch.Tensor, logits) -> None:

@@ -6,7 +6,6 @@ from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
-
 # The small VQ image tokenizer used when no `vq_config` is given: 32x32 images -> 8x8 codes.
 DEFAULT_VQ_CONFIG = {
     "in_channels": 3,
@@ -250,16 +249,25 @@ class UniForkConfig(PreTrainedConfig):
         text, vq = self.text_config, self.vq_config
         heads, kv_heads = getattr(text, "num_attention_heads", None), getattr(text, "num_key_value_heads", None)
         if heads and kv_heads and heads % kv_heads:
-            raise ValueError(f"text_config: num_attention_heads ({heads}) must be a multiple of num_key_value_heads ({kv_heads}).")
+            raise ValueError(
+                f"text_config: num_attention_heads ({heads}) must be a multiple of num_key_value_heads ({kv_heads})."
+            )
         if vq["num_vq_embeddings"] < 1 or vq["vq_embed_dim"] < 1:
-            raise ValueError(f"vq_config: num_vq_embeddings and vq_embed_dim must be positive, got "
-                             f"{vq['num_vq_embeddings']} and {vq['vq_embed_dim']}.")  # fmt: skip
+            raise ValueError(
+                f"vq_config: num_vq_embeddings and vq_embed_dim must be positive, got "
+                f"{vq['num_vq_embeddings']} and {vq['vq_embed_dim']}."
+            )
         groups = vq.get("norm_num_groups", 32)
         if any(channels % groups for channels in vq["block_out_channels"]):
-            raise ValueError(f"vq_config: every block_out_channels entry {vq['block_out_channels']} must be a multiple "
-                             f"of norm_num_groups ({groups}).")  # fmt: skip
-        for where, name in (("projector_hidden_act", self.projector_hidden_act), ("vq_config act_fn", vq.get("act_fn", "silu")),
-                            ("text_config hidden_act", getattr(text, "hidden_act", "silu"))):  # fmt: skip
+            raise ValueError(
+                f"vq_config: every block_out_channels entry {vq['block_out_channels']} must be a multiple "
+                f"of norm_num_groups ({groups})."
+            )
+        for where, name in (
+            ("projector_hidden_act", self.projector_hidden_act),
+            ("vq_config act_fn", vq.get("act_fn", "silu")),
+            ("text_config hidden_act", getattr(text, "hidden_act", "silu")),
+        ):
             if name not in ACT2FN:
                 raise ValueError(f"{where} {name!r} is not an activation transformers knows; e.g. 'silu', 'gelu'.")
 

@@ -35,7 +35,9 @@ def fork_llm(model_class, llm, vq_model, tokenizer=None, num_shared_layers: int 
     model = model_class(config)
     state = llm_state_dict_to_y(llm.state_dict(), config.num_shared_layers)
     missing, unexpected = model.load_state_dict(state, strict=False)
-    new_modules = tuple(Y_PARTS[role] + "." for role in ("image_projector", "image_tokenizer", "generation_head", "understanding_head"))
+    new_modules = tuple(
+        Y_PARTS[role] + "." for role in ("image_projector", "image_tokenizer", "generation_head", "understanding_head")
+    )
     missing = [key for key in missing if not key.startswith(new_modules)]
     if missing or unexpected:
         raise ValueError(
@@ -49,7 +51,9 @@ def fork_llm(model_class, llm, vq_model, tokenizer=None, num_shared_layers: int 
     model.generation_config.suppress_tokens = [image_token_id]  # image positions are filled, never written
 
     size = {"height": config.image_size, "width": config.image_size}
-    model.processor = UniForkProcessor(UniForkImageProcessorPil(size=size), tokenizer, image_seq_length=config.num_image_tokens)
+    model.processor = UniForkProcessor(
+        UniForkImageProcessorPil(size=size), tokenizer, image_seq_length=config.num_image_tokens
+    )
     model.processor.image_tokenizer = model.model.image_tokenizer
     if llm.name_or_path:  # the Hub id or path the LLM was loaded from: the model card's base_model
         model.card_data["base_model"] = llm.name_or_path
@@ -90,7 +94,7 @@ class UniForkForkingMixin:
         tokenizer=None,
         num_shared_layers: int | None = None,
         **config_kwargs,
-    ) -> "UniForkForConditionalGeneration":
+    ):
         """Build a UniFork from a pretrained LLM and VQ tokenizer, the paper's way.
 
         The LLM's embeddings, layers 0..K-1 (shared), layers K..L-1 with the final norm

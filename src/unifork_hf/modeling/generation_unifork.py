@@ -80,7 +80,6 @@ def _uniform(shape, generator, device):
     return torch.rand(shape, generator=generator, device=device)
 
 
-
 def _check_prompts(prompt, negative_prompt) -> tuple[list[str], list[str]]:
     """The prompts and their negative prompts as lists of equal length."""
     prompts = [prompt] if isinstance(prompt, str) else prompt
@@ -110,7 +109,9 @@ def _check_generator(generator, num_images: int) -> None:
         raise ValueError(f"generator is a list of {len(generator)}, but {num_images} images are generated.")
     generators = generator if isinstance(generator, (list, tuple)) else [] if generator is None else [generator]
     if not all(isinstance(g, torch.Generator) for g in generators):
-        raise TypeError(f"generator must be None, a torch.Generator or a list of them (one per image), got {generator!r}.")
+        raise TypeError(
+            f"generator must be None, a torch.Generator or a list of them (one per image), got {generator!r}."
+        )
 
 
 class UniForkImageGenerationMixin:
@@ -201,8 +202,9 @@ class UniForkImageGenerationMixin:
         prompts, negatives = _check_prompts(prompt, negative_prompt)
         if output_type not in ("pil", "pt", "tokens"):
             raise ValueError(f"output_type must be 'pil', 'pt' or 'tokens', got {output_type!r}.")
-        settings = self.image_generation_settings(guidance_scale=guidance_scale, temperature=temperature,
-                                                  top_k=top_k, top_p=top_p)  # fmt: skip
+        settings = self.image_generation_settings(
+            guidance_scale=guidance_scale, temperature=temperature, top_k=top_k, top_p=top_p
+        )
         guidance_scale, temperature, top_k, top_p = (settings[key] for key in DEFAULT_IMAGE_GENERATION)
         _check_decoding_options(num_images_per_prompt, jacobi_window, compile, max_batch_size)
         if (jacobi_window or 1) > 1 and "sliding_attention" in self.model.layer_types:
@@ -232,8 +234,17 @@ class UniForkImageGenerationMixin:
             texts = prompts[start:stop] + (negatives[start:stop] if guided else [])
             inputs = processor.image_generation_inputs(texts, return_tensors="pt").to(self.device)
             generators = generator[start:stop] if isinstance(generator, (list, tuple)) else generator
-            codes.append(self._sample_image_tokens(inputs.input_ids, inputs.attention_mask, processors, generators,
-                                                   steps, window=jacobi_window or 1, compile=compile))  # fmt: skip
+            codes.append(
+                self._sample_image_tokens(
+                    inputs.input_ids,
+                    inputs.attention_mask,
+                    processors,
+                    generators,
+                    steps,
+                    window=jacobi_window or 1,
+                    compile=compile,
+                )
+            )
         steps.close()
         codes = torch.cat(codes)
         if output_type == "tokens":
@@ -268,7 +279,9 @@ class UniForkImageGenerationMixin:
         where = "" if not saved else " (explicitly or in generation_config.image_generation)"
         guidance, temperature, top_k, top_p = (settings[key] for key in DEFAULT_IMAGE_GENERATION)
         if not isinstance(guidance, (int, float)) or not 1 <= guidance < float("inf"):
-            raise ValueError(f"guidance_scale must be a finite number >= 1 (1 disables guidance){where}, got {guidance!r}.")
+            raise ValueError(
+                f"guidance_scale must be a finite number >= 1 (1 disables guidance){where}, got {guidance!r}."
+            )
         if not isinstance(temperature, (int, float)) or not 0 < temperature < float("inf"):
             raise ValueError(f"temperature must be a finite number > 0{where}, got {temperature!r}.")
         if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0):
@@ -277,8 +290,7 @@ class UniForkImageGenerationMixin:
             raise ValueError(f"top_p must be None or in (0, 1] (1: off){where}, got {top_p!r}.")
         return settings
 
-    def _sample_image_tokens(self, input_ids, attention_mask, processors, generator, progress, window=1,
-                             compile=False):
+    def _sample_image_tokens(self, input_ids, attention_mask, processors, generator, progress, window=1, compile=False):
         """The decoding loop: prefill the prompts once, then cached forwards along the generation path.
 
         With `window` > 1 this is speculative Jacobi decoding (Teng et al., 2024, arXiv 2410.01699):
@@ -341,8 +353,10 @@ class UniForkImageGenerationMixin:
             embeds = code_embeddings[fed]
             if grid_embeddings is not None:  # a code's grid place is its index among the image tokens
                 embeds = embeds + grid_embeddings[places]
-            step_inputs = {"inputs_embeds": torch.cat([embeds, embeds]) if guided else embeds,
-                           "position_ids": first_image_position + places}  # fmt: skip
+            step_inputs = {
+                "inputs_embeds": torch.cat([embeds, embeds]) if guided else embeds,
+                "position_ids": first_image_position + places,
+            }
         return codes
 
     def _decoding_setup(self, input_ids, attention_mask, compile):
@@ -368,8 +382,9 @@ class UniForkImageGenerationMixin:
 
     def _generation_logits(self, step_inputs, attention_mask, cache, num_positions):
         """One cached forward along the generation path -> generation-head logits of the last `num_positions` places."""
-        hidden = self.model(**step_inputs, attention_mask=attention_mask, cache=cache, use_cache=True,
-                            task="generation").last_hidden_state  # fmt: skip
+        hidden = self.model(
+            **step_inputs, attention_mask=attention_mask, cache=cache, use_cache=True, task="generation"
+        ).last_hidden_state
         return self.generation_head(hidden[:, -num_positions:])
 
     def _compiled_decoding(self, compile, batch_rows, cache_length):
@@ -386,8 +401,11 @@ class UniForkImageGenerationMixin:
             # Dynamo reads `freezing` from inductor's global config when it traces (any call may retrace),
             # so `options` alone does not freeze; and inductor would print every GEMM autotuning table.
             # The patch is built once: entering a ready one costs ~10 us a step, building one ~70.
-            patch = torch._inductor.config.patch(freezing=bool((config.options or {}).get("freezing")),
-                                                 autotune_num_choices_displayed=0, max_autotune_report_choices_stats=False)  # fmt: skip
+            patch = torch._inductor.config.patch(
+                freezing=bool((config.options or {}).get("freezing")),
+                autotune_num_choices_displayed=0,
+                max_autotune_report_choices_stats=False,
+            )
 
             def forward(*args):
                 with patch:

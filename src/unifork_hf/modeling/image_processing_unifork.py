@@ -52,15 +52,23 @@ def check_image_types(images) -> None:
             raise TypeError(
                 f"images must be PIL images, numpy arrays, torch tensors or paths/URLs, got {type(image).__name__}."
             )
-        if isinstance(image, str) and not (image.startswith(("http://", "https://")) or os.path.isfile(image) or _is_base64(image)):
-            raise ValueError(f"images[{index}] is the string {image[:80]!r}, which is neither a file that exists, an "
-                             "http(s) URL nor base64 image data.")  # fmt: skip
+        if isinstance(image, str) and not (
+            image.startswith(("http://", "https://")) or os.path.isfile(image) or _is_base64(image)
+        ):
+            raise ValueError(
+                f"images[{index}] is the string {image[:80]!r}, which is neither a file that exists, an "
+                "http(s) URL nor base64 image data."
+            )
         size = image.size if isinstance(image, PIL.Image.Image) else getattr(image, "shape", (1,))
         if 0 in tuple(size):
             raise ValueError(f"images[{index}] has no pixels (size {tuple(size)}): expected width and height > 0.")
-        if isinstance(image, (np.ndarray, torch.Tensor)) and (image.ndim != 3 or not {image.shape[0], image.shape[-1]} & {1, 3, 4}):
-            raise ValueError(f"images[{index}] is an array of shape {tuple(image.shape)}: expected one image as "
-                             "(height, width, channels) or (channels, height, width) with 1, 3 or 4 channels.")  # fmt: skip
+        if isinstance(image, (np.ndarray, torch.Tensor)) and (
+            image.ndim != 3 or not {image.shape[0], image.shape[-1]} & {1, 3, 4}
+        ):
+            raise ValueError(
+                f"images[{index}] is an array of shape {tuple(image.shape)}: expected one image as "
+                "(height, width, channels) or (channels, height, width) with 1, 3 or 4 channels."
+            )
 
 
 def _is_base64(text: str) -> bool:

@@ -21,41 +21,12 @@ from transformers.modeling_outputs import ModelOutput
 from transformers.modeling_utils import slice_logits_to_keep
 
 from . import checks_unifork as checks
+from .checks_unifork import GENERATION, UNDERSTANDING, task_ids
 from .configuration_unifork import Y_PARTS, UniForkConfig
 from .forking_unifork import UniForkForkingMixin, llm_building_blocks
 from .generation_unifork import DEFAULT_IMAGE_GENERATION, UniForkImageGenerationMixin
 from .saving_unifork import UniForkSavingMixin
 from .vq_unifork import UniForkVQImageTokenizer
-
-
-# Task ids of the per-sample selector `task`.
-UNDERSTANDING = 0
-GENERATION = 1
-TASKS = {"understanding": UNDERSTANDING, "generation": GENERATION}
-
-
-def task_ids(task, batch_size: int, device) -> tuple[torch.Tensor, int | None]:
-    """Normalise a task selector (None, "understanding"/"generation", a list of them, or 0/1 ids) to `(B,)`
-    ids, and the batch's task if all its samples have the same one (else None)."""
-    if task is None or isinstance(task, (str, int)):  # one task for the batch, known without reading a tensor
-        only = UNDERSTANDING if task is None else TASKS.get(task, task)
-        if only not in (UNDERSTANDING, GENERATION):
-            raise ValueError(f"task must be 'understanding' or 'generation' (or 0/1), got {task!r}.")
-        return torch.full((batch_size,), only, dtype=torch.long, device=device), only
-    if isinstance(task, (list, tuple)):
-        unknown = [t for t in task if isinstance(t, str) and t not in TASKS]
-        if unknown:
-            raise ValueError(f"task must be 'understanding' or 'generation' (or 0/1), got {unknown[0]!r}.")
-        task = torch.tensor([TASKS.get(t, t) for t in task], device=device)
-    task = torch.as_tensor(task, device=device).long().reshape(-1)
-    if task.numel() == 1 and batch_size != 1:
-        task = task.expand(batch_size)
-    if task.shape[0] != batch_size:
-        raise ValueError(f"task must have one entry per sample ({batch_size}), got {task.shape[0]}.")
-    if ((task != UNDERSTANDING) & (task != GENERATION)).any():
-        raise ValueError(f"task ids must be {UNDERSTANDING} (understanding) or {GENERATION} (generation).")
-    first = int(task[0])
-    return task, first if bool((task == first).all()) else None
 
 
 def _select_rows(value, rows: torch.Tensor):
@@ -157,8 +128,9 @@ class UniForkImageProjector(nn.Module):
             else None
         )
 
-    def forward(self, code_vectors: torch.Tensor, code_ids: torch.LongTensor,
-                positions: torch.LongTensor | None = None) -> torch.Tensor:  # fmt: skip
+    def forward(
+        self, code_vectors: torch.Tensor, code_ids: torch.LongTensor, positions: torch.LongTensor | None = None
+    ) -> torch.Tensor:
         """`positions`: each code's index in the code grid (raster order); None adds no position term."""
         embeds = self.linear_2(self.act(self.linear_1(code_vectors)))
         if self.code_embeddings is not None:
@@ -221,12 +193,6 @@ class UniForkModel(UniForkPreTrainedModel):
         self.generation_norm = rms_norm(text.hidden_size, eps=text.rms_norm_eps)
         self.post_init()
 
-    def get_input_embeddings(self):
-        return self.embed_tokens
-
-    def set_input_embeddings(self, value):
-        self.embed_tokens = value
-
     def embed_image_codes(self, image_ids: torch.LongTensor, positions: torch.LongTensor | None = None) -> torch.Tensor:
         """VQ code ids `(..., n)` -> LLM input embeddings `(..., n, hidden)`; `positions` are the codes'
         places in the code grid (None: no position term, e.g. for a table of every code)."""
@@ -261,7 +227,9 @@ class UniForkModel(UniForkPreTrainedModel):
         batch_size, seq_len = inputs_embeds.shape[:2]
         past_length = cache.get_seq_length() if cache is not None else 0
         if not torch.compiler.is_compiling():  # (reading a static cache's length would break a compiled graph)
-            checks.check_sequence(input_ids, image_ids, attention_mask, cache, batch_size, past_length + seq_len, self.config)
+            checks.check_sequence(
+                input_ids, image_ids, attention_mask, cache, batch_size, past_length + seq_len, self.config
+            )
         if position_ids is None:
             if isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 2:
                 # Left padding: positions count real tokens only, as in `generate`.
@@ -288,10 +256,7 @@ class UniForkModel(UniForkPreTrainedModel):
         return hidden_states
 
     def _embed(self, input_ids, inputs_embeds, pixel_values, image_ids):
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
-        if pixel_values is not None and image_ids is not None:
-            raise ValueError("Pass either pixel_values or image_ids, not both.")
+        checks.check_one_of_each(input_ids, inputs_embeds, pixel_values, image_ids)
         if inputs_embeds is None:
             checks.check_input_ids(input_ids, self.config.text_config.vocab_size)
             inputs_embeds = self.embed_tokens(input_ids)
@@ -354,13 +319,21 @@ class UniForkModel(UniForkPreTrainedModel):
         shared = self._run_layers(self.shared_layers, 0, inputs_embeds, context, states.get("shared"), **layer_kwargs)
         if only_task is not None:  # a one-task batch (decoding, single-task training): no row selection
             layers, norm = branches[only_task]
-            last_hidden_state = norm(self._run_layers(layers, k, shared, context, states.get(only_task), **layer_kwargs))
+            last_hidden_state = norm(
+                self._run_layers(layers, k, shared, context, states.get(only_task), **layer_kwargs)
+            )
         else:
             last_hidden_state = torch.empty_like(shared)
             for task_id, (layers, norm) in branches.items():
                 rows = (task == task_id).nonzero().squeeze(1)
-                out = self._run_layers(layers, k, _select_rows(shared, rows), _select_rows(context, rows),
-                                       states.get(task_id), **layer_kwargs)  # fmt: skip
+                out = self._run_layers(
+                    layers,
+                    k,
+                    _select_rows(shared, rows),
+                    _select_rows(context, rows),
+                    states.get(task_id),
+                    **layer_kwargs,
+                )
                 last_hidden_state = last_hidden_state.index_copy(0, rows, norm(out))
 
         hidden_states = _merge_paths(states, task) if output_hidden_states else None
@@ -373,8 +346,9 @@ class UniForkModel(UniForkPreTrainedModel):
         )
 
 
-class UniForkForConditionalGeneration(UniForkForkingMixin, UniForkSavingMixin, UniForkImageGenerationMixin,
-                                      UniForkPreTrainedModel, GenerationMixin):  # fmt: skip
+class UniForkForConditionalGeneration(
+    UniForkForkingMixin, UniForkSavingMixin, UniForkImageGenerationMixin, UniForkPreTrainedModel, GenerationMixin
+):
     """UniFork with both heads: text generation through `generate`, image generation through `generate_image`.
 
     Example:
@@ -400,18 +374,6 @@ class UniForkForConditionalGeneration(UniForkForkingMixin, UniForkSavingMixin, U
         # for the README.md that `save_pretrained` / `push_to_hub` write. Not restored by `from_pretrained`.
         self.card_data = {}
         self.post_init()
-
-    def get_input_embeddings(self):
-        return self.model.embed_tokens
-
-    def set_input_embeddings(self, value):
-        self.model.embed_tokens = value
-
-    def get_output_embeddings(self):
-        return self.lm_head
-
-    def set_output_embeddings(self, new_embeddings):
-        self.lm_head = new_embeddings
 
     def forward(
         self,
@@ -518,4 +480,10 @@ def _shifted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor):
     return total, (shift_labels != -100).sum()
 
 
-__all__ = ["DEFAULT_IMAGE_GENERATION", "Y_PARTS", "UniForkModel", "UniForkForConditionalGeneration", "UniForkPreTrainedModel"]
+__all__ = [
+    "DEFAULT_IMAGE_GENERATION",
+    "Y_PARTS",
+    "UniForkModel",
+    "UniForkForConditionalGeneration",
+    "UniForkPreTrainedModel",
+]

@@ -8,7 +8,6 @@ from transformers import ProcessorMixin
 from .image_processing_unifork import check_image_types
 from .vq_unifork import UniForkVQImageTokenizer
 
-
 # An image in a sequence: BOI_TOKEN, image_seq_length x IMAGE_TOKEN (each replaced by one VQ code's embedding), EOI_TOKEN.
 IMAGE_TOKEN, BOI_TOKEN, EOI_TOKEN = "<image>", "<begin_of_image>", "<end_of_image>"
 
@@ -104,8 +103,11 @@ class UniForkProcessor(ProcessorMixin):
         turns = [{"role": role, "content": []} for role in ("user", "assistant")]
         text = self.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
         encoded = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        unknown = [text[a:b] for token, (a, b) in zip(encoded.input_ids, encoded.offset_mapping)
-                   if token == unk and text[a:b] != self.tokenizer.unk_token]  # (GPT-2's unk is its eos)
+        unknown = [
+            text[a:b]
+            for token, (a, b) in zip(encoded.input_ids, encoded.offset_mapping)
+            if token == unk and text[a:b] != self.tokenizer.unk_token
+        ]  # (GPT-2's unk is its eos)
         if unknown:
             raise ValueError(
                 f"The tokenizer turns the chat template's {sorted(set(unknown))} into {self.tokenizer.unk_token!r}: "

@@ -33,8 +33,20 @@ class UniForkSavingMixin:
             return super().save_pretrained(save_directory, *args, **kwargs)
         # push_to_hub=True: save here first, then upload as push_to_hub does (from the complete folder)
         push = kwargs.pop("push_to_hub", False)
-        hub_kwargs = {key: kwargs.pop(key) for key in ("repo_id", "commit_message", "commit_description", "private",
-                                                         "token", "create_pr", "revision", "tags") if key in kwargs}  # fmt: skip
+        hub_kwargs = {
+            key: kwargs.pop(key)
+            for key in (
+                "repo_id",
+                "commit_message",
+                "commit_description",
+                "private",
+                "token",
+                "create_pr",
+                "revision",
+                "tags",
+            )
+            if key in kwargs
+        }
         os.makedirs(save_directory, exist_ok=True)
         staging = tempfile.mkdtemp(prefix=".unifork-saving-", dir=save_directory)  # same filesystem: renames are atomic
         try:
@@ -43,8 +55,11 @@ class UniForkSavingMixin:
                 shutil.copy2(readme, staging)
             self._save_all(staging, os.path.basename(os.path.abspath(save_directory)), *args, **kwargs)
             with open(os.path.join(staging, CHECKSUMS_FILE), "w") as f:  # `sha256sum -c` reads it too
-                f.writelines(f"{_sha256(os.path.join(staging, name))}  {name}\n"
-                             for name in sorted(os.listdir(staging)) if name.endswith(".safetensors"))  # fmt: skip
+                f.writelines(
+                    f"{_sha256(os.path.join(staging, name))}  {name}\n"
+                    for name in sorted(os.listdir(staging))
+                    if name.endswith(".safetensors")
+                )
             written = os.listdir(staging)
             for name in os.listdir(save_directory):
                 if _is_weights_file(name) and name not in written:
@@ -107,7 +122,7 @@ class UniForkSavingMixin:
                 f"{len(missing)} weights missing (e.g. {missing[:2]}), {len(unexpected)} unused (e.g. {unexpected[:2]}). "
                 "Was the config edited (num_shared_layers, sizes)? Pass allow_missing_weights=True to load anyway "
                 "with the missing weights randomly initialised."
-            )  # fmt: skip
+            )
         model.processor = _load_processor(pretrained_model_name_or_path, kwargs, model.model.image_tokenizer)
         if model.processor is not None:
             _check_processor_matches(model.config, model.processor, pretrained_model_name_or_path)
@@ -136,8 +151,10 @@ def verify_weight_checksums(directory) -> None:
             expected, name = line.strip().split("  ", 1)
             file = os.path.join(str(directory), name)
             if os.path.exists(file) and _sha256(file) != expected:
-                raise ValueError(f"{file} does not match its checksum in {CHECKSUMS_FILE}: the file is corrupted or was "
-                                 f"changed after saving. Delete {CHECKSUMS_FILE} to load it anyway.")  # fmt: skip
+                raise ValueError(
+                    f"{file} does not match its checksum in {CHECKSUMS_FILE}: the file is corrupted or was "
+                    f"changed after saving. Delete {CHECKSUMS_FILE} to load it anyway."
+                )
 
 
 def _is_weights_file(name: str) -> bool:
@@ -148,25 +165,33 @@ def _check_processor_matches(config, processor, path) -> None:
     """Raise, naming both values, where the saved processor and the model config disagree (e.g. a save that
     failed half way with an older package): prompts would put images where the model does not look."""
     size = processor.image_processor.size
-    pairs = [("image_token_id", config.image_token_id, processor.image_token_id),
-             ("boi_token_id", config.boi_token_id, processor.boi_token_id),
-             ("eoi_token_id", config.eoi_token_id, processor.eoi_token_id),
-             ("image tokens per image", config.num_image_tokens, processor.image_seq_length),
-             ("image size", (config.image_size, config.image_size), (size["height"], size["width"]))]  # fmt: skip
+    pairs = [
+        ("image_token_id", config.image_token_id, processor.image_token_id),
+        ("boi_token_id", config.boi_token_id, processor.boi_token_id),
+        ("eoi_token_id", config.eoi_token_id, processor.eoi_token_id),
+        ("image tokens per image", config.num_image_tokens, processor.image_seq_length),
+        ("image size", (config.image_size, config.image_size), (size["height"], size["width"])),
+    ]
     for what, in_config, in_processor in pairs:
         if in_config != in_processor:
-            raise ValueError(f"Checkpoint {path!r}: the config says {what} {in_config}, the processor {in_processor}. "
-                             "Save the model and its processor together (model.save_pretrained) again.")  # fmt: skip
+            raise ValueError(
+                f"Checkpoint {path!r}: the config says {what} {in_config}, the processor {in_processor}. "
+                "Save the model and its processor together (model.save_pretrained) again."
+            )
     if len(processor.tokenizer) > config.text_config.vocab_size:
-        raise ValueError(f"Checkpoint {path!r}: the tokenizer has {len(processor.tokenizer)} tokens, more than the "
-                         f"model's vocab_size {config.text_config.vocab_size}.")  # fmt: skip
+        raise ValueError(
+            f"Checkpoint {path!r}: the tokenizer has {len(processor.tokenizer)} tokens, more than the "
+            f"model's vocab_size {config.text_config.vocab_size}."
+        )
 
 
 def _load_processor(path, kwargs, image_tokenizer):
     """The processor saved with a checkpoint (sharing the model's VQ image tokenizer), or None."""
     from transformers.utils import PROCESSOR_NAME, cached_file
 
-    hub_kwargs = {k: kwargs[k] for k in ("cache_dir", "revision", "token", "local_files_only", "subfolder") if k in kwargs}
+    hub_kwargs = {
+        k: kwargs[k] for k in ("cache_dir", "revision", "token", "local_files_only", "subfolder") if k in kwargs
+    }
     found = cached_file(
         path,
         PROCESSOR_NAME,

@@ -128,7 +128,9 @@ class UniForkVQImageTokenizer(nn.Module):
                 f"pixel_values must have shape (batch, {self.vq.config.in_channels}, height, width), "
                 f"got {tuple(pixel_values.shape)}."
             )
-        step, what = (self.tile_size, "tile size") if self.tile_size else (self.downsampling_factor, "downsampling factor")
+        step, what = (
+            (self.tile_size, "tile size") if self.tile_size else (self.downsampling_factor, "downsampling factor")
+        )
         if pixel_values.shape[-1] % step or pixel_values.shape[-2] % step:
             raise ValueError(
                 f"pixel_values height and width must be multiples of the VQ {what} {step}, "
@@ -147,7 +149,9 @@ class UniForkVQImageTokenizer(nn.Module):
         if not side:
             return grid
         channels = grid.shape[1]
-        return grid.unfold(2, side, side).unfold(3, side, side).permute(0, 2, 3, 1, 4, 5).reshape(-1, channels, side, side)
+        return (
+            grid.unfold(2, side, side).unfold(3, side, side).permute(0, 2, 3, 1, 4, 5).reshape(-1, channels, side, side)
+        )
 
     @staticmethod
     def _from_tiles(tiles: torch.Tensor, batch: int, height: int, width: int) -> torch.Tensor:
@@ -174,7 +178,9 @@ class UniForkVQImageTokenizer(nn.Module):
         if codes_per_tile and (rows % codes_per_tile or columns % codes_per_tile):
             raise ValueError(f"grid_size {grid_size} must be a multiple of {codes_per_tile} codes (one VQ tile).")
         tiles = self._to_tiles(codes.reshape(batch, 1, rows, columns), codes_per_tile)
-        latents = self.vq.quantize.get_codebook_entry(tiles.flatten(), (tiles.shape[0], *tiles.shape[-2:], self.codebook.shape[1]))
+        latents = self.vq.quantize.get_codebook_entry(
+            tiles.flatten(), (tiles.shape[0], *tiles.shape[-2:], self.codebook.shape[1])
+        )
         images = self.vq.decode(latents, force_not_quantize=True).sample.clamp(-1, 1)
         factor = self.downsampling_factor
         return self._from_tiles(images, batch, rows * factor, columns * factor)

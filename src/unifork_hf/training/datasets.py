@@ -37,7 +37,6 @@ from datasets import Dataset, Features, Image, List, Value, interleave_datasets
 
 from ..modeling.modeling_unifork import GENERATION, UNDERSTANDING
 
-
 # The columns every prepared row has, whatever its task.
 PREPARED_FEATURES = Features(
     {
@@ -113,16 +112,25 @@ def prepare_understanding(dataset, processor, messages_column: str = "messages",
             )
         try:
             out = processor.apply_chat_template(
-                messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True,
+                messages,
+                tokenize=True,
+                return_dict=True,
+                return_assistant_tokens_mask=True,
                 processor_kwargs={"images": images} if images else {},
-            )  # fmt: skip
+            )
         except (TypeError, ValueError, KeyError) as error:
             raise ValueError(f"Row {index}: column {messages_column!r} could not be tokenized: {error}") from error
         input_ids = list(out["input_ids"][0])
         mask = list(out["assistant_masks"][0])
         labels = [token if keep else -100 for token, keep in zip(input_ids, mask)]
-        return {"task": UNDERSTANDING, "input_ids": input_ids, "labels": labels, "prompt_length": 0, "row": index,
-                "images": images}  # fmt: skip
+        return {
+            "task": UNDERSTANDING,
+            "input_ids": input_ids,
+            "labels": labels,
+            "prompt_length": 0,
+            "row": index,
+            "images": images,
+        }
 
     return _map(dataset, tokenize, PREPARED_FEATURES, columns, "Tokenizing understanding rows")
 
@@ -142,8 +150,12 @@ def prepare_generation(dataset, processor, caption_column: str = "caption", imag
         if not isinstance(caption, str):
             raise _bad_row(caption_column, index, "a string", caption)
         image = _check_image(row[image_column], image_column, index)
-        prompt_length = len(processor.tokenizer(processor.image_generation_prompt(caption), add_special_tokens=False).input_ids)
-        input_ids = processor.tokenizer(processor.image_generation_sequence(caption), add_special_tokens=False).input_ids
+        prompt_length = len(
+            processor.tokenizer(processor.image_generation_prompt(caption), add_special_tokens=False).input_ids
+        )
+        input_ids = processor.tokenizer(
+            processor.image_generation_sequence(caption), add_special_tokens=False
+        ).input_ids
         # the image positions are trained (the collator's labels put each one's VQ code there); not the end marker
         labels = [token if token == processor.image_token_id else -100 for token in input_ids]
         labels[:prompt_length] = [-100] * prompt_length
@@ -183,8 +195,9 @@ def pretokenize_images(dataset, processor, batch_size: int = 64):
     all the VQ's weights, its tile size and the image processing, so a changed tokenizer never reuses stale codes.
     """
     image_tokenizer = processor.require_image_tokenizer()
-    features = Features({**{k: v for k, v in PREPARED_FEATURES.items() if k != "images"},
-                         "image_ids": List(List(Value("int64")))})  # fmt: skip
+    features = Features(
+        {**{k: v for k, v in PREPARED_FEATURES.items() if k != "images"}, "image_ids": List(List(Value("int64")))}
+    )
 
     def encode(batch):
         # Rows often share images (several questions about one picture): encode each distinct one once.
@@ -200,7 +213,9 @@ def pretokenize_images(dataset, processor, batch_size: int = 64):
     if isinstance(dataset, Dataset):
         # Everything the codes depend on: all VQ weights and buffers (the encoder as much as the codebook),
         # the tile size (the same weights give other codes with and without tiling), the image processing.
-        digest = hashlib.sha256(f"tile{image_tokenizer.tile_size}-{processor.image_processor.to_json_string()}".encode())
+        digest = hashlib.sha256(
+            f"tile{image_tokenizer.tile_size}-{processor.image_processor.to_json_string()}".encode()
+        )
         for name, tensor in sorted(image_tokenizer.state_dict().items()):
             digest.update(name.encode())
             digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())

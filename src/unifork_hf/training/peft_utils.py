@@ -6,7 +6,6 @@ from peft import LoraConfig, TaskType
 
 from ..modeling.configuration_unifork import Y_PARTS
 
-
 # Branch -> the parts of the Y (`Y_PARTS`) that get adapters, and those `train_head` trains fully.
 BRANCH_LAYERS = {
     "shared": ("shared_layers",),

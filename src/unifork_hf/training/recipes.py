@@ -29,8 +29,8 @@ import torch
 import yaml
 from transformers import HfArgumentParser
 
-from ..modeling.generation_unifork import DEFAULT_IMAGE_GENERATION
 from ..data.colours import colour_dataset
+from ..modeling.generation_unifork import DEFAULT_IMAGE_GENERATION
 from .datasets import mix_tasks, prepare_generation, prepare_understanding, pretokenize_images
 from .trainer import UniForkTrainer, UniForkTrainingArguments
 
@@ -62,6 +62,7 @@ class Recipe:
     data: DataRecipe = field(default_factory=DataRecipe)
     training: UniForkTrainingArguments | None = None
     image_generation: dict = field(default_factory=dict)
+
 
 SECTIONS = ("model", "data", "training", "image_generation")
 
@@ -107,7 +108,9 @@ def load_recipe(path: str, overrides: dict | None = None) -> Recipe:
         except yaml.YAMLError as error:  # one line, not the parser's stack
             where = getattr(error, "problem_mark", None)
             at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
-            raise ValueError(f"Recipe {path!r} is not valid YAML{at}: {getattr(error, 'problem', None) or error}.") from None
+            raise ValueError(
+                f"Recipe {path!r} is not valid YAML{at}: {getattr(error, 'problem', None) or error}."
+            ) from None
     if not isinstance(raw, dict):
         raise ValueError(f"Recipe {path!r} must be a mapping with sections {', '.join(SECTIONS)}.")
     unknown = sorted(set(raw) - set(SECTIONS))
@@ -125,8 +128,12 @@ def load_recipe(path: str, overrides: dict | None = None) -> Recipe:
     if training.get("resume_from_checkpoint") is True:  # YAML `true`: the field is a string
         training["resume_from_checkpoint"] = "true"
     training.setdefault("output_dir", os.path.splitext(os.path.basename(path))[0])
-    arguments = _dataclass_from(UniForkTrainingArguments, training, "training",
-                                build=lambda **values: HfArgumentParser(UniForkTrainingArguments).parse_dict(values)[0])  # fmt: skip
+    arguments = _dataclass_from(
+        UniForkTrainingArguments,
+        training,
+        "training",
+        build=lambda **values: HfArgumentParser(UniForkTrainingArguments).parse_dict(values)[0],
+    )
     return Recipe(
         model=_dataclass_from(ModelRecipe, raw.get("model") or {}, "model"),
         data=_dataclass_from(DataRecipe, raw.get("data") or {}, "data"),
@@ -137,8 +144,8 @@ def load_recipe(path: str, overrides: dict | None = None) -> Recipe:
 
 def build_model(recipe: ModelRecipe):
     """The model (with its processor attached) a recipe starts from."""
-    from ..modeling.modeling_unifork import UniForkForConditionalGeneration
     from ..data.tiny import tiny_llm, tiny_tokenizer, tiny_vq
+    from ..modeling.modeling_unifork import UniForkForConditionalGeneration
 
     sources = sum([recipe.path is not None, recipe.llm is not None or recipe.vq is not None, recipe.tiny])
     if sources != 1:
@@ -204,8 +211,9 @@ def run_recipe(path: str, overrides: dict | None = None) -> UniForkTrainer:
     model = build_model(recipe.model)
     model.generation_config.image_generation = model.image_generation_settings(**recipe.image_generation)
     train_dataset = build_dataset(recipe.data, model.processor)
-    trainer = UniForkTrainer(model=model, args=recipe.training, train_dataset=train_dataset,
-                             processing_class=model.processor)  # fmt: skip
+    trainer = UniForkTrainer(
+        model=model, args=recipe.training, train_dataset=train_dataset, processing_class=model.processor
+    )
     resume = recipe.training.resume_from_checkpoint  # "true": the output directory's last checkpoint
     trainer.train(resume_from_checkpoint=True if str(resume).lower() == "true" else resume)
     trainer.save_model()

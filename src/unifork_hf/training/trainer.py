@@ -34,12 +34,11 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint, has_length
 
-from ..modeling.modelcard_unifork import write_model_card
 from ..modeling.configuration_unifork import Y_PARTS
+from ..modeling.modelcard_unifork import write_model_card
 from ..modeling.modeling_unifork import UniForkForConditionalGeneration
 from ..modeling.saving_unifork import verify_weight_checksums
 from .collator import TaskStratifiedSampler, UniForkDataCollator
-
 
 # The paper's training stages, as the parts of the Y (`Y_PARTS`) each one trains (the VQ is never trained).
 FREEZING_POLICIES = {
@@ -104,22 +103,28 @@ class UniForkTrainingArguments(TrainingArguments):
     )
     understanding_loss_share: float | None = field(
         default=0.25,
-        metadata={"help": "s in loss = s * understanding token mean + (1 - s) * generation token mean; "
-                          "None: one token mean over both tasks (each task weighs its share of labelled tokens)"},
-    )  # fmt: skip
+        metadata={
+            "help": "s in loss = s * understanding token mean + (1 - s) * generation token mean; "
+            "None: one token mean over both tasks (each task weighs its share of labelled tokens)"
+        },
+    )
     train_sampling_strategy: str = field(
         default="task_stratified",
-        metadata={"help": "task_stratified (each batch mixes the tasks in proportion), random, sequential, "
-                          "group_by_length or batch_rebalance"},
-    )  # fmt: skip
+        metadata={
+            "help": "task_stratified (each batch mixes the tasks in proportion), random, sequential, "
+            "group_by_length or batch_rebalance"
+        },
+    )
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "UniFork's collator needs the prepared columns: keep them"}
     )
     resume_without_optimizer_state: bool = field(
         default=False,
-        metadata={"help": "let resume_from_checkpoint start a fresh optimizer and schedule when the checkpoint "
-                          "has no optimizer.pt / scheduler.pt (otherwise an error)"},
-    )  # fmt: skip
+        metadata={
+            "help": "let resume_from_checkpoint start a fresh optimizer and schedule when the checkpoint "
+            "has no optimizer.pt / scheduler.pt (otherwise an error)"
+        },
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -133,7 +138,9 @@ class UniForkTrainingArguments(TrainingArguments):
             )
         strategies = ("task_stratified", "random", "sequential", "group_by_length", "batch_rebalance")
         if self.train_sampling_strategy not in strategies:
-            raise ValueError(f"train_sampling_strategy must be one of {strategies}, got {self.train_sampling_strategy!r}.")
+            raise ValueError(
+                f"train_sampling_strategy must be one of {strategies}, got {self.train_sampling_strategy!r}."
+            )
 
 
 class _CollatorEpoch(TrainerCallback):
@@ -172,7 +179,9 @@ class UniForkTrainer(Trainer):
             data_collator.seed = args.seed
             self.add_callback(_CollatorEpoch(data_collator))
         # [sum of per-batch values, number of batches] since the last log
-        self._logged = {name: torch.zeros(2) for name in ("loss_understanding", "loss_generation", "understanding_share")}
+        self._logged = {
+            name: torch.zeros(2) for name in ("loss_understanding", "loss_generation", "understanding_share")
+        }
 
     def train(self, resume_from_checkpoint=None, **kwargs):
         """`Trainer.train`, refusing a checkpoint this run cannot continue: one whose weights do not match the
@@ -180,9 +189,13 @@ class UniForkTrainer(Trainer):
         without optimizer and scheduler state unless
         `args.resume_without_optimizer_state` (Trainer would quietly restart Adam and the schedule)."""
         if resume_from_checkpoint is True:
-            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir) if os.path.isdir(self.args.output_dir) else None
+            resume_from_checkpoint = (
+                get_last_checkpoint(self.args.output_dir) if os.path.isdir(self.args.output_dir) else None
+            )
             if resume_from_checkpoint is None:
-                raise ValueError(f"resume_from_checkpoint=True, but {self.args.output_dir} holds no checkpoint-* folder.")
+                raise ValueError(
+                    f"resume_from_checkpoint=True, but {self.args.output_dir} holds no checkpoint-* folder."
+                )
         if resume_from_checkpoint:
             self._check_resumable(resume_from_checkpoint)
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
@@ -193,14 +206,20 @@ class UniForkTrainer(Trainer):
         if isinstance(self.model, UniForkForConditionalGeneration) and os.path.exists(config_file):
             saved = type(self.model.config).from_pretrained(checkpoint).to_dict()  # both through the same defaults
             for field_name, ours, theirs in _config_differences(self.model.config.to_dict(), saved):
-                raise ValueError(f"Cannot resume from {checkpoint}: its model has {field_name}={theirs!r}, this run's "
-                                 f"model {field_name}={ours!r}. Resume with the model the checkpoint was trained as.")  # fmt: skip
+                raise ValueError(
+                    f"Cannot resume from {checkpoint}: its model has {field_name}={theirs!r}, this run's "
+                    f"model {field_name}={ours!r}. Resume with the model the checkpoint was trained as."
+                )
         if self.is_deepspeed_enabled or self.is_fsdp_enabled:
             return  # their optimizer state lives in their own files
-        missing = [name for name in ("optimizer.pt", "scheduler.pt") if not os.path.exists(os.path.join(checkpoint, name))]
+        missing = [
+            name for name in ("optimizer.pt", "scheduler.pt") if not os.path.exists(os.path.join(checkpoint, name))
+        ]
         if missing and not getattr(self.args, "resume_without_optimizer_state", False):
-            raise ValueError(f"Cannot resume from {checkpoint}: it has no {' or '.join(missing)}, so the optimizer and "
-                             "learning-rate schedule would start over. Pass resume_without_optimizer_state=True to accept that.")  # fmt: skip
+            raise ValueError(
+                f"Cannot resume from {checkpoint}: it has no {' or '.join(missing)}, so the optimizer and "
+                "learning-rate schedule would start over. Pass resume_without_optimizer_state=True to accept that."
+            )
 
     def _get_train_sampler(self, train_dataset=None):
         train_dataset = train_dataset if train_dataset is not None else self.train_dataset
@@ -209,7 +228,9 @@ class UniForkTrainer(Trainer):
         if train_dataset is None or not has_length(train_dataset):
             return None  # a stream comes in its own order (mix_tasks interleaves it by the ratio)
         if "task" not in (getattr(train_dataset, "column_names", None) or []):
-            raise ValueError("train_sampling_strategy='task_stratified' needs a `task` column (prepare_* rows have one).")
+            raise ValueError(
+                "train_sampling_strategy='task_stratified' needs a `task` column (prepare_* rows have one)."
+            )
         seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
         return TaskStratifiedSampler(train_dataset["task"], seed=seed)
 
@@ -231,15 +252,22 @@ class UniForkTrainer(Trainer):
         share = self._loss_share()
         per_task = torch.is_tensor(num_items_in_batch) and num_items_in_batch.shape == (2,)
         if share is None or not per_task:
-            loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+            loss, outputs = super().compute_loss(
+                model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
+            )
             token_mean = True
         else:
             outputs = model(**inputs)
             # each task's summed loss over its token count in the whole accumulated (and distributed) batch
             here = _task_token_counts(inputs["labels"], inputs["task"]).to(num_items_in_batch.device)
-            terms = [weight * task_loss * here[task] / num_items_in_batch[task].clamp(min=1)
-                     for task, weight, task_loss in ((0, share, outputs.loss_understanding),
-                                                     (1, 1 - share, outputs.loss_generation)) if task_loss is not None]  # fmt: skip
+            terms = [
+                weight * task_loss * here[task] / num_items_in_batch[task].clamp(min=1)
+                for task, weight, task_loss in (
+                    (0, share, outputs.loss_understanding),
+                    (1, 1 - share, outputs.loss_generation),
+                )
+                if task_loss is not None
+            ]
             loss = sum(terms)
             if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
                 loss = loss * self.accelerator.num_processes  # undo DDP's averaging of the gradients
@@ -255,26 +283,43 @@ class UniForkTrainer(Trainer):
                 self._logged[name] += torch.stack([value.detach().float().cpu(), torch.tensor(1.0)])
         if token_mean:  # understanding's part of one token mean over both tasks
             counts = _task_token_counts(inputs["labels"], inputs["task"]).float()
-            parts = [(value.detach().float().cpu() * n if value is not None else torch.tensor(0.0))
-                     for value, n in ((und, counts[0]), (gen, counts[1]))]  # fmt: skip
+            parts = [
+                (value.detach().float().cpu() * n if value is not None else torch.tensor(0.0))
+                for value, n in ((und, counts[0]), (gen, counts[1]))
+            ]
         else:
-            parts = [(weight * value.detach().float().cpu() if value is not None else torch.tensor(0.0))
-                     for value, weight in ((und, share), (gen, 1 - share))]  # fmt: skip
+            parts = [
+                (weight * value.detach().float().cpu() if value is not None else torch.tensor(0.0))
+                for value, weight in ((und, share), (gen, 1 - share))
+            ]
         total = parts[0] + parts[1]
         if total > 0:
             self._logged["understanding_share"] += torch.stack([parts[0] / total, torch.tensor(1.0)])
 
-    def create_model_card(self, language=None, license=None, tags=None, model_name=None, finetuned_from=None,
-                          dataset=None, **kwargs) -> None:  # fmt: skip
+    def create_model_card(
+        self, language=None, license=None, tags=None, model_name=None, finetuned_from=None, dataset=None, **kwargs
+    ) -> None:
         """Write UniFork's card (architecture, parameter counts, usage) with this run's training summary
         into `output_dir` (used by `push_to_hub`), instead of Trainer's generic card."""
         model = self.accelerator.unwrap_model(self.model)
         if not self.is_world_process_zero() or not isinstance(model, UniForkForConditionalGeneration):
-            return super().create_model_card(language=language, license=license, tags=tags, model_name=model_name,
-                                             finetuned_from=finetuned_from, dataset=dataset, **kwargs)  # fmt: skip
-        given = {"language": language, "license": license, "tags": [tags] if isinstance(tags, str) else tags,
-                 "model_name": model_name, "base_model": finetuned_from,
-                 "datasets": [dataset] if isinstance(dataset, str) else dataset}  # fmt: skip
+            return super().create_model_card(
+                language=language,
+                license=license,
+                tags=tags,
+                model_name=model_name,
+                finetuned_from=finetuned_from,
+                dataset=dataset,
+                **kwargs,
+            )
+        given = {
+            "language": language,
+            "license": license,
+            "tags": [tags] if isinstance(tags, str) else tags,
+            "model_name": model_name,
+            "base_model": finetuned_from,
+            "datasets": [dataset] if isinstance(dataset, str) else dataset,
+        }
         last = next((log for log in reversed(self.state.log_history) if "loss" in log), {})
         summary = {
             "steps": self.state.global_step,
@@ -285,8 +330,11 @@ class UniForkTrainer(Trainer):
                 f"{self.args.per_device_train_batch_size} x {self.args.gradient_accumulation_steps} "
                 f"x {self.args.world_size}"
             ),
-            **{f"last {name}": round(last[name], 4) for name in ("loss", "loss_understanding", "loss_generation")
-               if name in last},  # fmt: skip
+            **{
+                f"last {name}": round(last[name], 4)
+                for name in ("loss", "loss_understanding", "loss_generation")
+                if name in last
+            },
         }
         saved = model.card_data
         model.card_data = {**saved, **{k: v for k, v in given.items() if v is not None}, "training_summary": summary}
@@ -306,8 +354,18 @@ class UniForkTrainer(Trainer):
 
 
 # Config keys that say nothing about the weights' shapes or meaning.
-_NOT_MODEL_FIELDS = {"transformers_version", "_name_or_path", "architectures", "auto_map", "dtype", "torch_dtype",
-                     "use_cache", "output_attentions", "output_hidden_states", "return_dict"}  # fmt: skip
+_NOT_MODEL_FIELDS = {
+    "transformers_version",
+    "_name_or_path",
+    "architectures",
+    "auto_map",
+    "dtype",
+    "torch_dtype",
+    "use_cache",
+    "output_attentions",
+    "output_hidden_states",
+    "return_dict",
+}
 
 
 def _config_differences(ours: dict, theirs: dict, prefix: str = ""):

@@ -183,7 +183,9 @@ def main():
         # the last logged training losses, per task
         losses = {key: next((log[key] for log in reversed(trainer.state.log_history) if key in log), None)
                   for key in ("loss", "loss_understanding", "loss_generation")}  # fmt: skip
-        json.dump({"metrics": metrics, "final_losses": losses, "train_minutes": round(train_minutes, 1),
+        curve = [{key: log[key] for key in ("step", "loss", "loss_understanding", "loss_generation") if key in log}
+                 for log in trainer.state.log_history if "loss" in log]  # fmt: skip
+        json.dump({"metrics": metrics, "final_losses": losses, "loss_curve": curve, "train_minutes": round(train_minutes, 1),
                    "num_parameters": model.num_parameters(), "args": vars(args)}, f, indent=2)  # fmt: skip
     print(json.dumps(metrics, indent=2))
     print(f"total {(time.time() - start) / 60:.1f} min (training {train_minutes:.1f} min)")

@@ -1,24 +1,38 @@
-"""The fork-point ablation on Shapes: where should the Y split?
+"""The fork-point ablation on Shapes: where should the Y split, and does the Y beat fair baselines?
 
-    nohup python examples/ablation_fork_point.py --vq runs/shapes/vq --tokenizer runs/shapes/tokenizer \
-        --out docs/ablation --max-steps 2000 > runs/ablation.log 2>&1 &
+    TQDM_MININTERVAL=60 nohup python examples/ablation_fork_point.py --vq runs/shapes/vq \
+        --tokenizer runs/shapes/tokenizer --out docs/fork-point --max-steps 3000 --parallel 2 \
+        > runs/fork-point.log 2>&1 &
 
-Trains the Shapes configuration of the demo checkpoint (Qwen2-style, hidden 128, L = 4) with the fork
-at K = 0 (two separate stacks over shared embeddings), L/4, L/2, 3L/4 and L (one fully shared
-stack), same data, steps and seed; K = L/2 and K = L also with a second seed. Each run is
-`examples/shapes/train_unifork.py` (which evaluates the test and held-out splits with the Shapes
-judge), then the image-caption alignment of each task's path is measured on the test split.
-Runs that already have their metrics are skipped, so the script can be restarted; the summary,
-tables and plots are rewritten after every run. Writes `OUT/summary.json`, `OUT/alignment-*.png`
-and the markdown tables to `OUT/results.md` (docs/ablation keeps these and each run's metrics.json
-and alignment.csv in git, not the weights).
+Every run is `examples/shapes/train_unifork.py` with the demo recipe (the library's default batches and
+loss balance, questions before the image), the demo's model size (Qwen2-style, hidden 128) and the same
+data; only the arm and the seed change. The arms, for L = 4 layers:
+
+- the Y at K = 0, L/4, L/2, 3L/4 and L (K = L: one fully shared stack, only the final norms and heads
+  differ). Every layer above the fork exists twice, so the Y at K = L/2 holds 2L - K = 6 layers;
+- `shared6`: one fully shared stack of 6 layers, the Y at K = L/2's parameter count (deeper, not wider:
+  the same layer shape, so the only difference is where the layers sit);
+- `understanding-only3` + `generation-only3`: task-specific models of 3 layers each, trained on only
+  their task's rows with the same batches and steps; together they hold the Y's 6 layers (and a second
+  copy of the embeddings and image tables). Scored as one arm: each task by its own model.
+
+Each arm runs with seeds 0, 1, 2 (model initialisation and data order), seed-major so an interrupted sweep
+covers every arm before repeating. A run that already has its `metrics.json` is skipped and a run cut off
+resumes from its last trainer checkpoint, so the command can simply be started again. After every run the
+image-caption alignment of each task's path is measured (Finding 1) and `OUT/summary.json`, `OUT/results.md`
+(mean and seed spread per cell, majority answers beside the questions, the verdict on Finding 2),
+`OUT/tradeoff.png` and `OUT/alignment-*.png` are rewritten. Keep each run's metrics.json and alignment.csv
+in git (OUT/.gitignore keeps out the weights).
 """
 
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pandas as pd
 
@@ -27,59 +41,82 @@ from unifork_hf.data.shapes import QUESTION_TYPES, shapes_dataset
 from unifork_hf.evaluation.alignment import modality_alignment, plot_alignment
 
 ATTRIBUTES = ("colour", "shape", "size", "position", "count", "all")
+TRAIN_SCRIPT = os.path.join(os.path.dirname(__file__), "shapes", "train_unifork.py")
 
 
-def runs(layers: int):
-    """(K, seed) pairs: every fork point with seed 0 first, so a cut-off run still covers all K."""
-    forks = (0, layers // 4, layers // 2, 3 * layers // 4, layers)
-    return [(k, 0) for k in forks] + [(k, 1) for k in (layers // 2, layers)]
-
-
-def train(args, k, seed, out):
-    if os.path.exists(os.path.join(out, "metrics.json")):
-        return
-    command = [
-        sys.executable,
-        os.path.join(os.path.dirname(__file__), "shapes", "train_unifork.py"),
-        "--vq",
-        args.vq,
-        "--tokenizer",
-        args.tokenizer,
-        "--out",
-        out,
-        "--layers",
-        str(args.layers),
-        "--num-shared-layers",
-        str(k),
-        "--seed",
-        str(seed),
-        "--max-steps",
-        str(args.max_steps),
-        "--eval-n",
-        str(args.eval_n),
-        "--num-train",
-        str(args.num_train),
-        "--data-cache",
-        os.path.join(args.out, "data"),
+def arms(layers: int) -> list[dict]:
+    """Each arm: its name and its runs, {task scored: (run name, layers, K, generation share of the rows)}."""
+    half = layers // 2
+    deep = 2 * layers - half  # the parameter count of the Y at K = L/2, as one stack
+    single = deep // 2
+    y = [
+        {"arm": f"K{k}", "runs": {"both": (f"K{k}", layers, k, 0.7)}}
+        for k in (0, layers // 4, half, 3 * layers // 4, layers)
     ]
-    print("$", " ".join(command), flush=True)
-    subprocess.run(command, check=True)
+    return y + [
+        {"arm": f"shared{deep}", "runs": {"both": (f"shared{deep}", deep, deep, 0.7)}},
+        {
+            "arm": f"task-specific{single}",
+            "runs": {
+                "understanding": (f"understanding-only{single}", single, single, 0.0),
+                "generation": (f"generation-only{single}", single, single, 1.0),
+            },
+        },
+    ]
 
 
-def alignment(out, test, n):
+def train(args, spec, seed, threads):
+    name, layers, k, ratio = spec
+    out = os.path.join(args.out, f"{name}-seed{seed}")
+    if not os.path.exists(os.path.join(out, "metrics.json")):
+        command = [
+            sys.executable,
+            TRAIN_SCRIPT,
+            "--vq",
+            args.vq,
+            "--tokenizer",
+            args.tokenizer,
+            "--out",
+            out,
+            "--vq-tile-size",
+            str(args.vq_tile_size),
+            "--layers",
+            str(layers),
+            "--num-shared-layers",
+            str(k),
+            "--generation-ratio",
+            str(ratio),
+            "--seed",
+            str(seed),
+            "--max-steps",
+            str(args.max_steps),
+            "--eval-n",
+            str(args.eval_n),
+            "--num-train",
+            str(args.num_train),
+            "--data-cache",
+            os.path.join(args.out, "data"),
+        ]
+        if ratio in (0.0, 1.0):  # one task: its own token mean (a share would only rescale its loss)
+            command += ["--understanding-loss-share", "tokens"]
+        print("$", " ".join(command), flush=True)
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+        with open(out + ".log", "a") as log:
+            subprocess.run(command, check=True, stdout=log, stderr=subprocess.STDOUT, env=env)
+    alignment(out, args.eval_n)
+    return out
+
+
+def alignment(out, n):
     path = os.path.join(out, "alignment.csv")
     if not os.path.exists(path):
+        test = shapes_dataset(num_train=0, num_test=n, num_heldout=0, seed=0)["test"]
         model = UniForkForConditionalGeneration.from_pretrained(out).eval()
         tables = [
             modality_alignment(model, test, task=task, k=10, num_samples=n, progress_bar=False)
             for task in ("understanding", "generation")
         ]
         pd.concat(tables).to_csv(path, index=False)
-    return pd.read_csv(path)
-
-
-def percent(value):
-    return f"{100 * value:.1f}"
 
 
 def main():
@@ -87,101 +124,224 @@ def main():
     parser.add_argument("--vq", required=True)
     parser.add_argument("--tokenizer", required=True)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--vq-tile-size", type=int, default=4)
     parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--max-steps", type=int, default=2000)
+    parser.add_argument("--max-steps", type=int, default=3000)
     parser.add_argument("--eval-n", type=int, default=500)
     parser.add_argument("--num-train", type=int, default=25000, help="training scenes")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--parallel", type=int, default=1, help="runs at a time (one thread each when > 1)")
+    parser.add_argument("--report-only", action="store_true", help="rewrite the tables and plots from finished runs")
     args = parser.parse_args()
-    test = shapes_dataset(num_train=0, num_test=args.eval_n, num_heldout=0, seed=0)["test"]
+    os.makedirs(args.out, exist_ok=True)
 
-    summary = []
-    for k, seed in runs(args.layers):
-        out = os.path.join(args.out, f"K{k}-seed{seed}")
-        train(args, k, seed, out)
-        result = json.load(open(os.path.join(out, "metrics.json")))
-        summary.append(
-            {
-                "K": k,
-                "seed": seed,
-                "metrics": result["metrics"],
-                "losses": result.get("final_losses"),
-                "num_parameters": result.get("num_parameters"),
-                "train_minutes": result["train_minutes"],
-                "alignment": alignment(out, test, args.eval_n).to_dict("records"),
+    jobs = [(spec, seed) for seed in args.seeds for arm in arms(args.layers) for spec in arm["runs"].values()]
+    if not args.report_only:
+        threads = os.cpu_count() if args.parallel == 1 else 1
+        cache = os.path.join(args.out, "data", "key.json")
+        with ThreadPoolExecutor(args.parallel) as pool:
+            # the first run writes the shared data cache that the others read: start them once it exists
+            futures = [pool.submit(train, args, *jobs[0], threads)]
+            while not os.path.exists(cache) and not futures[0].done():
+                time.sleep(10)
+            futures += [pool.submit(train, args, *job, threads) for job in jobs[1:]]
+            for future in futures:
+                print("done", future.result(), flush=True)
+                report(args)
+    report(args)
+
+
+def finished(args) -> list[dict]:
+    """One row per (arm, seed) whose runs have all finished: its metrics, losses and alignment."""
+    rows = []
+    for arm in arms(args.layers):
+        for seed in args.seeds:
+            outs = {task: os.path.join(args.out, f"{spec[0]}-seed{seed}") for task, spec in arm["runs"].items()}
+            if not all(os.path.exists(os.path.join(out, "alignment.csv")) for out in outs.values()):
+                continue
+            results = {task: json.load(open(os.path.join(out, "metrics.json"))) for task, out in outs.items()}
+            source = {
+                "understanding": results.get("understanding", results.get("both")),
+                "generation": results.get("generation", results.get("both")),
             }
-        )
-        report(sorted(summary, key=lambda row: (row["K"], row["seed"])), args)  # after every run: partial results
-
-
-def run_cells(row):
-    return f"| {row['K']} | {row['seed']} | {row['num_parameters'] / 1e6:.2f}M | "
-
-
-def loss_cells(row):
-    losses = row["losses"] or {}
-    return (
-        " | "
-        + " | ".join(f"{float(losses.get(f'loss_{task}') or 'nan'):.3f}" for task in ("understanding", "generation"))
-        + " |"
-    )
-
-
-def report(summary, args):
-    with open(os.path.join(args.out, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=1)
-
-    lines = [
-        "### Summary (all-correct images / answered questions, %; final training losses)",
-        "",
-        "| K | seed | params | test gen. | test und. | held-out gen. | held-out und. | loss und. | loss gen. |",
-        "|" + " ---: |" * 9,
-    ]
-    for row in summary:
-        lines.append(
-            run_cells(row)
-            + " | ".join(
-                percent(row["metrics"][split][task]["all"])
+            metrics = {
+                split: {task: source[task]["metrics"][split][task] for task in source}
+                | {"understanding_baselines": source["understanding"]["metrics"][split]["understanding_baselines"]}
                 for split in ("test", "heldout")
-                for task in ("generation", "understanding")
+            }
+            metrics["paraphrase"] = {"generation": source["generation"]["metrics"]["paraphrase"]["generation"]}
+            rows.append(
+                {
+                    "arm": arm["arm"],
+                    "seed": seed,
+                    "metrics": metrics,
+                    "num_parameters": sum(r["num_parameters"] for r in results.values()),
+                    "train_minutes": sum(r["train_minutes"] for r in results.values()),
+                    "loss_curves": {task: r.get("loss_curve") for task, r in results.items()},
+                    "alignment": {
+                        task: pd.read_csv(os.path.join(out, "alignment.csv")).to_dict("records")
+                        for task, out in outs.items()
+                    },
+                }
             )
-            + loss_cells(row)
-        )
-    lines.append("")
-    for split in ("heldout", "test"):
-        lines += [
-            f"### {split} split ({args.eval_n} scenes, {5 * args.eval_n} questions)",
-            "",
-            "| K | seed | params | und. "
-            + " | und. ".join(QUESTION_TYPES)
-            + " | und. all | gen. "
-            + " | gen. ".join(ATTRIBUTES)
-            + " | loss und. | loss gen. |",
-            "|" + " ---: |" * (5 + len(QUESTION_TYPES) + len(ATTRIBUTES) + 1),
-        ]
-        for row in summary:
-            und, gen = row["metrics"][split]["understanding"], row["metrics"][split]["generation"]
-            lines.append(
-                run_cells(row)
-                + " | ".join(percent(und[t]) for t in (*QUESTION_TYPES, "all"))
-                + " | "
-                + " | ".join(percent(gen[a]) for a in ATTRIBUTES)
-                + loss_cells(row)
-            )
-        lines.append("")
-    with open(os.path.join(args.out, "results.md"), "w") as f:
-        f.write("\n".join(lines))
-    print("\n".join(lines))
+    return rows
 
-    for task in ("understanding", "generation"):
-        curves = {}
-        for row in summary:
-            table = pd.DataFrame(row["alignment"])
-            curves[f"K={row['K']} seed {row['seed']}"] = table[table["task"] == task].reset_index(drop=True)
-        plot_alignment(
-            curves,
-            os.path.join(args.out, f"alignment-{task}.png"),
-            title=f"{task}: image-caption alignment along the path",
+
+def spread(values):
+    """'mean ± sd' in percent (sd over seeds; a single seed has none)."""
+    mean = 100 * statistics.mean(values)
+    return f"{mean:.1f} ± {100 * statistics.stdev(values):.1f}" if len(values) > 1 else f"{mean:.1f}"
+
+
+def verdict(rows, reference, other, task):
+    """Whether `reference` and `other` differ on `task` (test split, all-correct / exact match) by more than
+    the seed spread: their seed ranges do not overlap."""
+    score = {arm: [r["metrics"]["test"][task]["all"] for r in rows if r["arm"] == arm] for arm in (reference, other)}
+    if not score[reference] or not score[other]:
+        return None
+    difference = statistics.mean(score[reference]) - statistics.mean(score[other])
+    apart = min(score[reference]) > max(score[other]) or max(score[reference]) < min(score[other])
+    return {
+        "task": task,
+        "reference": reference,
+        "other": other,
+        "difference": round(difference, 4),
+        "seeds": {arm: len(values) for arm, values in score.items()},
+        "exceeds_seed_spread": apart,
+    }
+
+
+def report(args):
+    rows = finished(args)
+    names = [arm["arm"] for arm in arms(args.layers)]
+    present = [name for name in names if any(r["arm"] == name for r in rows)]
+    reference = f"K{args.layers // 2}"
+    verdicts = [
+        v
+        for other in present
+        if other != reference
+        for task in ("understanding", "generation")
+        if (v := verdict(rows, reference, other, task))
+    ]
+    with open(os.path.join(args.out, "summary.json"), "w") as f:
+        json.dump({"runs": rows, "verdicts": verdicts, "max_steps": args.max_steps}, f, indent=1)
+
+    def cells(arm, get):
+        return spread([get(r["metrics"]) for r in rows if r["arm"] == arm])
+
+    seeds = {name: sum(r["arm"] == name for r in rows) for name in present}
+    params = {name: next(r["num_parameters"] for r in rows if r["arm"] == name) for name in present}
+    lines = [
+        f"### Summary ({args.max_steps} steps; mean ± sd over seeds, %)",
+        "",
+        "| arm | params | seeds | test images | test questions | paraphrase images | held-out images | held-out questions |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for name in present:
+        lines.append(
+            f"| {name} | {params[name] / 1e6:.2f}M | {seeds[name]} | "
+            + " | ".join(
+                cells(name, lambda m, s=split, t=task: m[s][t]["all"])
+                for split, task in (
+                    ("test", "generation"),
+                    ("test", "understanding"),
+                    ("paraphrase", "generation"),
+                    ("heldout", "generation"),
+                    ("heldout", "understanding"),
+                )
+            )
+            + " |"
         )
+    for split in ("test", "heldout"):
+        majority = next(r["metrics"][split]["understanding_baselines"]["majority"] for r in rows) if rows else {}
+        lines += [
+            "",
+            f"### {split}: questions by type (exact match %; the majority answer in the last row)",
+            "",
+            "| arm | " + " | ".join(QUESTION_TYPES) + " | all |",
+            "| --- |" + " ---: |" * (len(QUESTION_TYPES) + 1),
+        ]
+        for name in present:
+            lines.append(
+                f"| {name} | "
+                + " | ".join(
+                    cells(name, lambda m, s=split, t=t: m[s]["understanding"][t]) for t in (*QUESTION_TYPES, "all")
+                )
+                + " |"
+            )
+        if majority:
+            lines.append(
+                "| majority answer | " + " | ".join(f"{100 * majority[t]:.1f}" for t in (*QUESTION_TYPES, "all")) + " |"
+            )
+        lines += [
+            "",
+            f"### {split}: images by attribute (judged correct %)",
+            "",
+            "| arm | " + " | ".join(ATTRIBUTES) + " |",
+            "| --- |" + " ---: |" * len(ATTRIBUTES),
+        ]
+        for name in present:
+            lines.append(
+                f"| {name} | "
+                + " | ".join(cells(name, lambda m, s=split, a=a: m[s]["generation"][a]) for a in ATTRIBUTES)
+                + " |"
+            )
+    lines += [
+        "",
+        f"### Verdict: the Y at K = {args.layers // 2} against each arm (test split)",
+        "",
+        "| other arm | task | difference (points) | seeds | beyond the seed spread |",
+        "| --- | --- | ---: | --- | --- |",
+    ]
+    for v in verdicts:
+        lines.append(
+            f"| {v['other']} | {v['task']} | {100 * v['difference']:+.1f} | "
+            f"{v['seeds'][v['reference']]} vs {v['seeds'][v['other']]} | {'yes' if v['exceeds_seed_spread'] else 'no'} |"
+        )
+    with open(os.path.join(args.out, "results.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines), flush=True)
+    if rows:
+        plot_tradeoff(rows, os.path.join(args.out, "tradeoff.png"))
+        for task in ("understanding", "generation"):
+            curves = {}
+            for row in rows:
+                table = pd.DataFrame(row["alignment"].get(task, row["alignment"].get("both")))
+                curves[f"{row['arm']} seed {row['seed']}"] = table[table["task"] == task].reset_index(drop=True)
+            plot_alignment(
+                curves,
+                os.path.join(args.out, f"alignment-{task}.png"),
+                title=f"{task}: image-caption alignment along the path",
+            )
+
+
+def plot_tradeoff(rows, path):
+    """Understanding exact match against generation all-correct on test, one point per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(6.5, 4.5))
+    markers = {}
+    for row in rows:
+        x, y = (100 * row["metrics"]["test"][task]["all"] for task in ("generation", "understanding"))
+        marker = markers.setdefault(row["arm"], "o" if row["arm"].startswith("K") else "s^"[len(markers) % 2])
+        axes.scatter(
+            x,
+            y,
+            marker=marker,
+            color=f"C{list(markers).index(row['arm'])}",
+            label=row["arm"] if row["seed"] == min(r["seed"] for r in rows if r["arm"] == row["arm"]) else None,
+        )
+        axes.annotate(row["arm"], (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7)
+    axes.set_xlabel("test images all correct (%)")
+    axes.set_ylabel("test questions exact match (%)")
+    axes.set_title("Fork point: understanding vs generation, one point per run")
+    axes.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
 
 
 if __name__ == "__main__":

@@ -270,10 +270,16 @@ def main():
             key: next((log[key] for log in reversed(trainer.state.log_history) if key in log), None)
             for key in ("loss", "loss_understanding", "loss_generation")
         }
+        curve = [
+            {key: log[key] for key in ("step", "loss", "loss_understanding", "loss_generation") if key in log}
+            for log in trainer.state.log_history
+            if "loss" in log
+        ]
         json.dump(
             {
                 "metrics": metrics,
                 "final_losses": losses,
+                "loss_curve": curve,
                 "train_minutes": round(train_minutes, 1),
                 "num_parameters": model.num_parameters(),
                 "args": vars(args),

@@ -53,7 +53,8 @@ class UniForkProcessor(ProcessorMixin):
     >>> model = UniForkForConditionalGeneration.from_pretrained(unifork_hf.DEMO_CHECKPOINT)
     >>> processor = model.processor
     >>> image = render([{"colour": "red", "shape": "circle", "size": "large", "position": "top left"}])
-    >>> question = [{"type": "image"}, {"type": "text", "text": "What colour is the shape at the top left?"}]
+    >>> # the demo was trained with each question before its image (to_understanding): ask it so
+    >>> question = [{"type": "text", "text": "What colour is the shape at the top left?"}, {"type": "image"}]
     >>> text = processor.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True)
     >>> inputs = processor(images=image, text=text, return_tensors="pt")  # <image> becomes 64 image tokens
     >>> output = model.generate(**inputs, max_new_tokens=4)  # the prompt, then the answer

@@ -329,42 +329,6 @@ def to_understanding(
     """
     rng = random.Random(seed)
 
-    def reveals(text, answer):
-        return re.search(rf"\b{re.escape(answer)}\b", text) is not None
-
-    def leak_free_groups(qas):
-        groups = []
-        for qa in rng.sample(qas, len(qas)):
-            for group in groups:
-                if not any(
-                    reveals(other["question"], qa["answer"]) or reveals(qa["question"], other["answer"])
-                    for other in group
-                ):
-                    group.append(qa)
-                    break
-            else:
-                groups.append([qa])
-        return groups
-
-    def other_position_questions(objects, qas):
-        asked = next(qa["answer"] for qa in qas if qa["type"] == "position")
-        return [
-            {"type": "position", "question": f"Where is the {obj['colour']} {obj['shape']}?", "answer": obj["position"]}
-            for obj in objects
-            if obj["position"] != asked
-            and not any((o["colour"], o["shape"]) == (obj["colour"], obj["shape"]) for o in objects if o is not obj)
-        ]
-
-    def user_turn(question, with_image):
-        content = [{"type": "text", "text": question}]
-        if with_image:
-            image = [{"type": "image", "text": None}]
-            content = content + image if question_first else image + content
-        return {"role": "user", "content": content}
-
-    def assistant_turn(answer):
-        return {"role": "assistant", "content": [{"type": "text", "text": answer}]}
-
     def explode(batch):
         out = (
             {"images": [], "messages": []}
@@ -372,26 +336,65 @@ def to_understanding(
             else {"images": [], "messages": [], "question": [], "type": [], "answer": []}
         )
         for image, qas, objects in zip(batch["image"], batch["questions"], batch["objects"]):
-            if conversation:
-                groups = leak_free_groups(qas)
-                if ask_every_position:
-                    groups += [[qa] for qa in other_position_questions(objects, qas)]
-                for group in groups:
+            if not conversation:
+                for qa in qas:
                     out["images"].append([image])
-                    out["messages"].append(
-                        [
-                            turn
-                            for i, qa in enumerate(group)
-                            for turn in (user_turn(qa["question"], i == 0), assistant_turn(qa["answer"]))
-                        ]
-                    )
+                    out["messages"].append(_chat([qa], question_first))
+                    for key in ("question", "type", "answer"):
+                        out[key].append(qa[key])
                 continue
-            for qa in qas:
+            groups = _leak_free_groups(qas, rng)
+            if ask_every_position:
+                groups += [[qa] for qa in _other_position_questions(objects, qas)]
+            for group in groups:
                 out["images"].append([image])
-                out["messages"].append([user_turn(qa["question"], True), assistant_turn(qa["answer"])])
-                out["question"].append(qa["question"])
-                out["type"].append(qa["type"])
-                out["answer"].append(qa["answer"])
+                out["messages"].append(_chat(group, question_first))
         return out
 
     return dataset.map(explode, batched=True, remove_columns=dataset.column_names)
+
+
+def _chat(qas: list[dict], question_first: bool) -> list[dict]:
+    """The chat turns asking `qas` in order about one image, shown in the first user turn."""
+    turns = []
+    for i, qa in enumerate(qas):
+        content = [{"type": "text", "text": qa["question"]}]
+        if i == 0:
+            image = [{"type": "image", "text": None}]
+            content = content + image if question_first else image + content
+        turns += [
+            {"role": "user", "content": content},
+            {"role": "assistant", "content": [{"type": "text", "text": qa["answer"]}]},
+        ]
+    return turns
+
+
+def _reveals(text: str, answer: str) -> bool:
+    return re.search(rf"\b{re.escape(answer)}\b", text) is not None
+
+
+def _leak_free_groups(qas: list[dict], rng: random.Random) -> list[list[dict]]:
+    """The questions in a random order, grouped so that no question of a group gives another's answer away."""
+    groups = []
+    for qa in rng.sample(qas, len(qas)):
+        for group in groups:
+            if not any(
+                _reveals(other["question"], qa["answer"]) or _reveals(qa["question"], other["answer"])
+                for other in group
+            ):
+                group.append(qa)
+                break
+        else:
+            groups.append([qa])
+    return groups
+
+
+def _other_position_questions(objects: list[dict], qas: list[dict]) -> list[dict]:
+    """Where is the shape the scene's position question did not ask about (unless both look alike)."""
+    asked = next(qa["answer"] for qa in qas if qa["type"] == "position")
+    return [
+        {"type": "position", "question": f"Where is the {obj['colour']} {obj['shape']}?", "answer": obj["position"]}
+        for obj in objects
+        if obj["position"] != asked
+        and not any((o["colour"], o["shape"]) == (obj["colour"], obj["shape"]) for o in objects if o is not obj)
+    ]

@@ -241,6 +241,7 @@ class UniForkImageGenerationMixin:
                     processors,
                     generators,
                     steps,
+                    guided=guided,
                     window=jacobi_window or 1,
                     compile=compile,
                 )
@@ -290,7 +291,9 @@ class UniForkImageGenerationMixin:
             raise ValueError(f"top_p must be None or in (0, 1] (1: off){where}, got {top_p!r}.")
         return settings
 
-    def _sample_image_tokens(self, input_ids, attention_mask, processors, generator, progress, window=1, compile=False):
+    def _sample_image_tokens(
+        self, input_ids, attention_mask, processors, generator, progress, guided=False, window=1, compile=False
+    ):
         """The decoding loop: prefill the prompts once, then cached forwards along the generation path.
 
         With `window` > 1 this is speculative Jacobi decoding (Teng et al., 2024, arXiv 2410.01699):
@@ -306,8 +309,7 @@ class UniForkImageGenerationMixin:
         shared layers, generation branch, generation head on the positions that are sampled. With
         `compile`, the steps after the prefill run through `_compiled_decoding`'s compiled step.
         """
-        guided = any(isinstance(p, ClassifierFreeGuidanceLogitsProcessor) for p in processors)
-        num_images = input_ids.shape[0] // 2 if guided else input_ids.shape[0]
+        num_images = input_ids.shape[0] // 2 if guided else input_ids.shape[0]  # guided: then the unconditional rows
         num_tokens, codebook_size = self.config.num_image_tokens, self.config.codebook_size
         input_ids, attention_mask, compiled_forward, cache = self._decoding_setup(input_ids, attention_mask, compile)
         # every step gets the whole mask: places past the cache's length are masked as the future

@@ -130,13 +130,16 @@ def is_generated_card(text: str) -> bool:
     return MODEL_CARD_MARKER in text or _TRANSFORMERS_PLACEHOLDER in text
 
 
-def write_model_card(model, directory, *, repo_id: str | None = None, keep_tags: bool = False) -> bool:
-    """Write `model`'s card, from `model.card_data`, to `directory/README.md`; returns whether it did.
+def write_model_card(
+    model, directory, *, repo_id: str | None = None, keep_tags: bool = False, extra: dict | None = None
+) -> bool:
+    """Write `model`'s card, from `model.card_data` updated with `extra`, to `directory/README.md`; returns
+    whether it did.
 
     A README.md already there is replaced only if it was generated (see [`is_generated_card`]);
     with `keep_tags`, the replaced card's tags are kept (e.g. those `push_to_hub(tags=...)` added).
     """
-    card_kwargs = dict(getattr(model, "card_data", None) or {})
+    card_kwargs = {**(getattr(model, "card_data", None) or {}), **(extra or {})}
     unknown = sorted(set(card_kwargs) - set(CARD_DATA_KEYS))
     if unknown:
         raise ValueError(f"model.card_data has unknown keys {unknown}; allowed: {list(CARD_DATA_KEYS)}.")

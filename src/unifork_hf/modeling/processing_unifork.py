@@ -6,7 +6,7 @@ import torch
 from transformers import ProcessorMixin
 
 from .image_processing_unifork import check_image_types
-from .vq_unifork import UniForkVQImageTokenizer
+from .vq_unifork import UniForkVQImageTokenizer, hub_kwargs
 
 # An image in a sequence: BOI_TOKEN, image_seq_length x IMAGE_TOKEN (each replaced by one VQ code's embedding), EOI_TOKEN.
 IMAGE_TOKEN, BOI_TOKEN, EOI_TOKEN = "<image>", "<begin_of_image>", "<end_of_image>"
@@ -121,8 +121,9 @@ class UniForkProcessor(ProcessorMixin):
         """Load the processor; the VQ image tokenizer comes from the checkpoint's weights unless given."""
         processor = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
         if image_tokenizer is None:
-            hub_kwargs = {k: kwargs[k] for k in ("cache_dir", "revision", "token", "subfolder") if k in kwargs}
-            image_tokenizer = UniForkVQImageTokenizer.from_checkpoint(pretrained_model_name_or_path, **hub_kwargs)
+            image_tokenizer = UniForkVQImageTokenizer.from_checkpoint(
+                pretrained_model_name_or_path, **hub_kwargs(kwargs)
+            )
         processor.image_tokenizer = image_tokenizer
         return processor
 

@@ -15,6 +15,7 @@ import tempfile
 from transformers import AutoProcessor
 
 from .modelcard_unifork import write_model_card
+from .vq_unifork import hub_kwargs
 
 
 class UniForkSavingMixin:
@@ -189,18 +190,16 @@ def _load_processor(path, kwargs, image_tokenizer):
     """The processor saved with a checkpoint (sharing the model's VQ image tokenizer), or None."""
     from transformers.utils import PROCESSOR_NAME, cached_file
 
-    hub_kwargs = {
-        k: kwargs[k] for k in ("cache_dir", "revision", "token", "local_files_only", "subfolder") if k in kwargs
-    }
+    download = hub_kwargs(kwargs)
     found = cached_file(
         path,
         PROCESSOR_NAME,
         _raise_exceptions_for_missing_entries=False,
         _raise_exceptions_for_connection_errors=False,
-        **hub_kwargs,
+        **download,
     )
     if found is None:
         return None
     return AutoProcessor.from_pretrained(
-        path, trust_remote_code=kwargs.get("trust_remote_code"), image_tokenizer=image_tokenizer, **hub_kwargs
+        path, trust_remote_code=kwargs.get("trust_remote_code"), image_tokenizer=image_tokenizer, **download
     )

@@ -8,6 +8,16 @@ from safetensors import safe_open
 from torch import nn
 from transformers.utils import CONFIG_NAME, SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, cached_file
 
+from .configuration_unifork import vq_downsampling_factor
+
+# The download options of `from_pretrained` keyword arguments, passed on to every file a checkpoint is read from.
+HUB_KWARGS = ("cache_dir", "revision", "token", "local_files_only", "subfolder")
+
+
+def hub_kwargs(kwargs: dict) -> dict:
+    return {key: kwargs[key] for key in HUB_KWARGS if key in kwargs}
+
+
 # Where the VQ's weights live inside a UniFork checkpoint's model.safetensors.
 CHECKPOINT_PREFIX = "model.image_tokenizer."
 
@@ -98,7 +108,7 @@ class UniForkVQImageTokenizer(nn.Module):
 
     @property
     def downsampling_factor(self) -> int:
-        return 2 ** (len(self.vq.config.block_out_channels) - 1)
+        return vq_downsampling_factor(self.vq.config)
 
     @property
     def codebook(self) -> torch.Tensor:

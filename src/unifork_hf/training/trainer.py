@@ -336,12 +336,8 @@ class UniForkTrainer(Trainer):
                 if name in last
             },
         }
-        saved = model.card_data
-        model.card_data = {**saved, **{k: v for k, v in given.items() if v is not None}, "training_summary": summary}
-        try:
-            write_model_card(model, self.args.output_dir, keep_tags=True)
-        finally:
-            model.card_data = saved
+        extra = {**{k: v for k, v in given.items() if v is not None}, "training_summary": summary}
+        write_model_card(model, self.args.output_dir, keep_tags=True, extra=extra)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:  # a training log: add the per-task values since the last one

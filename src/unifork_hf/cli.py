@@ -15,23 +15,6 @@ import sys
 import time
 
 
-def _label_grid(images, labels, columns: int, cell: int = 128):
-    """Images in rows of `columns`, upscaled to `cell` px, each row headed by its label."""
-    from PIL import Image, ImageDraw
-
-    label_height = 16
-    rows = (len(images) + columns - 1) // columns
-    grid = Image.new("RGB", (columns * cell, rows * (cell + label_height)), "white")
-    draw = ImageDraw.Draw(grid)
-    for index, image in enumerate(images):
-        row, column = divmod(index, columns)
-        top = row * (cell + label_height)
-        if column == 0:
-            draw.text((2, top + 2), labels[row], fill="black")
-        grid.paste(image.resize((cell, cell), Image.NEAREST), (column * cell, top + label_height))
-    return grid
-
-
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -68,26 +51,18 @@ def cmd_build(args) -> None:
     )
 
 
-def generate_grid(model, prompts, out, num_images_per_prompt=1, seed=0, **sampling):
+def cmd_generate_image(args) -> None:
     import torch
 
-    generators = [torch.Generator().manual_seed(seed + i) for i in range(len(prompts) * num_images_per_prompt)]
-    images = model.generate_image(
-        prompts, num_images_per_prompt=num_images_per_prompt, generator=generators, **sampling
-    )
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    _label_grid(images, prompts, columns=num_images_per_prompt).save(out)
-    return images
+    from unifork_hf.evaluation.benchmark import image_grid
 
-
-def cmd_generate_image(args) -> None:
     model = _load(args.model)
-    generate_grid(
-        model,
+    images = model.generate_image(
         args.prompt,
-        args.out,
         num_images_per_prompt=args.num_images_per_prompt,
-        seed=args.seed,
+        generator=[
+            torch.Generator().manual_seed(args.seed + i) for i in range(len(args.prompt) * args.num_images_per_prompt)
+        ],
         guidance_scale=args.guidance_scale,
         temperature=args.temperature,
         top_k=args.top_k,
@@ -95,7 +70,9 @@ def cmd_generate_image(args) -> None:
         jacobi_window=args.jacobi_window,
         compile=args.compile,
     )
-    print(f"{len(args.prompt) * args.num_images_per_prompt} image(s) written to {args.out}")
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    image_grid(images, args.prompt, columns=args.num_images_per_prompt).save(args.out)
+    print(f"{len(images)} image(s) written to {args.out}")
 
 
 def cmd_answer(args) -> None:
@@ -181,7 +158,7 @@ def cmd_demo(args) -> None:
     from unifork_hf import DEMO_CHECKPOINT
     from unifork_hf.data.shapes import shapes_dataset, to_understanding
     from unifork_hf.evaluation import detect, score_answers, score_image, score_images
-    from unifork_hf.evaluation.benchmark import ANSWER_CHOICES, answer_questions, generate_for_captions
+    from unifork_hf.evaluation.benchmark import ANSWER_CHOICES, answer_questions, generate_for_captions, image_grid
     from unifork_hf.evaluation.shapes_judge import answer_baselines
 
     start = time.time()
@@ -192,7 +169,7 @@ def cmd_demo(args) -> None:
     images = generate_for_captions(model, prompts, progress_bar=False)
     os.makedirs(args.out, exist_ok=True)
     grid = os.path.join(args.out, "generated.png")
-    _label_grid(images, list(scenes["caption"]), columns=4, cell=96).save(grid)
+    image_grid(images, list(scenes["caption"]), columns=4, cell=96).save(grid)
     asked = [objects for objects in scenes["asked"] for _ in range(4)]
     generation = score_images(images, asked)
 

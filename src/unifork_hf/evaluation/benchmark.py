@@ -138,3 +138,20 @@ def eval_results_for_card(metrics: dict) -> list[dict]:
                 }
             )
     return results
+
+
+def image_grid(images, labels, columns: int, cell: int = 128):
+    """Images in rows of `columns`, upscaled to `cell` px, each row headed by its label."""
+    from PIL import Image, ImageDraw
+
+    label_height = 16
+    rows = (len(images) + columns - 1) // columns
+    grid = Image.new("RGB", (columns * cell, rows * (cell + label_height)), "white")
+    draw = ImageDraw.Draw(grid)
+    for index, image in enumerate(images):
+        row, column = divmod(index, columns)
+        top = row * (cell + label_height)
+        if column == 0:
+            draw.text((2, top + 2), labels[row], fill="black")
+        grid.paste(image.resize((cell, cell), Image.NEAREST), (column * cell, top + label_height))
+    return grid

@@ -16,10 +16,10 @@ from unifork_hf.evaluation import detect
 CAPTION = "a small purple square at the top left and a small orange triangle at the bottom left"
 # Greedy generation (top_k=1, no guidance) of CAPTION, recorded when the checkpoint was made.
 RECORDED_TOKENS = [
-    162, 1585, 761, 761, 761, 761, 761, 761, 1838, 417, 761, 761, 761, 761, 761, 761,
-    761, 761, 761, 761, 761, 761, 761, 761, 761, 761, 761, 761, 761, 761, 761, 761,
-    761, 761, 761, 761, 761, 761, 761, 761, 761, 761, 761, 761, 761, 761, 761, 761,
-    1418, 506, 761, 761, 761, 761, 761, 761, 793, 1854, 761, 761, 761, 761, 761, 761,
+    1794, 1069, 1793, 1793, 1793, 1793, 1793, 1793, 1515, 630, 1793, 1793, 1793, 1793, 1793, 1793,
+    1793, 1793, 1793, 1793, 1793, 1793, 1793, 1793, 1793, 1793, 1793, 1793, 1793, 1793, 1793, 1793,
+    1793, 1793, 1793, 1793, 1793, 1793, 1793, 1793, 1793, 1793, 1793, 1793, 1793, 1793, 1793, 1793,
+    1829, 581, 1793, 1793, 1793, 1793, 1793, 1793, 1414, 1588, 1793, 1793, 1793, 1793, 1793, 1793,
 ]  # fmt: skip
 
 
@@ -68,7 +68,7 @@ def test_speculative_jacobi_decoding_on_the_checkpoint(demo_model):
                                        jacobi_window=16)  # fmt: skip
     hook.remove()
     assert tokens[0].tolist() == RECORDED_TOKENS  # greedy: the same codes
-    assert len(forwards) <= 64 // 2  # in under half the forwards (11 when recorded)
+    assert len(forwards) <= 64 // 2  # in under half the forwards (12 when recorded)
 
 
 def test_unifork_demo_runs(tmp_path, capsys):

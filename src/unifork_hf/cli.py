@@ -100,7 +100,7 @@ def cmd_answer(args) -> None:
 
     model = _load(args.model)
     print(answer_questions(model, [Image.open(args.image)], [args.question], max_new_tokens=args.max_new_tokens,
-                           progress_bar=False)[0])  # fmt: skip
+                           progress_bar=False, question_first=not args.image_first)[0])  # fmt: skip
 
 
 def cmd_evaluate(args) -> None:
@@ -249,6 +249,9 @@ def main(argv=None) -> None:
     answer_parser.add_argument("--image", required=True)
     answer_parser.add_argument("--question", required=True)
     answer_parser.add_argument("--max-new-tokens", type=_positive_int, default=32)
+    answer_parser.add_argument("--image-first", action="store_true",
+                               help="show the image before the question (default: the question first, as the "
+                                    "Shapes recipe trains); ask a model the way it was trained")  # fmt: skip
     answer_parser.set_defaults(run=cmd_answer)
 
     train = commands.add_parser("train", help="train as a YAML recipe says (model, data, training arguments)")

@@ -76,7 +76,8 @@ def test_build_then_generate_images_and_text(tiny_parts, tmp_path, capsys):
     assert isinstance(processor.decode(output[0, inputs.input_ids.shape[1] :]), str)
 
 
-def test_cli_generate_image_and_answer(built_dir, tmp_path, capsys):
+@pytest.mark.parametrize("image_first", [False, True])
+def test_cli_generate_image_and_answer(built_dir, tmp_path, capsys, image_first):
     png = tmp_path / "grid.png"
     main(
         [
@@ -109,13 +110,16 @@ def test_cli_generate_image_and_answer(built_dir, tmp_path, capsys):
     image = tmp_path / "red.png"
     Image.new("RGB", (32, 32), "red").save(image)
     capsys.readouterr()
-    main(["answer", "--model", built_dir, "--image", str(image), "--question", "What colour?", "--max-new-tokens", "4"])
+    main(
+        ["answer", "--model", built_dir, "--image", str(image), "--question", "What colour?", "--max-new-tokens", "4"]
+        + (["--image-first"] if image_first else [])
+    )
     # independently: greedy decoding by hand, a full forward per token (no generate, no cache)
     model = UniForkForConditionalGeneration.from_pretrained(built_dir).eval()
     processor = model.processor
+    content = [{"type": "text", "text": "What colour?"}, {"type": "image"}]  # the question first, by default
     text = processor.apply_chat_template(
-        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour?"}]}],
-        add_generation_prompt=True,
+        [{"role": "user", "content": content[::-1] if image_first else content}], add_generation_prompt=True
     )
     inputs = processor(images=Image.open(image), text=text, return_tensors="pt")
     ids, new = inputs.input_ids, []

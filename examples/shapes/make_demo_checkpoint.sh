@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The bundled demo checkpoint, from scratch, on CPU (2 cores). Each stage prints its wall time; measured
-# 2026-12-01: tokenizer 54 s, VQ 719 s, UniFork 78 min (data 4 min, 6000 steps 73 min, evaluation 1 min): 91 min.
+# 2026-12-02: tokenizer 14 s, VQ 831 s, UniFork 73 min (data 3 min, 6000 steps 69 min, evaluation 1 min): 87 min.
 #   nohup bash examples/shapes/make_demo_checkpoint.sh > runs/shapes/make.log 2>&1 &
 # The VQ stage is skipped when runs/shapes/vq already holds a VQ (delete it to retrain).
 set -euo pipefail

@@ -81,11 +81,15 @@ def cmd_answer(args) -> None:
     from unifork_hf.evaluation.benchmark import answer_questions
 
     model = _load(args.model)
-    print(
-        answer_questions(
-            model, [Image.open(args.image)], [args.question], max_new_tokens=args.max_new_tokens, progress_bar=False
-        )[0]
+    replies = answer_questions(
+        model,
+        [Image.open(args.image)],
+        [args.question],
+        max_new_tokens=args.max_new_tokens,
+        progress_bar=False,
+        question_first=not args.image_first,
     )
+    print(replies[0])
 
 
 def cmd_evaluate(args) -> None:
@@ -262,6 +266,12 @@ def _add_model_commands(commands) -> None:
     answer_parser.add_argument("--image", required=True)
     answer_parser.add_argument("--question", required=True)
     answer_parser.add_argument("--max-new-tokens", type=_positive_int, default=32)
+    answer_parser.add_argument(
+        "--image-first",
+        action="store_true",
+        help="show the image before the question (default: the question first, as the Shapes recipe trains); "
+        "ask a model the way it was trained",
+    )
     answer_parser.set_defaults(run=cmd_answer)
 
     train = commands.add_parser("train", help="train as a YAML recipe says (model, data, training arguments)")

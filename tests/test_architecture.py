@@ -2,6 +2,7 @@
 
 import ast
 import pathlib
+import re
 
 import pytest
 import torch
@@ -81,11 +82,15 @@ def test_freezing_lora_and_forking_follow_the_table(monkeypatch):
     assert all(name.startswith(("output_head", "model.generation_")) for name in trainable)
     assert set(FREEZING_POLICIES["generation_branch"]) <= set(Y_PARTS)
     assert "output_head" in lora_config(branch="generation", train_head=True).modules_to_save
+    monkeypatch.setitem(Y_PARTS, "generation_layers", "model.image_layers")
+    target = lora_config(branch="generation").target_modules
+    assert re.fullmatch(target, "base_model.model.model.image_layers.0.self_attn.q_proj")
+    assert not re.fullmatch(target, "base_model.model.model.generation_layers.0.self_attn.q_proj")
     state = llm_state_dict_to_y(
         {"model.layers.3.mlp.up_proj.weight": torch.zeros(1), "lm_head.weight": torch.ones(1)}, 2
     )
     assert set(state) == {
         "model.understanding_layers.1.mlp.up_proj.weight",
-        "model.generation_layers.1.mlp.up_proj.weight",
+        "model.image_layers.1.mlp.up_proj.weight",  # the renamed branch
         "lm_head.weight",
     }

@@ -6,7 +6,7 @@ import sys
 import textwrap
 
 # what the `train` and `eval` extras add
-EXTRAS_ONLY = ("datasets", "peft", "trl", "pandas", "matplotlib", "yaml")
+EXTRAS_ONLY = ("datasets", "peft", "trl", "pandas", "matplotlib")  # (pyyaml comes with huggingface_hub)
 
 SCRIPT = textwrap.dedent(
     """

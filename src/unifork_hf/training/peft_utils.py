@@ -78,8 +78,9 @@ def lora_config(
     target_modules = rf"(?:.*\.)?({layers})\.\d+\.\w+\.({projections})"
     modules_to_save = list(lora_kwargs.pop("modules_to_save", None) or [])
     if train_head:
-        # (peft matches these as name suffixes, also under a PeftModel's prefix)
-        modules_to_save += [Y_PARTS[part] for part in BRANCH_HEADS[branch] if Y_PARTS[part] not in modules_to_save]
+        # by the module's own name: peft matches these as name suffixes, also under a PeftModel's prefix
+        heads = [Y_PARTS[part].rsplit(".", 1)[-1] for part in BRANCH_HEADS[branch]]
+        modules_to_save += [name for name in heads if name not in modules_to_save]
     return LoraConfig(
         r=r,
         lora_alpha=alpha,

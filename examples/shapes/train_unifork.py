@@ -229,7 +229,7 @@ def main():
         warmup_steps=200,
         weight_decay=0.01,
         logging_steps=100,
-        save_steps=1000,
+        save_steps=250,  # a session cut loses at most 250 steps of a sweep run
         save_total_limit=1,
         seed=args.seed,
         use_cpu=True,

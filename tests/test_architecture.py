@@ -1,16 +1,19 @@
 """The house rules of docs/architecture.md, checked: the layering, one table of the Y's parts, short functions."""
 
 import ast
+import io
+import os
 import pathlib
-import re
+import shutil
+import subprocess
+import sys
+import textwrap
+import tokenize
 
 import pytest
-import torch
 
 from unifork_hf import UniForkConfig, UniForkForConditionalGeneration
-from unifork_hf.modeling.configuration_unifork import Y_PARTS
-from unifork_hf.modeling.forking_unifork import llm_state_dict_to_y
-from unifork_hf.training import FREEZING_POLICIES, apply_freezing, lora_config
+from unifork_hf.training import FREEZING_POLICIES
 
 SRC = pathlib.Path(__file__).parent.parent / "src" / "unifork_hf"
 
@@ -63,34 +66,73 @@ def model():
 
 def test_the_parts_of_the_y_cover_every_parameter_once(model):
     owners = {}
-    for role, name in Y_PARTS.items():
+    for role, name in model.y_part_names().items():
         for parameter_name, _ in model.get_submodule(name).named_parameters(prefix=name, remove_duplicate=False):
             owners.setdefault(parameter_name, []).append(role)
     names = {name for name, _ in model.named_parameters(remove_duplicate=False)}
     assert set(owners) == names
     assert all(len(roles) == 1 for roles in owners.values())
+    assert model.y_part_names()["generation_layers"] == "model.generation_layers"
+    assert all(set(parts) <= set(model.y_parts()) for parts in FREEZING_POLICIES.values())
 
 
-def test_freezing_lora_and_forking_follow_the_table(monkeypatch):
-    # A renamed part (here: the generation head under another name) is followed by every consumer of the table.
-    model = UniForkForConditionalGeneration(UniForkConfig.from_preset("unifork-tiny"))
-    model.output_head = model.generation_head
-    del model.generation_head
-    monkeypatch.setitem(Y_PARTS, "generation_head", "output_head")
-    trainable = apply_freezing(model, "generation_branch")
-    assert "output_head.weight" in trainable and not any(name.startswith("generation_head") for name in trainable)
-    assert all(name.startswith(("output_head", "model.generation_")) for name in trainable)
-    assert set(FREEZING_POLICIES["generation_branch"]) <= set(Y_PARTS)
-    assert "output_head" in lora_config(branch="generation", train_head=True).modules_to_save
-    monkeypatch.setitem(Y_PARTS, "generation_layers", "model.image_layers")
-    target = lora_config(branch="generation").target_modules
-    assert re.fullmatch(target, "base_model.model.model.image_layers.0.self_attn.q_proj")
-    assert not re.fullmatch(target, "base_model.model.model.generation_layers.0.self_attn.q_proj")
-    state = llm_state_dict_to_y(
-        {"model.layers.3.mlp.up_proj.weight": torch.zeros(1), "lm_head.weight": torch.ones(1)}, 2
+def rename_attributes(source: str, renames: dict) -> str:
+    """What an IDE's rename does: every `.old` attribute access in code becomes `.new`; strings are untouched."""
+    lines = source.splitlines(keepends=True)
+    tokens = list(tokenize.generate_tokens(io.StringIO(source).readline))
+    accesses = [
+        token
+        for previous, token in zip(tokens, tokens[1:])
+        if token.type == tokenize.NAME and token.string in renames and previous.string == "."
+    ]
+    for token in reversed(accesses):
+        (row, col), line = token.start, lines[token.start[0] - 1]
+        lines[row - 1] = line[:col] + renames[token.string] + line[col + len(token.string) :]
+    return "".join(lines)
+
+
+RENAMED_MODEL_CHECK = """
+import re, tempfile
+import torch
+from transformers import AutoProcessor
+from unifork_hf import UniForkForConditionalGeneration
+from unifork_hf.data.tiny import tiny_llm, tiny_tokenizer, tiny_vq
+from unifork_hf.training import apply_freezing, lora_config
+
+model = UniForkForConditionalGeneration.from_pretrained_llm(tiny_llm(), tiny_vq(), tokenizer=tiny_tokenizer())
+names = set(model.state_dict())
+assert "output_head.weight" in names and "model.image_layers.0.mlp.up_proj.weight" in names, sorted(names)[:5]
+assert not any("generation_head" in name or "generation_layers" in name for name in names)
+trainable = apply_freezing(model, "generation_branch")
+assert "output_head.weight" in trainable, trainable
+assert all(name.startswith(("output_head.", "model.image_layers.", "model.generation_norm.")) for name in trainable)
+config = lora_config(branch="generation", train_head=True)
+assert re.fullmatch(config.target_modules, "base_model.model.model.image_layers.0.self_attn.q_proj")
+assert not re.fullmatch(config.target_modules, "base_model.model.model.generation_layers.0.self_attn.q_proj")
+assert "output_head" in config.modules_to_save
+with tempfile.TemporaryDirectory() as directory:
+    model.save_pretrained(directory)
+    card = open(directory + "/README.md").read()
+    assert "output_head" in card and "generation_head" not in card
+    loaded = UniForkForConditionalGeneration.from_pretrained(directory)
+    assert torch.equal(loaded.output_head.weight, model.output_head.weight)
+    assert AutoProcessor.from_pretrained(directory).image_tokenizer is not None  # the VQ, read out of the weights
+print("renamed model OK")
+"""
+
+
+def test_renaming_a_part_of_the_y_is_one_edit(tmp_path):
+    # Rename two modules as an IDE would (attribute accesses only, no string edited anywhere) in a copy of the
+    # package: forking an LLM, freezing, LoRA, saving, loading and the model card all follow.
+    shutil.copytree(SRC, tmp_path / "unifork_hf", ignore=shutil.ignore_patterns("__pycache__", "checkpoints"))
+    renames = {"generation_head": "output_head", "generation_layers": "image_layers"}
+    for path in (tmp_path / "unifork_hf").rglob("*.py"):
+        path.write_text(rename_attributes(path.read_text(), renames))
+    renamed = (tmp_path / "unifork_hf" / "modeling" / "modeling_unifork.py").read_text()
+    assert "self.output_head = nn.Linear" in renamed and "self.image_layers = nn.ModuleList" in renamed
+    env = dict(os.environ, PYTHONPATH=str(tmp_path), HF_HUB_OFFLINE="1")
+    result = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(RENAMED_MODEL_CHECK)], env=env, capture_output=True, text=True
     )
-    assert set(state) == {
-        "model.understanding_layers.1.mlp.up_proj.weight",
-        "model.image_layers.1.mlp.up_proj.weight",  # the renamed branch
-        "lm_head.weight",
-    }
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "renamed model OK" in result.stdout

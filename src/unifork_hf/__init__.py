@@ -17,13 +17,12 @@ from .modeling.configuration_unifork import UniForkConfig
 from .modeling.image_processing_unifork import UniForkImageProcessorPil
 from .modeling.modeling_unifork import (
     DEFAULT_IMAGE_GENERATION,
-    GENERATION,
-    UNDERSTANDING,
     UniForkForConditionalGeneration,
     UniForkModel,
     UniForkPreTrainedModel,
 )
 from .modeling.processing_unifork import UniForkProcessor
+from .modeling.routing_unifork import GENERATION, UNDERSTANDING
 from .modeling.vq_unifork import UniForkVQImageTokenizer
 
 __version__ = "0.1.0"

@@ -1,37 +1,8 @@
-"""Checks of what the model is given (and `task_ids`, which reads the per-sample task selector), so that bad input fails with an error that names the argument, what was
+"""Checks of what the model is given, so that bad input fails with an error that names the argument, what was
 expected and what came, instead of a shape error deep inside torch or silently wrong output."""
 
 import torch
 from transformers.cache_utils import StaticCache
-
-# Task ids of the per-sample selector `task`.
-UNDERSTANDING = 0
-GENERATION = 1
-TASKS = {"understanding": UNDERSTANDING, "generation": GENERATION}
-
-
-def task_ids(task, batch_size: int, device) -> tuple[torch.Tensor, int | None]:
-    """Normalise a task selector (None, "understanding"/"generation", a list of them, or 0/1 ids) to `(B,)`
-    ids, and the batch's task if all its samples have the same one (else None)."""
-    if task is None or isinstance(task, (str, int)):  # one task for the batch, known without reading a tensor
-        only = UNDERSTANDING if task is None else TASKS.get(task, task)
-        if only not in (UNDERSTANDING, GENERATION):
-            raise ValueError(f"task must be 'understanding' or 'generation' (or 0/1), got {task!r}.")
-        return torch.full((batch_size,), only, dtype=torch.long, device=device), only
-    if isinstance(task, (list, tuple)):
-        unknown = [t for t in task if isinstance(t, str) and t not in TASKS]
-        if unknown:
-            raise ValueError(f"task must be 'understanding' or 'generation' (or 0/1), got {unknown[0]!r}.")
-        task = torch.tensor([TASKS.get(t, t) for t in task], device=device)
-    task = torch.as_tensor(task, device=device).long().reshape(-1)
-    if task.numel() == 1 and batch_size != 1:
-        task = task.expand(batch_size)
-    if task.shape[0] != batch_size:
-        raise ValueError(f"task must have one entry per sample ({batch_size}), got {task.shape[0]}.")
-    if ((task != UNDERSTANDING) & (task != GENERATION)).any():
-        raise ValueError(f"task ids must be {UNDERSTANDING} (understanding) or {GENERATION} (generation).")
-    first = int(task[0])
-    return task, first if bool((task == first).all()) else None
 
 
 def check_one_of_each(input_ids, inputs_embeds, pixel_values, image_ids) -> None:

@@ -78,23 +78,6 @@ def vq_downsampling_factor(vq_config: dict) -> int:
     return 2 ** (len(vq_config["block_out_channels"]) - 1)
 
 
-# The parts of the Y by role -> module name under UniForkForConditionalGeneration. Freezing stages, LoRA
-# targets, forking an LLM and the model card find the modules through this table, so renaming a module is
-# an edit in modeling_unifork.py (the attribute and its uses) and here.
-Y_PARTS = {
-    "embeddings": "model.embed_tokens",
-    "image_tokenizer": "model.image_tokenizer",
-    "image_projector": "model.image_projector",
-    "shared_layers": "model.shared_layers",
-    "understanding_layers": "model.understanding_layers",
-    "understanding_norm": "model.understanding_norm",
-    "understanding_head": "lm_head",
-    "generation_layers": "model.generation_layers",
-    "generation_norm": "model.generation_norm",
-    "generation_head": "generation_head",
-}
-
-
 @strict
 class UniForkConfig(PreTrainedConfig):
     r"""
@@ -304,4 +287,4 @@ class UniForkConfig(PreTrainedConfig):
         return cls(**kwargs)
 
 
-__all__ = ["Y_PARTS", "UniForkConfig"]
+__all__ = ["UniForkConfig"]

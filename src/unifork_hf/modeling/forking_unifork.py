@@ -11,7 +11,7 @@ import sys
 from transformers import PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
-from .configuration_unifork import Y_PARTS, UniForkConfig
+from .configuration_unifork import UniForkConfig
 from .image_processing_unifork import UniForkImageProcessorPil
 from .processing_unifork import BOI_TOKEN, EOI_TOKEN, IMAGE_TOKEN, UniForkProcessor
 
@@ -33,12 +33,14 @@ def fork_llm(model_class, llm, vq_model, tokenizer=None, num_shared_layers: int 
         **config_kwargs,
     )
     model = model_class(config)
-    state = llm_state_dict_to_y(llm.state_dict(), config.num_shared_layers)
+    names = model.y_part_names()
+    state = llm_state_dict_to_y(llm.state_dict(), config.num_shared_layers, names)
     missing, unexpected = model.load_state_dict(state, strict=False)
-    new_modules = tuple(
-        Y_PARTS[role] + "." for role in ("image_projector", "image_tokenizer", "generation_head", "understanding_head")
+    # parts an LLM does not have (and the LM head, absent from its state dict when tied to the embeddings)
+    new_parts = tuple(
+        names[role] + "." for role in ("image_projector", "image_tokenizer", "generation_head", "understanding_head")
     )
-    missing = [key for key in missing if not key.startswith(new_modules)]
+    missing = [key for key in missing if not key.startswith(new_parts)]
     if missing or unexpected:
         raise ValueError(
             f"Cannot fork {type(llm).__name__}: its weights do not map onto the Y "
@@ -123,10 +125,9 @@ class UniForkForkingMixin:
         return fork_llm(cls, llm, vq_model, tokenizer, num_shared_layers, **config_kwargs)
 
 
-def llm_state_dict_to_y(state: dict, num_shared_layers: int) -> dict:
-    """A Llama-style causal LM's state dict under the Y's module names (`Y_PARTS`): layer i < K into the
-    shared layers, the others and the final norm into both branches."""
-    parts = Y_PARTS
+def llm_state_dict_to_y(state: dict, num_shared_layers: int, parts: dict[str, str]) -> dict:
+    """A Llama-style causal LM's state dict under the Y's module names (`parts`: the model's `y_part_names()`):
+    layer i < K into the shared layers, the others and the final norm into both branches."""
     y = {}
     for name, tensor in state.items():
         if name.startswith("model.layers."):

@@ -20,43 +20,21 @@ from transformers.masking_utils import create_causal_mask, create_sliding_window
 from transformers.modeling_outputs import ModelOutput
 from transformers.modeling_utils import slice_logits_to_keep
 
-from . import checks_unifork as checks
-from .checks_unifork import GENERATION, UNDERSTANDING, task_ids
-from .configuration_unifork import Y_PARTS, UniForkConfig
+from .checks_unifork import (
+    check_image_placeholders,
+    check_input_ids,
+    check_labels,
+    check_one_of_each,
+    check_pixel_values,
+    check_sequence,
+    check_text_labels,
+)
+from .configuration_unifork import UniForkConfig
 from .forking_unifork import UniForkForkingMixin, llm_building_blocks
 from .generation_unifork import DEFAULT_IMAGE_GENERATION, UniForkImageGenerationMixin
+from .routing_unifork import GENERATION, UNDERSTANDING, merge_paths, select_rows, task_ids
 from .saving_unifork import UniForkSavingMixin
 from .vq_unifork import UniForkVQImageTokenizer
-
-
-def _select_rows(value, rows: torch.Tensor):
-    """The given samples of per-sample tensors, in dicts/tuples.
-
-    Batch-1 broadcast tensors, None, and tensors when `rows` are all of them (`rows` is always sorted and
-    unique) pass through as they are.
-    """
-    if isinstance(value, dict):
-        return {key: _select_rows(item, rows) for key, item in value.items()}
-    if isinstance(value, tuple):
-        return tuple(_select_rows(item, rows) for item in value)
-    if isinstance(value, torch.Tensor) and value.shape[0] not in (1, rows.numel()):
-        return value.index_select(0, rows)
-    if value is not None and not isinstance(value, torch.Tensor):
-        raise ValueError(f"A batch mixing both tasks cannot split a {type(value).__name__} attention mask.")
-    return value
-
-
-def _merge_paths(states: dict, task: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Per depth, each sample's hidden state on its own path through the Y: the embeddings and the shared
-    layers' outputs (`states["shared"]`), then each branch depth's outputs (`states[task id]`, that task's rows)."""
-    merged = list(states["shared"])
-    for depth in range(max(len(states[UNDERSTANDING]), len(states[GENERATION]))):
-        layer = torch.empty_like(merged[0])
-        for task_id in (UNDERSTANDING, GENERATION):
-            if states[task_id]:
-                layer = layer.index_copy(0, (task == task_id).nonzero().squeeze(1), states[task_id][depth])
-        merged.append(layer)
-    return tuple(merged)
 
 
 @dataclass
@@ -201,7 +179,7 @@ class UniForkModel(UniForkPreTrainedModel):
 
     def _insert_images(self, input_ids, inputs_embeds, image_ids):
         """Put the projected image codes at the image-placeholder positions of `input_ids`."""
-        is_image = checks.check_image_placeholders(input_ids, image_ids, self.config)
+        is_image = check_image_placeholders(input_ids, image_ids, self.config)
         positions = torch.arange(image_ids.shape[1], device=image_ids.device)  # whole images, checked above
         image_embeds = self.embed_image_codes(image_ids, positions).to(inputs_embeds.dtype)
         return inputs_embeds.masked_scatter(is_image.unsqueeze(-1), image_embeds)
@@ -227,9 +205,7 @@ class UniForkModel(UniForkPreTrainedModel):
         batch_size, seq_len = inputs_embeds.shape[:2]
         past_length = cache.get_seq_length() if cache is not None else 0
         if not torch.compiler.is_compiling():  # (reading a static cache's length would break a compiled graph)
-            checks.check_sequence(
-                input_ids, image_ids, attention_mask, cache, batch_size, past_length + seq_len, self.config
-            )
+            check_sequence(input_ids, image_ids, attention_mask, cache, batch_size, past_length + seq_len, self.config)
         if position_ids is None:
             if isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 2:
                 # Left padding: positions count real tokens only, as in `generate`.
@@ -256,12 +232,12 @@ class UniForkModel(UniForkPreTrainedModel):
         return hidden_states
 
     def _embed(self, input_ids, inputs_embeds, pixel_values, image_ids):
-        checks.check_one_of_each(input_ids, inputs_embeds, pixel_values, image_ids)
+        check_one_of_each(input_ids, inputs_embeds, pixel_values, image_ids)
         if inputs_embeds is None:
-            checks.check_input_ids(input_ids, self.config.text_config.vocab_size)
+            check_input_ids(input_ids, self.config.text_config.vocab_size)
             inputs_embeds = self.embed_tokens(input_ids)
         if pixel_values is not None:
-            checks.check_pixel_values(pixel_values)
+            check_pixel_values(pixel_values)
             image_ids = self.image_tokenizer.encode(pixel_values)
         if image_ids is not None:
             inputs_embeds = self._insert_images(input_ids, inputs_embeds, image_ids)
@@ -329,14 +305,14 @@ class UniForkModel(UniForkPreTrainedModel):
                 out = self._run_layers(
                     layers,
                     k,
-                    _select_rows(shared, rows),
-                    _select_rows(context, rows),
+                    select_rows(shared, rows),
+                    select_rows(context, rows),
                     states.get(task_id),
                     **layer_kwargs,
                 )
                 last_hidden_state = last_hidden_state.index_copy(0, rows, norm(out))
 
-        hidden_states = _merge_paths(states, task) if output_hidden_states else None
+        hidden_states = merge_paths(states, task) if output_hidden_states else None
         return UniForkModelOutputWithPast(
             last_hidden_state=last_hidden_state,
             cache=cache if use_cache else None,
@@ -374,6 +350,28 @@ class UniForkForConditionalGeneration(
         # for the README.md that `save_pretrained` / `push_to_hub` write. Not restored by `from_pretrained`.
         self.card_data = {}
         self.post_init()
+
+    def y_parts(self) -> dict[str, nn.Module]:
+        """The parts of the Y by role. Freezing stages, LoRA targets, forking an LLM, saving and the model card
+        find modules through this table (by object: `y_part_names` reads their names off the model), so
+        renaming a module is an edit of its attribute and nothing else."""
+        return {
+            "embeddings": self.model.embed_tokens,
+            "image_tokenizer": self.model.image_tokenizer,
+            "image_projector": self.model.image_projector,
+            "shared_layers": self.model.shared_layers,
+            "understanding_layers": self.model.understanding_layers,
+            "understanding_norm": self.model.understanding_norm,
+            "understanding_head": self.lm_head,
+            "generation_layers": self.model.generation_layers,
+            "generation_norm": self.model.generation_norm,
+            "generation_head": self.generation_head,
+        }
+
+    def y_part_names(self) -> dict[str, str]:
+        """The Y's parts by role -> module name, e.g. `"generation_layers"` -> `"model.generation_layers"`."""
+        names = {module: name for name, module in self.named_modules()}
+        return {role: names[module] for role, module in self.y_parts().items()}
 
     def forward(
         self,
@@ -430,21 +428,21 @@ class UniForkForConditionalGeneration(
         hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
         und_rows = (task == UNDERSTANDING).nonzero().squeeze(1)
         gen_rows = (task == GENERATION).nonzero().squeeze(1)
-        logits = self.lm_head(_select_rows(hidden_states, und_rows)) if len(und_rows) else None
-        image_logits = self.generation_head(_select_rows(hidden_states, gen_rows)) if len(gen_rows) else None
+        logits = self.lm_head(select_rows(hidden_states, und_rows)) if len(und_rows) else None
+        image_logits = self.generation_head(select_rows(hidden_states, gen_rows)) if len(gen_rows) else None
 
         loss = loss_understanding = loss_generation = None
         if labels is not None:
-            checks.check_labels(labels, outputs.last_hidden_state, logits)
+            check_labels(labels, outputs.last_hidden_state, logits)
             totals, counts = [], []
             if logits is not None:
-                und_labels = _select_rows(labels, und_rows)
-                checks.check_text_labels(und_labels, logits.shape[-1])
+                und_labels = select_rows(labels, und_rows)
+                check_text_labels(und_labels, logits.shape[-1])
                 total, count = _shifted_cross_entropy(logits, und_labels)
                 loss_understanding = total / count.clamp(min=1)
                 totals.append(total), counts.append(count)
             if image_logits is not None:
-                gen_targets = _select_rows(self._image_targets(input_ids, outputs.image_ids, labels), gen_rows)
+                gen_targets = select_rows(self._image_targets(input_ids, outputs.image_ids, labels), gen_rows)
                 total, count = _shifted_cross_entropy(image_logits, gen_targets)
                 loss_generation = total / count.clamp(min=1)
                 totals.append(total), counts.append(count)
@@ -482,7 +480,6 @@ def _shifted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor):
 
 __all__ = [
     "DEFAULT_IMAGE_GENERATION",
-    "Y_PARTS",
     "UniForkModel",
     "UniForkForConditionalGeneration",
     "UniForkPreTrainedModel",

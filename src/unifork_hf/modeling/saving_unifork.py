@@ -15,7 +15,7 @@ import tempfile
 from transformers import AutoProcessor
 
 from .modelcard_unifork import write_model_card
-from .vq_unifork import hub_kwargs
+from .vq_unifork import hub_kwargs, optional_file
 
 
 class UniForkSavingMixin:
@@ -110,7 +110,8 @@ class UniForkSavingMixin:
         allow_missing_weights = kwargs.pop("allow_missing_weights", False)
         verify_weight_checksums(pretrained_model_name_or_path)
         model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
-        missing_vq = [key for key in info["missing_keys"] if key.startswith("model.image_tokenizer.")]
+        vq_prefix = model.y_part_names()["image_tokenizer"] + "."
+        missing_vq = [key for key in info["missing_keys"] if key.startswith(vq_prefix)]
         if missing_vq:
             raise ValueError(
                 f"Checkpoint {pretrained_model_name_or_path!r} lacks the VQ image tokenizer weights "
@@ -188,17 +189,10 @@ def _check_processor_matches(config, processor, path) -> None:
 
 def _load_processor(path, kwargs, image_tokenizer):
     """The processor saved with a checkpoint (sharing the model's VQ image tokenizer), or None."""
-    from transformers.utils import PROCESSOR_NAME, cached_file
+    from transformers.utils import PROCESSOR_NAME
 
     download = hub_kwargs(kwargs)
-    found = cached_file(
-        path,
-        PROCESSOR_NAME,
-        _raise_exceptions_for_missing_entries=False,
-        _raise_exceptions_for_connection_errors=False,
-        **download,
-    )
-    if found is None:
+    if optional_file(path, PROCESSOR_NAME, download) is None:
         return None
     return AutoProcessor.from_pretrained(
         path, trust_remote_code=kwargs.get("trust_remote_code"), image_tokenizer=image_tokenizer, **download

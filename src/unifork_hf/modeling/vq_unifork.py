@@ -18,8 +18,12 @@ def hub_kwargs(kwargs: dict) -> dict:
     return {key: kwargs[key] for key in HUB_KWARGS if key in kwargs}
 
 
-# Where the VQ's weights live inside a UniFork checkpoint's model.safetensors.
-CHECKPOINT_PREFIX = "model.image_tokenizer."
+def optional_file(path, filename: str, hub_kwargs: dict) -> str | None:
+    """The local path of `filename` in a checkpoint folder or Hub repo, or None where it has none."""
+    try:
+        return cached_file(path, filename, **hub_kwargs)
+    except OSError:  # transformers' error for a missing file, repo or connection
+        return None
 
 
 class UniForkVQImageTokenizer(nn.Module):
@@ -67,38 +71,41 @@ class UniForkVQImageTokenizer(nn.Module):
 
     @classmethod
     def from_checkpoint(cls, path, **hub_kwargs) -> "UniForkVQImageTokenizer | None":
-        """Load only the VQ image tokenizer out of a UniFork checkpoint (its one copy of the VQ weights).
+        """Load only the VQ image tokenizer out of a UniFork checkpoint (its one copy of the VQ weights), found
+        by the VQ's own parameter names wherever the model keeps it.
 
         Returns None when `path` holds no UniFork model weights (e.g. a processor-only directory).
         """
-        found = {"_raise_exceptions_for_missing_entries": False, "_raise_exceptions_for_connection_errors": False}
-        config_file = cached_file(path, CONFIG_NAME, **found, **hub_kwargs)
-        if config_file is None:
+        config_file = optional_file(path, CONFIG_NAME, hub_kwargs)
+        config = {}
+        if config_file is not None:
+            with open(config_file) as f:
+                config = json.load(f)
+        weight_file = optional_file(path, SAFE_WEIGHTS_NAME, hub_kwargs)
+        index_file = None if weight_file else optional_file(path, SAFE_WEIGHTS_INDEX_NAME, hub_kwargs)
+        if config.get("vq_config") is None or (weight_file is None and index_file is None):
             return None
-        with open(config_file) as f:
-            config = json.load(f)
-        vq_config, tile_size = config.get("vq_config"), config.get("vq_tile_size")
-        weight_file = cached_file(path, SAFE_WEIGHTS_NAME, **found, **hub_kwargs)
+        tokenizer = cls(config["vq_config"], tile_size=config.get("vq_tile_size"))
         if weight_file is not None:
-            weight_files = [weight_file]
+            with safe_open(weight_file, framework="pt") as weights:
+                file_of = dict.fromkeys(weights.keys(), weight_file)
         else:
-            index_file = cached_file(path, SAFE_WEIGHTS_INDEX_NAME, **found, **hub_kwargs)
-            if vq_config is None or index_file is None:
-                return None
             with open(index_file) as f:
-                shards = {s for k, s in json.load(f)["weight_map"].items() if k.startswith(CHECKPOINT_PREFIX)}
-            weight_files = [cached_file(path, shard, **hub_kwargs) for shard in sorted(shards)]
-        if vq_config is None:
-            return None
+                file_of = {
+                    key: cached_file(path, shard, **hub_kwargs) for key, shard in json.load(f)["weight_map"].items()
+                }
+        anchor = next(iter(tokenizer.state_dict()))  # e.g. "vq.encoder.conv_in.weight"
+        prefixes = {key.removesuffix(anchor) for key in file_of if key == anchor or key.endswith("." + anchor)}
+        if len(prefixes) != 1:
+            raise ValueError(f"Checkpoint {path!r} lacks the VQ image tokenizer weights (*{anchor}, ...).")
+        prefix = prefixes.pop()
         state = {}
-        for file in weight_files:
+        for file in sorted({file for key, file in file_of.items() if key.startswith(prefix)}):
+            file = file if weight_file is not None else cached_file(path, file, **hub_kwargs)
             with safe_open(file, framework="pt") as weights:
                 for key in weights.keys():
-                    if key.startswith(CHECKPOINT_PREFIX):
-                        state[key.removeprefix(CHECKPOINT_PREFIX)] = weights.get_tensor(key)
-        if not state:
-            raise ValueError(f"Checkpoint {path!r} lacks the VQ image tokenizer weights ({CHECKPOINT_PREFIX}*).")
-        tokenizer = cls(vq_config, tile_size=tile_size)
+                    if key.startswith(prefix):
+                        state[key.removeprefix(prefix)] = weights.get_tensor(key)
         tokenizer.load_state_dict(state)
         return tokenizer
 

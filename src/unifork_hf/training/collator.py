@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..modeling.modeling_unifork import GENERATION
+from ..modeling.routing_unifork import GENERATION
 
 
 class TaskStratifiedSampler(torch.utils.data.Sampler):

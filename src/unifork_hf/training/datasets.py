@@ -35,7 +35,7 @@ import PIL.Image
 import torch
 from datasets import Dataset, Features, Image, List, Value, interleave_datasets
 
-from ..modeling.modeling_unifork import GENERATION, UNDERSTANDING
+from ..modeling.routing_unifork import GENERATION, UNDERSTANDING
 
 # The columns every prepared row has, whatever its task.
 PREPARED_FEATURES = Features(

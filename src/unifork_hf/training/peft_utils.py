@@ -1,12 +1,15 @@
 """LoRA on one part of the Y: the shared trunk, one branch, or all decoder layers."""
 
+import functools
 import re
 
+import torch
 from peft import LoraConfig, TaskType
 
-from ..modeling.configuration_unifork import Y_PARTS
+from ..modeling.configuration_unifork import UniForkConfig
+from ..modeling.modeling_unifork import UniForkForConditionalGeneration
 
-# Branch -> the parts of the Y (`Y_PARTS`) that get adapters, and those `train_head` trains fully.
+# Branch -> the parts of the Y (`model.y_parts()`) that get adapters, and those `train_head` trains fully.
 BRANCH_LAYERS = {
     "shared": ("shared_layers",),
     "understanding": ("understanding_layers",),
@@ -72,14 +75,15 @@ def lora_config(
     if train_head and not BRANCH_HEADS[branch]:
         raise ValueError(f"train_head=True: branch {branch!r} has no head (use 'understanding' or 'generation').")
 
-    layers = "|".join(re.escape(Y_PARTS[part]) for part in BRANCH_LAYERS[branch])
+    names = dict(_part_names())
+    layers = "|".join(re.escape(names[part]) for part in BRANCH_LAYERS[branch])
     projections = "|".join(re.escape(p) for p in target_projections)
     # e.g. `model.generation_layers.3.self_attn.q_proj`, under any prefix (`base_model.model.` in a PeftModel).
     target_modules = rf"(?:.*\.)?({layers})\.\d+\.\w+\.({projections})"
     modules_to_save = list(lora_kwargs.pop("modules_to_save", None) or [])
     if train_head:
         # by the module's own name: peft matches these as name suffixes, also under a PeftModel's prefix
-        heads = [Y_PARTS[part].rsplit(".", 1)[-1] for part in BRANCH_HEADS[branch]]
+        heads = [names[part].rsplit(".", 1)[-1] for part in BRANCH_HEADS[branch]]
         modules_to_save += [name for name in heads if name not in modules_to_save]
     return LoraConfig(
         r=r,
@@ -90,6 +94,14 @@ def lora_config(
         task_type=TaskType.CAUSAL_LM,
         **lora_kwargs,
     )
+
+
+@functools.cache
+def _part_names() -> tuple:
+    """`model.y_part_names()` of the class's own layout: a LoRA config is made before (and without) a model."""
+    with torch.device("meta"):  # structure only: no memory, no initialisation
+        model = UniForkForConditionalGeneration(UniForkConfig.from_preset("unifork-tiny"))
+    return tuple(model.y_part_names().items())
 
 
 __all__ = ["lora_config"]

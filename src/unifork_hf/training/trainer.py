@@ -34,16 +34,25 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint, has_length
 
-from ..modeling.configuration_unifork import Y_PARTS
 from ..modeling.modelcard_unifork import write_model_card
 from ..modeling.modeling_unifork import UniForkForConditionalGeneration
 from ..modeling.saving_unifork import verify_weight_checksums
 from .collator import TaskStratifiedSampler, UniForkDataCollator
 
-# The paper's training stages, as the parts of the Y (`Y_PARTS`) each one trains (the VQ is never trained).
+# The paper's training stages, as the parts of the Y (`model.y_parts()`) each one trains (never the VQ).
 FREEZING_POLICIES = {
     "align": ("image_projector", "understanding_head", "generation_head"),
-    "joint": tuple(part for part in Y_PARTS if part != "image_tokenizer"),
+    "joint": (
+        "embeddings",
+        "image_projector",
+        "shared_layers",
+        "understanding_layers",
+        "understanding_norm",
+        "understanding_head",
+        "generation_layers",
+        "generation_norm",
+        "generation_head",
+    ),
     "generation_branch": ("generation_layers", "generation_norm", "generation_head"),
     "understanding_branch": ("understanding_layers", "understanding_norm", "understanding_head"),
 }
@@ -59,18 +68,14 @@ def apply_freezing(model: UniForkForConditionalGeneration, policy: str) -> set[s
     """
     if policy not in FREEZING_POLICIES:
         raise ValueError(f"freeze must be one of {sorted(FREEZING_POLICIES) + ['none']}, got {policy!r}.")
-    parts = FREEZING_POLICIES[policy]
-    prefixes = tuple(Y_PARTS[part] + "." for part in parts)
+    parts = model.y_parts()
+    # by object, so that a weight tied between parts (the LM head and the embeddings) follows either
+    chosen = {id(parameter) for role in FREEZING_POLICIES[policy] for parameter in parts[role].parameters()}
     trainable = set()
-    for name, parameter in model.named_parameters():
-        parameter.requires_grad_(name.startswith(prefixes))
+    for name, parameter in model.named_parameters():  # tied weights are listed once
+        parameter.requires_grad_(id(parameter) in chosen)
         if parameter.requires_grad:
             trainable.add(name)
-    # Tied weights are listed once, under the input embeddings: follow the LM head.
-    head, embeddings = (model.get_submodule(Y_PARTS[part]) for part in ("understanding_head", "embeddings"))
-    if "understanding_head" in parts and head.weight is embeddings.weight:
-        head.weight.requires_grad_(True)
-        trainable.add(Y_PARTS["embeddings"] + ".weight")
     return trainable
 
 

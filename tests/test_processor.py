@@ -1,3 +1,4 @@
+import copy
 import os
 
 import numpy as np
@@ -149,9 +150,10 @@ def test_images_to_tokens_and_back_through_the_attached_vq(built_model):
         latents = vq.encode(pixels).latents.permute(0, 2, 3, 1).flatten(1, 2)  # (B, h*w, dim)
     nearest = torch.cdist(latents, vq.quantize.embedding.weight[None].expand(2, -1, -1)).argmin(-1)
     assert torch.equal(codes, nearest)
-    processor.image_tokenizer = None
+    bare = copy.copy(processor)
+    bare.image_tokenizer = None
     with pytest.raises(ValueError, match="needs the VQ image tokenizer"):
-        processor.encode_images(images)
+        bare.encode_images(images)
 
 
 @pytest.mark.parametrize("max_shard_size", [None, "100KB"])
@@ -165,4 +167,11 @@ def test_processor_alone_reads_the_vq_out_of_the_model_weights(built_model, tmp_
     assert torch.equal(processor.encode_images([image]), built_model.processor.encode_images([image]))
     # a processor-only directory has no VQ to read
     processor.save_pretrained(tmp_path / "processor_only")
-    assert UniForkProcessor.from_pretrained(tmp_path / "processor_only").image_tokenizer is None
+    alone = UniForkProcessor.from_pretrained(tmp_path / "processor_only")
+    assert alone.image_tokenizer is None
+    # attached to a model, a processor uses the model's VQ (one copy), whatever it had before
+    model = copy.deepcopy(built_model)
+    model.processor = alone
+    assert model.processor is alone and alone.image_tokenizer is model.model.image_tokenizer
+    model.processor = processor
+    assert processor.image_tokenizer is model.model.image_tokenizer

@@ -207,6 +207,8 @@ def test_bad_rows_name_the_column_and_the_row(model):
         prepare_generation(
             Dataset.from_dict({"picture": ["not an image"], "caption": ["x"]}), processor, image_column="picture"
         )
+    with pytest.raises(ValueError, match=r"Row 0: column 'caption' must be a caption without '<image>'"):
+        prepare_generation(Dataset.from_dict({"image": [image], "caption": ["a <image> here"]}), processor)
     with pytest.raises(ValueError, match=r"Generation dataset has no column 'caption'"):
         prepare_generation(Dataset.from_dict({"image": [image], "text": ["x"]}), processor)
     with pytest.raises(

@@ -56,7 +56,6 @@ def fork_llm(model_class, llm, vq_model, tokenizer=None, num_shared_layers: int 
     model.processor = UniForkProcessor(
         UniForkImageProcessorPil(size=size), tokenizer, image_seq_length=config.num_image_tokens
     )
-    model.processor.image_tokenizer = model.model.image_tokenizer
     if llm.name_or_path:  # the Hub id or path the LLM was loaded from: the model card's base_model
         model.card_data["base_model"] = llm.name_or_path
     return model

@@ -117,6 +117,18 @@ def _check_generator(generator, num_images: int) -> None:
 class UniForkImageGenerationMixin:
     """`generate_image` and its sampling loop, for [`UniForkForConditionalGeneration`]."""
 
+    @property
+    def processor(self):
+        """The processor `generate_image` tokenizes text prompts and decodes images with (None until attached).
+        Attaching one gives it the model's VQ image tokenizer, the one copy of the VQ, in place of its own."""
+        return self.__dict__.get("_processor")
+
+    @processor.setter
+    def processor(self, processor):
+        if processor is not None:
+            processor.image_tokenizer = self.model.image_tokenizer
+        self.__dict__["_processor"] = processor
+
     def require_processor(self):
         """`model.processor`, or a ValueError saying how to attach one."""
         if self.processor is None:
@@ -125,8 +137,6 @@ class UniForkImageGenerationMixin:
                 "contains one (model and processor saved to the same directory), or attach it: "
                 "`model.processor = UniForkProcessor.from_pretrained(path)` (or `AutoProcessor.from_pretrained`)."
             )
-        if self.processor.image_tokenizer is None:  # the VQ's one copy lives in the model: share it
-            self.processor.image_tokenizer = self.model.image_tokenizer
         return self.processor
 
     @torch.no_grad()

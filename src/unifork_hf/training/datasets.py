@@ -150,15 +150,13 @@ def prepare_generation(dataset, processor, caption_column: str = "caption", imag
         if not isinstance(caption, str):
             raise _bad_row(caption_column, index, "a string", caption)
         image = _check_image(row[image_column], image_column, index)
-        prompt_length = len(
-            processor.tokenizer(processor.image_generation_prompt(caption), add_special_tokens=False).input_ids
-        )
-        input_ids = processor.tokenizer(
-            processor.image_generation_sequence(caption), add_special_tokens=False
-        ).input_ids
+        text = processor.image_generation_sequence(caption)
+        input_ids = processor.tokenizer(text, add_special_tokens=False).input_ids
+        if input_ids.count(processor.image_token_id) != processor.image_seq_length:
+            raise _bad_row(caption_column, index, f"a caption without {processor.image_token!r}", caption)
+        prompt_length = input_ids.index(processor.image_token_id)  # the prompt ends with <begin_of_image>
         # the image positions are trained (the collator's labels put each one's VQ code there); not the end marker
         labels = [token if token == processor.image_token_id else -100 for token in input_ids]
-        labels[:prompt_length] = [-100] * prompt_length
         return {
             "task": GENERATION,
             "input_ids": input_ids,

@@ -71,10 +71,14 @@ def _map(dataset, function, features, remove_columns, desc):
     return dataset.map(function, **kwargs)
 
 
-def _columns(dataset):
+def _columns(dataset, required: tuple, kind: str) -> list:
+    """The dataset's columns, checked to hold `required`."""
     columns = dataset.column_names
     if columns is None:  # streaming datasets may not know their columns before the first row
         columns = list(next(iter(dataset)).keys())
+    for column in required:
+        if column not in columns:
+            raise ValueError(f"{kind} dataset has no column {column!r} (columns: {columns}).")
     return columns
 
 
@@ -84,10 +88,7 @@ def prepare_understanding(dataset, processor, messages_column: str = "messages",
     Labels keep the assistant's replies (and their end-of-text) only: the template's `{% generation %}`
     blocks, found by transformers' `return_assistant_tokens_mask`.
     """
-    columns = _columns(dataset)
-    for column in (messages_column, images_column):
-        if column not in columns:
-            raise ValueError(f"Understanding dataset has no column {column!r} (columns: {columns}).")
+    columns = _columns(dataset, (messages_column, images_column), "Understanding")
 
     def tokenize(row, index):
         messages = row[messages_column]
@@ -140,10 +141,7 @@ def prepare_generation(dataset, processor, caption_column: str = "caption", imag
 
     Labels mark all image positions (the model puts each position's VQ code there); nothing else is trained.
     """
-    columns = _columns(dataset)
-    for column in (caption_column, image_column):
-        if column not in columns:
-            raise ValueError(f"Generation dataset has no column {column!r} (columns: {columns}).")
+    columns = _columns(dataset, (caption_column, image_column), "Generation")
 
     def tokenize(row, index):
         caption = row[caption_column]

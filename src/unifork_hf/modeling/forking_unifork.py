@@ -10,18 +10,25 @@ import sys
 
 from transformers import PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_MAPPING
+from transformers.utils import logging
 
-from .configuration_unifork import UniForkConfig
+from .configuration_unifork import UniForkConfig, vq_downsampling_factor
 from .image_processing_unifork import UniForkImageProcessorPil
 from .processing_unifork import BOI_TOKEN, EOI_TOKEN, IMAGE_TOKEN, UniForkProcessor
 
 IMAGE_TOKENS = (IMAGE_TOKEN, BOI_TOKEN, EOI_TOKEN)
+# The image geometry `unifork_hf.training.train_vq_tokenizer` records in a VQ's config (diffusers keeps `_` keys
+# through save and load, and does not pass them to `VQModel.__init__`).
+VQ_IMAGE_SIZE_KEY, VQ_TILE_SIZE_KEY = "_unifork_image_size", "_unifork_tile_size"
+
+logger = logging.get_logger(__name__)
 
 
 def fork_llm(model_class, llm, vq_model, tokenizer=None, num_shared_layers: int | None = None, **config_kwargs):
     """A `model_class` (UniForkForConditionalGeneration) built from `llm` and `vq_model`, with its processor
     attached; see `UniForkForConditionalGeneration.from_pretrained_llm`."""
     llm, vq_model, tokenizer = _load(llm, vq_model, tokenizer)
+    config_kwargs = _image_geometry(vq_model, config_kwargs)
     image_token_id, boi_token_id, eoi_token_id = _add_image_tokens(tokenizer, llm)
     config = UniForkConfig(
         text_config=llm.config.get_text_config().to_dict(),
@@ -166,6 +173,29 @@ def _load(llm, vq_model, tokenizer):
     if not isinstance(vq_model, VQModel):
         raise TypeError(f"vq_model must be a diffusers VQModel or a path to one, got {type(vq_model).__name__}.")
     return llm, vq_model, tokenizer
+
+
+def _image_geometry(vq_model, config_kwargs: dict) -> dict:
+    """`image_size` and `vq_tile_size` as given, else as the VQ's training recorded them, else the VQ's
+    `sample_size` without tiles; says what it chose, as that decides how many tokens an image is."""
+    recorded = {
+        "image_size": vq_model.config.get(VQ_IMAGE_SIZE_KEY),
+        "vq_tile_size": vq_model.config.get(VQ_TILE_SIZE_KEY),
+    }
+    if config_kwargs.get("image_size") is not None:
+        return config_kwargs
+    if recorded["image_size"] is None:
+        size, source = vq_model.config.sample_size, "the VQ's sample_size: the VQ records no image size"
+    else:
+        size, source = recorded["image_size"], "as the VQ was trained (train_vq_tokenizer)"
+        config_kwargs = {**config_kwargs, "image_size": size}
+        config_kwargs.setdefault("vq_tile_size", recorded["vq_tile_size"])
+    grid = size // vq_downsampling_factor(vq_model.config)
+    logger.warning(
+        f"from_pretrained_llm: image_size={size}, vq_tile_size={config_kwargs.get('vq_tile_size')} ({source}): "
+        f"images of {grid}x{grid} = {grid * grid} tokens. Pass image_size= and vq_tile_size= to choose."
+    )
+    return config_kwargs
 
 
 def _add_image_tokens(tokenizer, llm):

@@ -154,14 +154,14 @@ class UniForkVQImageTokenizer(nn.Module):
                 f"got {tuple(pixel_values.shape[-2:])}."
             )
         batch, _, height, width = pixel_values.shape
-        latents = self.vq.encode(self._to_tiles(pixel_values.to(self.codebook.dtype), self.tile_size)).latents
+        latents = self.vq.encode(self.to_tiles(pixel_values.to(self.codebook.dtype), self.tile_size)).latents
         _, _, (_, _, indices) = self.vq.quantize(latents)
         factor = self.downsampling_factor
         grid = indices.reshape(latents.shape[0], 1, *latents.shape[-2:])
-        return self._from_tiles(grid, batch, height // factor, width // factor).reshape(batch, -1)
+        return self.from_tiles(grid, batch, height // factor, width // factor).reshape(batch, -1)
 
     @staticmethod
-    def _to_tiles(grid: torch.Tensor, side: int | None) -> torch.Tensor:
+    def to_tiles(grid: torch.Tensor, side: int | None) -> torch.Tensor:
         """`(B, C, H, W)` -> `(B * H/side * W/side, C, side, side)`, tiles in row-major order."""
         if not side:
             return grid
@@ -171,8 +171,8 @@ class UniForkVQImageTokenizer(nn.Module):
         )
 
     @staticmethod
-    def _from_tiles(tiles: torch.Tensor, batch: int, height: int, width: int) -> torch.Tensor:
-        """Inverse of `_to_tiles`: `(B * tiles, C, s, s)` -> `(B, C, height, width)`."""
+    def from_tiles(tiles: torch.Tensor, batch: int, height: int, width: int) -> torch.Tensor:
+        """Inverse of `to_tiles`: `(B * tiles, C, s, s)` -> `(B, C, height, width)`."""
         if tiles.shape[-2:] == (height, width):  # one tile per image, or no tiling
             return tiles
         channels, side = tiles.shape[1], tiles.shape[-1]
@@ -194,10 +194,10 @@ class UniForkVQImageTokenizer(nn.Module):
         codes_per_tile = self.tile_size // self.downsampling_factor if self.tile_size else None
         if codes_per_tile and (rows % codes_per_tile or columns % codes_per_tile):
             raise ValueError(f"grid_size {grid_size} must be a multiple of {codes_per_tile} codes (one VQ tile).")
-        tiles = self._to_tiles(codes.reshape(batch, 1, rows, columns), codes_per_tile)
+        tiles = self.to_tiles(codes.reshape(batch, 1, rows, columns), codes_per_tile)
         latents = self.vq.quantize.get_codebook_entry(
             tiles.flatten(), (tiles.shape[0], *tiles.shape[-2:], self.codebook.shape[1])
         )
         images = self.vq.decode(latents, force_not_quantize=True).sample.clamp(-1, 1)
         factor = self.downsampling_factor
-        return self._from_tiles(images, batch, rows * factor, columns * factor)
+        return self.from_tiles(images, batch, rows * factor, columns * factor)

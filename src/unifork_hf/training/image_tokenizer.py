@@ -1,0 +1,179 @@
+"""Train the VQ image tokenizer (a diffusers `VQModel`) on your own images.
+
+The recipe that made the Shapes demo's tokenizer (examples/shapes/train_vq.py), as a library call:
+reconstruction MSE + the VQ commitment loss, Adam with cosine decay, optionally tile by tile (a code then
+depends on its own tile only), and dead codes re-seeded from the encoder's outputs every `reseed_every`
+steps (without that a codebook collapses to a few codes).
+"""
+
+import math
+
+import torch
+from diffusers import VQModel
+from tqdm.auto import tqdm
+
+from ..modeling.forking_unifork import VQ_IMAGE_SIZE_KEY, VQ_TILE_SIZE_KEY
+from ..modeling.image_processing_unifork import UniForkImageProcessorPil
+from ..modeling.vq_unifork import UniForkVQImageTokenizer
+
+
+def small_vq(sample_size: int, codebook_size: int = 1024, downsampling_factor: int = 4) -> VQModel:
+    """A small convolutional VQModel (about 0.3M parameters): `downsampling_factor` pixels per code side."""
+    levels = int(math.log2(downsampling_factor)) + 1
+    if 2 ** (levels - 1) != downsampling_factor:
+        raise ValueError(f"downsampling_factor must be a power of 2, got {downsampling_factor}.")
+    return VQModel(
+        down_block_types=("DownEncoderBlock2D",) * levels,
+        up_block_types=("UpDecoderBlock2D",) * levels,
+        block_out_channels=(16, 32, 64, 64, 64)[:levels],
+        layers_per_block=1,
+        latent_channels=32,
+        num_vq_embeddings=codebook_size,
+        vq_embed_dim=32,
+        norm_num_groups=1,  # GroupNorm over all channels: per-sample statistics, no channel grouping to tune
+        sample_size=sample_size,
+        mid_block_add_attention=False,
+    )
+
+
+def images_to_tensor(images, image_processor) -> torch.Tensor:
+    """PIL images (a list, or a `datasets` image column) -> `(N, 3, H, W)` in [-1, 1], as the processor makes them."""
+    images = list(images)
+    if not images:
+        raise ValueError("images is empty: pass at least one image.")
+    return torch.cat(
+        [image_processor(images[i : i + 256], return_tensors="pt").pixel_values for i in range(0, len(images), 256)]
+    )
+
+
+@torch.no_grad()
+def reconstruction_metrics(tokenizer: UniForkVQImageTokenizer, pixels: torch.Tensor) -> dict:
+    """MSE and PSNR (images in [-1, 1], so a peak-to-peak range of 2) of encode -> decode, and the share of the
+    codebook the images use."""
+    codes = torch.cat([tokenizer.encode(part) for part in pixels.split(256)])
+    reconstructed = torch.cat([tokenizer.decode(part) for part in codes.split(256)])
+    mse = torch.nn.functional.mse_loss(reconstructed, pixels).item()
+    return {
+        "mse": mse,
+        "psnr": 10 * math.log10(4 / max(mse, 1e-12)),
+        "codes_used": codes.unique().numel(),
+        "codebook_size": tokenizer.codebook_size,
+    }
+
+
+def train_vq_tokenizer(
+    images,
+    image_size: int | None = None,
+    tile_size: int | None = None,
+    vq_model: VQModel | None = None,
+    codebook_size: int = 1024,
+    max_steps: int = 2000,
+    batch_size: int = 64,
+    learning_rate: float = 3e-4,
+    reseed_every: int = 100,
+    eval_images=None,
+    seed: int = 0,
+    progress: bool = True,
+) -> tuple[VQModel, dict]:
+    """Train a VQ image tokenizer on `images`; returns the trained `VQModel` and its reconstruction metrics.
+
+    Args:
+        images: PIL images: a list, or a `datasets` image column (`dataset["image"]`).
+        image_size: side the images are resized to (as `UniForkImageProcessorPil` does for the model);
+            default: the first image's width.
+        tile_size: train and tokenize `tile_size` x `tile_size` tiles on their own (then pass the same
+            `vq_tile_size` to the model; `from_pretrained_llm` reads it from the VQ's config); None: whole images.
+        vq_model: the VQModel to train; default `small_vq(...)` (4 pixels per code side).
+        max_steps, batch_size, learning_rate: Adam with cosine decay over `max_steps` batches of images (tiles).
+        reseed_every: every this many steps, codes no batch used since the last re-seed are moved onto encoder
+            outputs of the training images, the badly quantised ones more likely (k-means++ style); the whole
+            codebook starts that way.
+        eval_images: images to report reconstruction on (default: up to 512 of the training images).
+        seed: initialisation, batches and re-seeding.
+
+    Returns:
+        `(vq_model, metrics)`: metrics `mse`, `psnr` (dB), `codes_used`, `codebook_size` on the eval images,
+        `dead_codes_reseeded` (over training), `train_loss` (last 100 steps' mean).
+
+    Example:
+
+    ```python
+    >>> from PIL import Image
+    >>> from unifork_hf.training import train_vq_tokenizer
+    >>> images = [Image.new("RGB", (16, 16), colour) for colour in ("red", "green", "blue", "white")]
+    >>> vq, metrics = train_vq_tokenizer(images, codebook_size=16, max_steps=20, progress=False)
+    >>> vq.config.num_vq_embeddings, metrics["codebook_size"], vq.config["_unifork_image_size"]
+    (16, 16, 16)
+
+    ```
+    """
+    torch.manual_seed(seed)
+    images = list(images)
+    if not images:
+        raise ValueError("images is empty: pass at least one image.")
+    image_size = image_size or images[0].size[0]
+    image_processor = UniForkImageProcessorPil(size={"height": image_size, "width": image_size})
+    pixels = images_to_tensor(images, image_processor)
+    if vq_model is None:
+        vq_model = small_vq(tile_size or image_size, codebook_size)
+    tokenizer = UniForkVQImageTokenizer(vq_model=vq_model, tile_size=tile_size).requires_grad_(True)
+    if image_size % (tile_size or tokenizer.downsampling_factor):
+        raise ValueError(f"image_size {image_size} must be a multiple of tile_size / the VQ's downsampling factor.")
+    # distinct tiles: most tiles of most images are background, which would otherwise drown the rare edges
+    train = UniForkVQImageTokenizer.to_tiles(pixels, tile_size).unique(dim=0) if tile_size else pixels
+    loss_history, reseeded = _train(vq_model, train, max_steps, batch_size, learning_rate, reseed_every, seed, progress)
+    vq_model.eval().requires_grad_(False)
+    vq_model.register_to_config(
+        **{VQ_IMAGE_SIZE_KEY: image_size, VQ_TILE_SIZE_KEY: tile_size}
+    )  # for from_pretrained_llm
+    eval_pixels = images_to_tensor(eval_images, image_processor) if eval_images is not None else pixels[:512]
+    metrics = reconstruction_metrics(tokenizer, eval_pixels)
+    metrics.update(dead_codes_reseeded=reseeded, train_loss=sum(loss_history[-100:]) / max(len(loss_history[-100:]), 1))
+    return vq_model, metrics
+
+
+def _train(vq, train, max_steps, batch_size, learning_rate, reseed_every, seed, progress) -> tuple[list, int]:
+    optimizer = torch.optim.Adam(vq.parameters(), lr=learning_rate)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max_steps)
+    used = torch.zeros(vq.config.num_vq_embeddings, dtype=torch.bool)
+    generator = torch.Generator().manual_seed(seed)
+    losses, reseeded = [], 0
+    # start the codebook on the encoder's outputs (k-means++ style): the default init, uniform in +-1/K, puts
+    # every code far from them and learning waits until the codebook has crawled there
+    _reseed(vq, train, torch.arange(len(used)), generator)
+    bar = tqdm(range(1, max_steps + 1), desc="Training the VQ", disable=not progress)
+    vq.train()
+    for step in bar:
+        batch = train[torch.randint(0, len(train), (batch_size,), generator=generator)]
+        latents = vq.encode(batch).latents
+        quantized, commit_loss, (_, _, indices) = vq.quantize(latents)
+        reconstruction = vq.decode(quantized, force_not_quantize=True).sample
+        loss = torch.nn.functional.mse_loss(reconstruction, batch) + commit_loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        losses.append(loss.item())
+        used[indices] = True
+        if step % reseed_every == 0:
+            dead = (~used).nonzero().squeeze(1)
+            if len(dead):
+                _reseed(vq, train, dead, generator)
+                reseeded += len(dead)
+            bar.set_postfix(loss=f"{loss.item():.4f}", dead=len(dead))
+            used.zero_()
+    return losses, reseeded
+
+
+@torch.no_grad()
+def _reseed(vq, train, dead, generator) -> None:
+    """Move the `dead` codes onto encoder outputs of the training images, drawn with probability growing with
+    their squared distance to the codebook (a uniform draw would spend most codes on copies of the background)."""
+    vectors = torch.cat([vq.encode(part).latents for part in train.split(1024)])
+    vectors = vectors.permute(0, 2, 3, 1).reshape(-1, vectors.shape[1])
+    error = torch.cdist(vectors, vq.quantize.embedding.weight).min(dim=1).values ** 2
+    choice = torch.multinomial(error + 1e-12, len(dead), replacement=True, generator=generator)
+    vq.quantize.embedding.weight[dead] = vectors[choice]
+
+
+__all__ = ["reconstruction_metrics", "small_vq", "train_vq_tokenizer"]

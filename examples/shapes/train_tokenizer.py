@@ -8,21 +8,8 @@ special tokens; every word of the benchmark is one token (about 60 in all).
 
 import argparse
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast
-
 from unifork_hf.data.shapes import shapes_dataset
-
-SPECIAL = [
-    "<|pad|>",
-    "<|endoftext|>",
-    "<unk>",
-    "<|user|>",
-    "<|assistant|>",
-    "<image>",
-    "<begin_of_image>",
-    "<end_of_image>",
-]
+from unifork_hf.training import build_text_tokenizer
 
 
 def main():
@@ -32,21 +19,10 @@ def main():
     args = parser.parse_args()
     data = shapes_dataset(num_train=20000, num_test=500, num_heldout=500, seed=args.seed)["train"]
     texts = list(data["caption"]) + [qa[k] for qas in data["questions"] for qa in qas for k in ("question", "answer")]
-
-    tokenizer = Tokenizer(models.WordLevel(unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace(), pre_tokenizers.Punctuation()])
-    tokenizer.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
-    tokenizer.train_from_iterator(texts, trainers.WordLevelTrainer(special_tokens=SPECIAL, show_progress=False))
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer,
-        pad_token="<|pad|>",
-        eos_token="<|endoftext|>",
-        unk_token="<unk>",
-        additional_special_tokens=SPECIAL[3:],
-    )
-    fast.save_pretrained(args.out)
-    print(f"vocabulary of {len(fast)} tokens -> {args.out}")
-    print("example:", fast.tokenize("<|user|>\n<image>What colour is the shape at the top left?\n<|assistant|>\n"))
+    tokenizer = build_text_tokenizer(texts)  # word-level: every word of the benchmark is one token
+    tokenizer.save_pretrained(args.out)
+    print(f"vocabulary of {len(tokenizer)} tokens -> {args.out}")
+    print("example:", tokenizer.tokenize("<|user|>\n<image>What colour is the shape at the top left?\n<|assistant|>\n"))
 
 
 if __name__ == "__main__":

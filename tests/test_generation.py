@@ -350,7 +350,7 @@ def test_speculative_jacobi_decoding_samples_the_model_distribution(built_model)
 
 @pytest.mark.parametrize("question_first", [False, True, None])  # None: the default, question first
 def test_benchmark_answers_put_the_question_where_asked(built_model, monkeypatch, question_first):
-    from unifork_hf.evaluation.benchmark import answer_questions
+    from unifork_hf.evaluation.answers import answer_questions
 
     processor = built_model.processor
     prompts, fed = [], []

@@ -1,3 +1,4 @@
+import copy
 import itertools
 import json
 import os
@@ -649,3 +650,45 @@ def test_recipe_reads_yaml_number_strings(tmp_path):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text("training: {learning_rate: 3e-3, max_steps: 7}\n")  # YAML reads 3e-3 as a string
     assert load_recipe(str(recipe)).training.learning_rate == 0.003
+
+
+def test_per_task_eval_sets_give_a_combined_eval_loss_for_best_checkpoint_and_early_stopping(model, prepared, tmp_path):
+    from transformers import EarlyStoppingCallback
+
+    und, gen, _ = prepared
+    args = training_args(
+        tmp_path,
+        max_steps=20,
+        eval_strategy="steps",
+        eval_steps=2,
+        save_strategy="steps",
+        save_steps=2,
+        load_best_model_at_end=True,
+        understanding_loss_share=0.25,
+        per_device_eval_batch_size=8,
+    )
+    trainer = UniForkTrainer(
+        model=copy.deepcopy(model),
+        args=args,
+        train_dataset=mix_tasks(und, gen, 0.5, seed=0),
+        eval_dataset={"understanding": und, "generation": gen},
+        processing_class=model.processor,
+        # any later evaluation counts as no better: training stops at the second one
+        callbacks=[EarlyStoppingCallback(early_stopping_patience=1, early_stopping_threshold=1e9)],
+    )
+    trainer.train()
+    und_loss, gen_loss, combined = (
+        [log[key] for log in trainer.state.log_history if key in log]
+        for key in ("eval_understanding_loss", "eval_generation_loss", "eval_loss")
+    )
+    assert len(und_loss) == len(gen_loss) == len(combined) == 2
+    assert trainer.state.global_step == 4  # stopped early, not at 20
+    for und_value, gen_value, value in zip(und_loss, gen_loss, combined):
+        assert value == pytest.approx(0.25 * und_value + 0.75 * gen_value)
+    best = min(range(2), key=combined.__getitem__)  # the lowest combined loss (the threshold is early stopping's)
+    assert trainer.state.best_metric == pytest.approx(combined[best])
+    assert trainer.state.best_model_checkpoint.endswith(f"checkpoint-{2 * (best + 1)}")
+    # the best checkpoint's weights are the ones loaded at the end
+    weights = load_file(os.path.join(trainer.state.best_model_checkpoint, "model.safetensors"))
+    name = "generation_head.weight"
+    assert torch.equal(trainer.model.state_dict()[name], weights[name])

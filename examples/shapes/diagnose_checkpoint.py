@@ -16,7 +16,8 @@ import unifork_hf
 from unifork_hf import UniForkForConditionalGeneration
 from unifork_hf.data.shapes import HELDOUT_PAIRS, shapes_dataset, to_understanding
 from unifork_hf.evaluation import detect, score_answers
-from unifork_hf.evaluation.benchmark import answer_questions, generate_for_captions
+from unifork_hf.evaluation.answers import answer_questions
+from unifork_hf.evaluation.benchmark import generate_for_captions
 
 
 def main():

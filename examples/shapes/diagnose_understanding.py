@@ -25,7 +25,7 @@ import torch
 import unifork_hf
 from unifork_hf import UniForkForConditionalGeneration
 from unifork_hf.data.shapes import IMAGE_SIZE, bounding_box, shapes_dataset, to_understanding
-from unifork_hf.evaluation.benchmark import answer_questions
+from unifork_hf.evaluation.answers import answer_questions
 
 
 def fit_probe(features: torch.Tensor, labels: list[str], steps: int = 300) -> float:

@@ -23,7 +23,7 @@ from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 from unifork_hf import UniForkForConditionalGeneration
 from unifork_hf.data.shapes import shapes_dataset, to_understanding
-from unifork_hf.evaluation.benchmark import answer_questions
+from unifork_hf.evaluation.answers import answer_questions
 from unifork_hf.training import UniForkTrainer, UniForkTrainingArguments
 
 

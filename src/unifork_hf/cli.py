@@ -78,7 +78,7 @@ def cmd_generate_image(args) -> None:
 def cmd_answer(args) -> None:
     from PIL import Image
 
-    from unifork_hf.evaluation.benchmark import answer_questions
+    from unifork_hf.evaluation.answers import answer_questions
 
     model = _load(args.model)
     replies = answer_questions(
@@ -162,7 +162,8 @@ def cmd_demo(args) -> None:
     from unifork_hf import DEMO_CHECKPOINT
     from unifork_hf.data.shapes import shapes_dataset, to_understanding
     from unifork_hf.evaluation import detect, score_answers, score_image, score_images
-    from unifork_hf.evaluation.benchmark import ANSWER_CHOICES, answer_questions, generate_for_captions, image_grid
+    from unifork_hf.evaluation.answers import answer_questions
+    from unifork_hf.evaluation.benchmark import ANSWER_CHOICES, generate_for_captions, image_grid
     from unifork_hf.evaluation.shapes_judge import answer_baselines
 
     start = time.time()

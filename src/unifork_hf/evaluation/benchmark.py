@@ -17,9 +17,9 @@ Example:
 """
 
 import torch
-from tqdm.auto import tqdm
 
 from ..data.shapes import COLOURS, NUMBERS, POSITIONS, SHAPES, SIZES, to_understanding
+from .answers import answer_questions
 from .shapes_judge import answer_baselines, score_answers, score_images
 
 # How many answers each question type has: the chance baseline.
@@ -40,31 +40,6 @@ def generate_for_captions(model, captions, batch_size=100, seed=0, progress_bar=
     return model.generate_image(
         list(captions), generator=generators, max_batch_size=batch_size, progress_bar=progress_bar, **settings
     )
-
-
-@torch.no_grad()
-def answer_questions(
-    model, images, questions, batch_size=100, max_new_tokens=4, progress_bar=True, question_first: bool = True
-):
-    """Greedy answers (one image + one question per row), batched with left padding. The user turn says
-    the question, then shows the image (as `to_understanding` trains); `question_first=False` asks a
-    model trained with the image first."""
-    processor = model.require_processor()
-    answers = []
-    for start in tqdm(range(0, len(questions), batch_size), desc="answers", disable=not progress_bar):
-        texts = []
-        for question in questions[start : start + batch_size]:
-            content = [{"type": "image"}, {"type": "text", "text": question}]
-            content = content[::-1] if question_first else content
-            texts.append(
-                processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
-            )
-        inputs = processor(
-            images=list(images[start : start + batch_size]), text=texts, padding=True, return_tensors="pt"
-        ).to(model.device)
-        output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-        answers += processor.batch_decode(output[:, inputs.input_ids.shape[1] :], skip_special_tokens=True)
-    return [a.strip() for a in answers]
 
 
 def evaluate_shapes(

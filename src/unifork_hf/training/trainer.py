@@ -242,6 +242,23 @@ class UniForkTrainer(Trainer):
     def _loss_share(self) -> float | None:
         return getattr(self.args, "understanding_loss_share", None)
 
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """Trainer's evaluation. With one eval set per task (`eval_dataset={"understanding": ...,
+        "generation": ...}`, reported as `eval_understanding_loss` and `eval_generation_loss`) it adds
+        `eval_loss`, the two weighted as training weighs them (`understanding_loss_share`, else half each): the
+        metric `load_best_model_at_end` and `EarlyStoppingCallback` select on by default."""
+        metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        und, gen = (metrics.get(f"{metric_key_prefix}_{task}_loss") for task in ("understanding", "generation"))
+        if und is not None and gen is not None and f"{metric_key_prefix}_loss" not in metrics:
+            share = 0.5 if self._loss_share() is None else self._loss_share()
+            combined = {f"{metric_key_prefix}_loss": share * und + (1 - share) * gen}
+            self.log(combined)
+            metrics.update(combined)
+            # Trainer told the callbacks each task's metrics alone; now the combined ones, so that early stopping
+            # on `eval_loss` sees it (it has warned, per task, that it did not)
+            self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
     def _get_num_items_in_batch(self, batch_samples, device):
         """Trainer counts the labelled tokens of the whole accumulated (and distributed) batch, the loss's
         denominator; with a task loss share each task needs its own: `(understanding, generation)`."""

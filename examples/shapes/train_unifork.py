@@ -167,6 +167,7 @@ def main():
         default=None,
         help="keep the VQ-encoded training rows here and reuse them in runs with the same data",
     )
+    parser.add_argument("--torch-compile", action="store_true", help="train through torch.compile (TrainingArguments)")
     args = parser.parse_args()
     start = time.time()
 
@@ -234,6 +235,7 @@ def main():
         seed=args.seed,
         use_cpu=True,
         report_to=[],
+        torch_compile=args.torch_compile,
         **overrides,
     )
     trainer = UniForkTrainer(model=model, args=training_args, train_dataset=train, processing_class=processor)

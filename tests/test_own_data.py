@@ -12,6 +12,7 @@ from transformers.utils import logging as hf_logging
 
 from unifork_hf import UniForkForConditionalGeneration
 from unifork_hf.data.tiny import tiny_llm, tiny_tokenizer, tiny_vq
+from unifork_hf.evaluation import copy_report
 from unifork_hf.modeling.vq_unifork import UniForkVQImageTokenizer
 from unifork_hf.training import (
     build_text_tokenizer,
@@ -178,3 +179,47 @@ def test_prepare_text_tokenizer_adopts_an_llm_tokenizer_and_refuses_what_it_cann
     template = "{% for m in messages %}### {{ m['role'] }}: {{ m['content'] }}{% endfor %}"
     with pytest.raises(ValueError, match="turns the chat template's .* into '<unk>'"):
         prepare_text_tokenizer(unk_only, chat_template=template)
+
+
+def test_the_own_data_example_runs_end_to_end(tmp_path):
+    # the README's "Train on your own images" example, in its CI configuration
+    import json
+    import os
+    import subprocess
+    import sys
+
+    script = os.path.join(os.path.dirname(__file__), "..", "examples", "own_data", "train_digits.py")
+    result = subprocess.run(
+        [sys.executable, script, "--out", str(tmp_path), "--ci"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["steps_trained"] <= 8 and metrics["best_eval_loss"] > 0
+    assert metrics["understanding"]["parity"]["chance"] == 0.5 and metrics["understanding"]["digit"]["chance"] == 0.1
+    assert 0.9 < metrics["generation"]["classifier_ceiling"] <= 1  # the independent judge reads real digits
+    assert set(metrics["generation"]["copies"]) >= {"copy_share", "copy_threshold", "generated_median"}
+    assert {"mse", "psnr", "codes_used"} <= set(metrics["vq"])
+    assert os.path.exists(tmp_path / "samples.png") and os.path.exists(tmp_path / "model.safetensors")
+    reloaded = UniForkForConditionalGeneration.from_pretrained(tmp_path)
+    assert (reloaded.config.image_size, reloaded.config.vq_tile_size) == (16, 4)  # read from the VQ
+
+
+def noise_images(n: int, seed: int) -> list:
+    generator = torch.Generator().manual_seed(seed)
+    pixels = torch.randint(0, 256, (n, 8, 8, 3), generator=generator, dtype=torch.uint8).numpy()
+    return [Image.fromarray(array) for array in pixels]
+
+
+def test_copy_report_flags_copies_and_not_new_images():
+    train = noise_images(40, seed=0)
+    held_out = noise_images(40, seed=1)
+    with pytest.warns(UserWarning, match="near-copies of training images"):
+        copied = copy_report(train[:10], train, held_out)
+    assert copied["copy_share"] == 1.0 and copied["generated_median"] < 1e-3
+    fresh = copy_report(noise_images(40, seed=2), train, held_out, warn=False)
+    assert fresh["copy_share"] <= 0.25  # new draws from the same distribution: about `quantile` of them
+    with pytest.raises(ValueError, match="quantile"):
+        copy_report(train[:2], train, held_out, quantile=0.7)

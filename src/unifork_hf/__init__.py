@@ -10,6 +10,7 @@ from transformers import (
     AutoImageProcessor,
     AutoModel,
     AutoModelForImageTextToText,
+    AutoModelForMultimodalLM,
     AutoProcessor,
 )
 
@@ -34,6 +35,7 @@ DEMO_CHECKPOINT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "chec
 AutoConfig.register("unifork", UniForkConfig, exist_ok=True)
 AutoModel.register(UniForkConfig, UniForkForConditionalGeneration, exist_ok=True)
 AutoModelForImageTextToText.register(UniForkConfig, UniForkForConditionalGeneration, exist_ok=True)
+AutoModelForMultimodalLM.register(UniForkConfig, UniForkForConditionalGeneration, exist_ok=True)  # any-to-any
 AutoImageProcessor.register(UniForkConfig, image_processor_classes={"pil": UniForkImageProcessorPil}, exist_ok=True)
 AutoProcessor.register(UniForkConfig, UniForkProcessor, exist_ok=True)
 

@@ -114,8 +114,26 @@ def _check_generator(generator, num_images: int) -> None:
         )
 
 
+# The arguments of `generate_image` that `generate(..., generation_mode="image")` passes on.
+IMAGE_GENERATE_ARGUMENTS = (
+    "negative_prompt",
+    "guidance_scale",
+    "temperature",
+    "top_k",
+    "top_p",
+    "generator",
+    "max_batch_size",
+    "progress_bar",
+    "jacobi_window",
+    "compile",
+)
+
+
 class UniForkImageGenerationMixin:
     """`generate_image` and its sampling loop, for [`UniForkForConditionalGeneration`]."""
+
+    input_modalities = ("image", "text")
+    output_modalities = ("image", "text")  # `generate(..., generation_mode="image")`, the any-to-any pipeline
 
     @property
     def processor(self):
@@ -261,6 +279,51 @@ class UniForkImageGenerationMixin:
         if output_type == "tokens":
             return codes
         return processor.decode_image_tokens(codes, output_type)
+
+    def generate(self, inputs=None, generation_mode: str = "text", **kwargs):
+        """transformers' `generate`, for text (answers). With `generation_mode="image"` (as Janus's), the
+        prompts in `input_ids` are drawn instead: returns `(B * num_return_sequences, num_image_tokens)` VQ
+        code ids; `model.decode_image_tokens` / `processor.decode_image_tokens` make pictures of them. The
+        image path takes `generate_image`'s sampling arguments (`guidance_scale`, `temperature`, `top_k`,
+        `top_p`, `generator`, ...), the checkpoint's settings for those left out, and ignores text-only
+        ones such as `max_new_tokens`. This is what `pipeline("any-to-any", model=...)` calls.
+
+        Example:
+
+        ```python
+        >>> import torch, unifork_hf
+        >>> from unifork_hf import UniForkForConditionalGeneration
+        >>> model = UniForkForConditionalGeneration.from_pretrained(unifork_hf.DEMO_CHECKPOINT)
+        >>> inputs = model.processor(text=["a large red circle at the top left"], return_tensors="pt")
+        >>> codes = model.generate(**inputs, generation_mode="image", generator=torch.Generator().manual_seed(0))
+        >>> codes.shape, model.processor.decode_image_tokens(codes)[0].size
+        (torch.Size([1, 64]), (32, 32))
+
+        ```
+        """
+        if generation_mode == "text":
+            return super().generate(inputs, **kwargs)
+        if generation_mode != "image":
+            raise ValueError(f"generation_mode must be 'text' or 'image', got {generation_mode!r}.")
+        input_ids = inputs if inputs is not None else kwargs.pop("input_ids", None)
+        if input_ids is None or input_ids.ndim != 2:
+            raise ValueError(
+                "generation_mode='image' needs `input_ids` of shape (batch, length): the tokenized prompts."
+            )
+        mask = kwargs.pop("attention_mask", None)
+        mask = torch.ones_like(input_ids) if mask is None else mask
+        # the prompts as text: generate_image wraps each in the chat turn that asks for an image
+        prompts = self.require_processor().batch_decode(input_ids.masked_fill(mask == 0, 0), skip_special_tokens=True)
+        config = kwargs.pop("generation_config", None)
+        count = kwargs.pop("num_return_sequences", None) or getattr(config, "num_return_sequences", None) or 1
+        wanted = {key: kwargs[key] for key in IMAGE_GENERATE_ARGUMENTS if key in kwargs}
+        return self.generate_image(
+            [p.strip() for p in prompts], num_images_per_prompt=count, output_type="tokens", **wanted
+        )
+
+    def decode_image_tokens(self, image_tokens: torch.Tensor) -> torch.Tensor:
+        """VQ code ids `(B, num_image_tokens)` -> images `(B, 3, H, W)` in [0, 1] (as Janus's, for the pipeline)."""
+        return self.require_processor().decode_image_tokens(image_tokens, output_type="pt")
 
     def image_generation_settings(self, **explicit) -> dict:
         """The sampling settings `generate_image` uses: explicit values (not None) over the checkpoint's

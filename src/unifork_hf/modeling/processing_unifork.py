@@ -182,6 +182,17 @@ class UniForkProcessor(ProcessorMixin):
         pixel_values = self.image_processor(images, return_tensors="pt").pixel_values
         return tokenizer.encode(pixel_values.to(tokenizer.codebook.device))
 
+    def post_process_multimodal_output(
+        self, generated_outputs, skip_special_tokens=True, generation_mode=None, **kwargs
+    ):
+        """Text ids -> strings; with `generation_mode="image"`, images `(B, 3, H, W)` in [0, 1] (as
+        `model.decode_image_tokens` makes them) -> PIL images. The any-to-any pipeline's last step."""
+        if generation_mode == "image":
+            return self.to_pil(torch.as_tensor(generated_outputs).float())
+        return super().post_process_multimodal_output(
+            generated_outputs, skip_special_tokens=skip_special_tokens, generation_mode=generation_mode, **kwargs
+        )
+
     def decode_image_tokens(self, image_ids: torch.Tensor, output_type: str = "pil"):
         """VQ code ids `(B, num_image_tokens)` -> a list of PIL images, or with `output_type="pt"` a
         `(B, 3, H, W)` tensor in [0, 1]."""

@@ -77,7 +77,8 @@ class UniForkSavingMixin:
         # `register_for_auto_class` records one Auto class per model class; list AutoModel too so
         # `AutoModel.from_pretrained(dir, trust_remote_code=True)` also finds the full model.
         auto_map = dict(getattr(self.config, "auto_map", None) or {})
-        auto_map["AutoModel"] = f"modeling_unifork.{type(self).__name__}"
+        for auto_class in ("AutoModel", "AutoModelForMultimodalLM"):
+            auto_map[auto_class] = f"modeling_unifork.{type(self).__name__}"
         self.config.auto_map = auto_map
         if getattr(self.generation_config, "image_generation", None):
             # a generation config marked as derived from the model config drops unknown keys when loaded

@@ -81,3 +81,49 @@ def test_any_to_any_pipeline_draws_and_answers(monkeypatch):
     ]
     reply = pipe(text=chat, max_new_tokens=4)[0]["generated_text"][-1]
     assert reply["role"] == "assistant" and reply["content"].strip() == "red"
+
+
+def test_diffusers_pipeline_is_generate_image(demo, tmp_path):
+    from unifork_hf import UniForkPipeline
+
+    pipe = UniForkPipeline.from_pretrained(unifork_hf.DEMO_CHECKPOINT)
+    pipe.set_progress_bar_config(disable=True)
+    expected = demo.generate_image(PROMPT, output_type="pt", generator=torch.Generator().manual_seed(0))
+    out = pipe(PROMPT, generator=torch.Generator().manual_seed(0), output_type="pt")
+    assert torch.equal(out.images, expected)
+    codes = pipe(PROMPT, generator=torch.Generator().manual_seed(0), output_type="latent", return_dict=False)[0]
+    assert torch.equal(
+        codes, demo.generate_image(PROMPT, output_type="tokens", generator=torch.Generator().manual_seed(0))
+    )
+    array = pipe(PROMPT, generator=torch.Generator().manual_seed(0), output_type="np").images
+    assert array.shape == (1, 32, 32, 3) and torch.equal(torch.from_numpy(array).permute(0, 3, 1, 2), expected)
+    assert detect(pipe(PROMPT, generator=torch.Generator().manual_seed(0)).images[0])[0]["colour"] == "red"
+    # saved the diffusers way and loaded back: the same images
+    pipe.save_pretrained(tmp_path)
+    assert (tmp_path / "model_index.json").exists() and (tmp_path / "model" / "model.safetensors").exists()
+    again = UniForkPipeline.from_pretrained(tmp_path)
+    assert torch.equal(again(PROMPT, generator=torch.Generator().manual_seed(0), output_type="pt").images, expected)
+    with pytest.raises(ValueError, match="output_type must be"):
+        pipe(PROMPT, output_type="latents")
+
+
+def test_diffusers_pipeline_callbacks_and_offload():
+    from unifork_hf import UniForkPipeline
+
+    pipe = UniForkPipeline.from_pretrained(unifork_hf.DEMO_CHECKPOINT)
+    seen = []
+    pipe(PROMPT, callback_on_step_end=lambda p, step, t, kwargs: seen.append(kwargs["codes"].clone()) or {})
+    assert [c.shape[1] for c in seen] == list(range(1, 65))
+    assert all(torch.equal(seen[-1][:, : c.shape[1]], c) for c in seen)  # codes once sampled stay
+
+    def stop_at_ten(p, step, t, kwargs):
+        p._interrupt = step >= 10
+        return {}
+
+    with pytest.raises(RuntimeError, match="interrupted by callback_on_step_end at step 10"):
+        pipe(PROMPT, callback_on_step_end=stop_at_ten)
+    # model CPU offload (here onto the CPU itself: no accelerator): hooks installed, the same images
+    expected = pipe(PROMPT, generator=torch.Generator().manual_seed(1), output_type="pt").images
+    pipe.enable_model_cpu_offload(device="cpu")
+    assert hasattr(pipe.model, "_hf_hook")
+    assert torch.equal(pipe(PROMPT, generator=torch.Generator().manual_seed(1), output_type="pt").images, expected)

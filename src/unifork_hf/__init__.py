@@ -25,6 +25,7 @@ from .modeling.modeling_unifork import (
 from .modeling.processing_unifork import UniForkProcessor
 from .modeling.routing_unifork import GENERATION, UNDERSTANDING
 from .modeling.vq_unifork import UniForkVQImageTokenizer
+from .pipelines.pipeline_unifork import UniForkPipeline
 
 __version__ = "0.1.0"
 
@@ -55,6 +56,7 @@ __all__ = [
     "UniForkForConditionalGeneration",
     "UniForkImageProcessorPil",
     "UniForkModel",
+    "UniForkPipeline",
     "UniForkPreTrainedModel",
     "UniForkProcessor",
     "UniForkVQImageTokenizer",

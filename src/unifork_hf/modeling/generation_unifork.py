@@ -173,6 +173,7 @@ class UniForkImageGenerationMixin:
         progress_bar: bool = True,
         jacobi_window: int | None = None,
         compile: bool | CompileConfig = False,
+        callback=None,
     ):
         """Generate images from text prompts with the generation branch, a KV cache and batched CFG.
 
@@ -210,6 +211,8 @@ class UniForkImageGenerationMixin:
                 a `CompileConfig`. The first call compiles (a minute or more); later calls with the same
                 batch size reuse it, and a change to the weights (training, merging an adapter) is
                 detected and compiles again, since frozen weights are baked into the compiled code.
+            callback: called after every decoding step as `callback(n, codes)`, with `codes` the
+                `(batch, n)` codes sampled so far of the batch being decoded (see `max_batch_size`).
 
         Example:
 
@@ -272,6 +275,7 @@ class UniForkImageGenerationMixin:
                     guided=guided,
                     window=jacobi_window or 1,
                     compile=compile,
+                    callback=callback,
                 )
             )
         steps.close()
@@ -365,7 +369,16 @@ class UniForkImageGenerationMixin:
         return settings
 
     def _sample_image_tokens(
-        self, input_ids, attention_mask, processors, generator, progress, guided=False, window=1, compile=False
+        self,
+        input_ids,
+        attention_mask,
+        processors,
+        generator,
+        progress,
+        guided=False,
+        window=1,
+        compile=False,
+        callback=None,
     ):
         """The decoding loop: prefill the prompts once, then cached forwards along the generation path.
 
@@ -415,6 +428,8 @@ class UniForkImageGenerationMixin:
             codes[:, n + accepted] = next_codes
             n += accepted + 1
             progress.update(num_images * (accepted + 1))
+            if callback is not None:
+                callback(n, codes[:, :n])
             if n == num_tokens:
                 break
 

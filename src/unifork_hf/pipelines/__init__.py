@@ -1,0 +1,5 @@
+"""diffusers pipelines over UniFork models."""
+
+from .pipeline_unifork import UniForkPipeline
+
+__all__ = ["UniForkPipeline"]

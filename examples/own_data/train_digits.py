@@ -232,7 +232,8 @@ def main():
     model.eval()
     metrics, images, wanted = evaluate(model, data, size, args.seed)
     trainer.save_model(args.out)
-    image_grid(images, [str(d) for d in wanted], columns=size["samples"]).save(os.path.join(args.out, "samples.png"))
+    rows = [f"a handwritten {d}" for d in range(10)]  # one row per prompt
+    image_grid(images, rows, columns=size["samples"], cell=64).save(os.path.join(args.out, "samples.png"))
     metrics.update(
         vq=vq_metrics,
         best_checkpoint=trainer.state.best_model_checkpoint,

@@ -7,7 +7,14 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForImageTextToText, AutoProcessor
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModel,
+    AutoModelForImageTextToText,
+    AutoModelForMultimodalLM,
+    AutoProcessor,
+)
 
 from unifork_hf import UniForkConfig, UniForkForConditionalGeneration, UniForkImageProcessorPil, UniForkProcessor
 from unifork_hf.cli import main
@@ -15,14 +22,19 @@ from unifork_hf.cli import main
 
 def test_auto_classes_load_the_checkpoint(built_dir):
     assert isinstance(AutoConfig.from_pretrained(built_dir), UniForkConfig)
-    for auto in (AutoModel, AutoModelForImageTextToText):
+    for auto in (AutoModel, AutoModelForImageTextToText, AutoModelForMultimodalLM):
         model = auto.from_pretrained(built_dir)
         assert type(model) is UniForkForConditionalGeneration
         assert isinstance(model.processor, UniForkProcessor)
     assert isinstance(AutoProcessor.from_pretrained(built_dir), UniForkProcessor)
     assert isinstance(AutoImageProcessor.from_pretrained(built_dir), UniForkImageProcessorPil)
     config = json.load(open(os.path.join(built_dir, "config.json")))
-    assert set(config["auto_map"]) == {"AutoConfig", "AutoModel", "AutoModelForImageTextToText"}
+    assert set(config["auto_map"]) == {
+        "AutoConfig",
+        "AutoModel",
+        "AutoModelForImageTextToText",
+        "AutoModelForMultimodalLM",
+    }
     for name in (
         "modeling_unifork.py",
         "configuration_unifork.py",

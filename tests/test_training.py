@@ -692,3 +692,62 @@ def test_per_task_eval_sets_give_a_combined_eval_loss_for_best_checkpoint_and_ea
     weights = load_file(os.path.join(trainer.state.best_model_checkpoint, "model.safetensors"))
     name = "generation_head.weight"
     assert torch.equal(trainer.model.state_dict()[name], weights[name])
+
+
+def test_recipe_builds_a_small_random_llm_with_eval_sets_and_early_stopping(tmp_path):
+    # a model of one's own from scratch: a random LLM from its config, a tokenizer and a VQ saved before
+    tiny_tokenizer().save_pretrained(tmp_path / "tokenizer")
+    tiny_vq().save_pretrained(tmp_path / "vq")
+    parts = colour_dataset(24, seed=0)
+    for name, dataset in parts.items():
+        dataset.save_to_disk(str(tmp_path / name))
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        f"""
+model:
+  llm: {{architecture: llama, hidden_size: 48, intermediate_size: 96, num_hidden_layers: 3,
+        num_attention_heads: 4, num_key_value_heads: 2, max_position_embeddings: 256}}
+  tokenizer: {tmp_path / "tokenizer"}
+  vq: {tmp_path / "vq"}
+  num_shared_layers: 1
+  config: {{learn_image_position_embeddings: false, projector_hidden_size: 40}}
+data:
+  understanding: {{load_from_disk: {tmp_path / "understanding"}}}
+  generation: {{load_from_disk: {tmp_path / "generation"}}}
+  eval_understanding: {{load_from_disk: {tmp_path / "understanding"}}}
+  eval_generation: {{load_from_disk: {tmp_path / "generation"}}}
+training:
+  output_dir: {tmp_path / "out"}
+  max_steps: 30
+  per_device_train_batch_size: 4
+  eval_strategy: steps
+  eval_steps: 2
+  save_steps: 2
+  load_best_model_at_end: true
+  early_stopping_patience: 1
+  early_stopping_threshold: 0
+  use_cpu: true
+  report_to: []
+  disable_tqdm: true
+"""
+    )
+    with pytest.raises(ValueError, match="unknown keys \\['early_stopping_threshold'\\]"):
+        load_recipe(str(recipe))
+    recipe.write_text(recipe.read_text().replace("  early_stopping_threshold: 0\n", ""))
+    trainer = run_recipe(str(recipe))
+    model = trainer.model
+    text = model.config.text_config
+    assert (text.model_type, text.hidden_size, text.num_hidden_layers, model.config.num_shared_layers) == (
+        "llama",
+        48,
+        3,
+        1,
+    )
+    assert model.config.projector_hidden_size == 40 and not model.config.learn_image_position_embeddings
+    assert text.vocab_size >= len(model.processor.tokenizer)
+    combined = [log["eval_loss"] for log in trainer.state.log_history if "eval_loss" in log]
+    assert len(combined) >= 2 and trainer.state.best_metric == pytest.approx(min(combined))
+    # patience 1: training stops at the first evaluation that does not improve on the best
+    assert trainer.state.global_step < 30 or all(b < a for a, b in zip(combined, combined[1:]))
+    stopped = trainer.state.global_step < 30
+    assert not stopped or combined[-1] >= min(combined[:-1])

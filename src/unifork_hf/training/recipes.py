@@ -7,14 +7,26 @@ model:                      # one of: path (a UniFork checkpoint) | llm + vq (fo
 data:
   builtin: colours          # or understanding: {...} / generation: {...}, each `datasets.load_dataset`
   num_rows: 128             #   kwargs (path, name, data_files, split, streaming) or {load_from_disk: DIR},
-  generation_ratio: 0.5     #   plus optional *_column names
+  generation_ratio: 0.5     #   plus optional *_column names; eval_understanding / eval_generation the same
   pretokenize_images: true
-training:                   # any UniForkTrainingArguments field
+training:                   # any UniForkTrainingArguments field, and early_stopping_patience (evaluations)
   output_dir: runs/tiny
   max_steps: 200
 image_generation:           # how the trained model samples images: generate_image's defaults, saved in
   guidance_scale: 1.0       #   generation_config.image_generation of every checkpoint (omitted keys: the
   temperature: 0.5          #   model's own, else DEFAULT_IMAGE_GENERATION)
+```
+
+A small model of your own, from scratch: a new random LLM described by its config, your tokenizer and VQ
+(`build_text_tokenizer`, `train_vq_tokenizer`), and further `UniForkConfig` fields:
+
+```yaml
+model:
+  llm: {architecture: qwen2, hidden_size: 128, intermediate_size: 384, num_hidden_layers: 4,
+        num_attention_heads: 4, num_key_value_heads: 2, tie_word_embeddings: true}
+  tokenizer: runs/mine/tokenizer
+  vq: runs/mine/vq
+  config: {learn_image_position_embeddings: true}   # image_size / vq_tile_size: read from the VQ
 ```
 
 Run with `unifork train --recipe FILE`.
@@ -38,10 +50,12 @@ from .trainer import UniForkTrainer, UniForkTrainingArguments
 @dataclass
 class ModelRecipe:
     path: str | None = None
-    llm: str | None = None
+    llm: str | dict | None = None  # a path / Hub id, or a new random LLM's config (with its `architecture`)
     vq: str | None = None
+    tokenizer: str | None = None  # default: the LLM's own (needed with a new random LLM)
     tiny: bool = False
     num_shared_layers: int | None = None
+    config: dict = field(default_factory=dict)  # further UniForkConfig fields
     seed: int = 0
 
 
@@ -51,6 +65,8 @@ class DataRecipe:
     num_rows: int = 128
     understanding: dict | None = None
     generation: dict | None = None
+    eval_understanding: dict | None = None
+    eval_generation: dict | None = None
     generation_ratio: float = 0.5
     pretokenize_images: bool = True
     seed: int = 0
@@ -62,6 +78,7 @@ class Recipe:
     data: DataRecipe = field(default_factory=DataRecipe)
     training: UniForkTrainingArguments | None = None
     image_generation: dict = field(default_factory=dict)
+    early_stopping_patience: int | None = None  # `training.early_stopping_patience`: EarlyStoppingCallback
 
 
 SECTIONS = ("model", "data", "training", "image_generation")
@@ -125,6 +142,9 @@ def load_recipe(path: str, overrides: dict | None = None) -> Recipe:
             f"Recipe section 'image_generation' has unknown keys {unknown}; known: {list(DEFAULT_IMAGE_GENERATION)}."
         )
     training = dict(raw.get("training") or {})
+    patience = _checked(
+        "training", "early_stopping_patience", training.pop("early_stopping_patience", None), int | None
+    )
     if training.get("resume_from_checkpoint") is True:  # YAML `true`: the field is a string
         training["resume_from_checkpoint"] = "true"
     training.setdefault("output_dir", os.path.splitext(os.path.basename(path))[0])
@@ -139,6 +159,7 @@ def load_recipe(path: str, overrides: dict | None = None) -> Recipe:
         data=_dataclass_from(DataRecipe, raw.get("data") or {}, "data"),
         training=arguments,
         image_generation=dict(sampling),
+        early_stopping_patience=patience,
     )
 
 
@@ -152,16 +173,45 @@ def build_model(recipe: ModelRecipe):
         raise ValueError("Recipe model needs exactly one of: `path`, `llm` + `vq`, or `tiny: true`.")
     if recipe.path is not None:
         return UniForkForConditionalGeneration.from_pretrained(recipe.path)
-    if recipe.tiny:  # built in memory: every process of a distributed run builds the same one from the seed
-        torch.manual_seed(recipe.seed)
+    torch.manual_seed(recipe.seed)  # every process of a distributed run builds the same random weights
+    if recipe.tiny:
         llm, vq, tokenizer = tiny_llm(seed=recipe.seed), tiny_vq(seed=recipe.seed), tiny_tokenizer()
     elif recipe.llm is None or recipe.vq is None:
         raise ValueError("Recipe model: `llm` and `vq` go together.")
     else:
-        llm, vq, tokenizer = recipe.llm, recipe.vq, None
+        tokenizer = _load_tokenizer(recipe.tokenizer) if recipe.tokenizer else None
+        llm = _random_llm(recipe.llm, tokenizer) if isinstance(recipe.llm, dict) else recipe.llm
+        vq = recipe.vq
     return UniForkForConditionalGeneration.from_pretrained_llm(
-        llm, vq, tokenizer=tokenizer, num_shared_layers=recipe.num_shared_layers
+        llm, vq, tokenizer=tokenizer, num_shared_layers=recipe.num_shared_layers, **recipe.config
     )
+
+
+def _load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+def _random_llm(spec: dict, tokenizer):
+    """A new causal LM with random weights from `spec`: its `architecture` (a transformers model type such as
+    `qwen2` or `llama`) and config fields; the vocabulary is the tokenizer's."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    spec = dict(spec)
+    architecture = spec.pop("architecture", None)
+    if architecture is None or tokenizer is None:
+        raise ValueError(
+            "Recipe model.llm as a config needs its `architecture` (e.g. qwen2) and a `model.tokenizer` path."
+        )
+    config = AutoConfig.for_model(
+        architecture,
+        vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        **spec,
+    )
+    return AutoModelForCausalLM.from_config(config)
 
 
 def _load_source(spec: dict, task: str):
@@ -204,6 +254,21 @@ def build_dataset(recipe: DataRecipe, processor):
     return pretokenize_images(train, processor) if recipe.pretokenize_images else train
 
 
+def build_eval_datasets(recipe: DataRecipe, processor) -> dict | None:
+    """One prepared eval set per task the recipe names (`eval_understanding`, `eval_generation`), or None."""
+    sets = {}
+    for task, spec, prepare in (
+        ("understanding", recipe.eval_understanding, prepare_understanding),
+        ("generation", recipe.eval_generation, prepare_generation),
+    ):
+        if spec:
+            dataset, columns = _load_source(spec, task)
+            sets[task] = prepare(dataset, processor, **columns)
+            if recipe.pretokenize_images:
+                sets[task] = pretokenize_images(sets[task], processor)
+    return sets or None
+
+
 def run_recipe(path: str, overrides: dict | None = None) -> UniForkTrainer:
     """Train as a recipe says; saves the final model (with processor) to `output_dir`. Every checkpoint states
     its image sampling settings (`generation_config.image_generation`): the recipe's over the model's."""
@@ -211,8 +276,18 @@ def run_recipe(path: str, overrides: dict | None = None) -> UniForkTrainer:
     model = build_model(recipe.model)
     model.generation_config.image_generation = model.image_generation_settings(**recipe.image_generation)
     train_dataset = build_dataset(recipe.data, model.processor)
+    callbacks = []
+    if recipe.early_stopping_patience:
+        from transformers import EarlyStoppingCallback
+
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=recipe.early_stopping_patience))
     trainer = UniForkTrainer(
-        model=model, args=recipe.training, train_dataset=train_dataset, processing_class=model.processor
+        model=model,
+        args=recipe.training,
+        train_dataset=train_dataset,
+        eval_dataset=build_eval_datasets(recipe.data, model.processor),
+        processing_class=model.processor,
+        callbacks=callbacks,
     )
     resume = recipe.training.resume_from_checkpoint  # "true": the output directory's last checkpoint
     trainer.train(resume_from_checkpoint=True if str(resume).lower() == "true" else resume)

@@ -127,3 +127,41 @@ def test_diffusers_pipeline_callbacks_and_offload():
     pipe.enable_model_cpu_offload(device="cpu")
     assert hasattr(pipe.model, "_hf_hook")
     assert torch.equal(pipe(PROMPT, generator=torch.Generator().manual_seed(1), output_type="pt").images, expected)
+
+
+def test_unifork_evaluate_scores_a_users_dataset_with_a_users_judge(demo, tmp_path, monkeypatch, capsys):
+    from datasets import Dataset
+
+    from unifork_hf.cli import main
+    from unifork_hf.evaluation.datasets import evaluate_dataset, load_judge
+
+    (tmp_path / "my_judge.py").write_text(
+        "from unifork_hf.evaluation import detect\n"
+        "def reds(images, rows):\n"
+        "    return {'red': sum(any(d['colour'] == 'red' for d in detect(i)) for i in images) / len(images),\n"
+        "            'rows_seen': len(rows)}\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    red = demo.generate_image(PROMPT, generator=torch.Generator().manual_seed(0), progress_bar=False)[0]
+    rows = Dataset.from_dict(
+        {
+            "image": [red, red, None, None],
+            "question": ["What colour is the circle?", "What shape is it?", None, None],
+            "answer": ["red", "square", None, None],  # the second answer is wrong on purpose
+            "caption": [None, None, PROMPT, "a small red square at the center"],
+        }
+    )
+    rows.save_to_disk(str(tmp_path / "mine"))
+    main(
+        ["evaluate", "--model", unifork_hf.DEMO_CHECKPOINT, "--dataset", str(tmp_path / "mine")]
+        + ["--judge", "my_judge:reds", "--json", str(tmp_path / "m.json")]
+    )
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert metrics["understanding"] == {"exact_match": 0.5, "majority_answer": 0.5, "num_questions": 2}
+    assert metrics["generation"] == {"num_images": 2, "red": 1.0, "rows_seen": 2}
+    with pytest.raises(ValueError, match="'module:function'"):
+        load_judge("my_judge.reds")
+    with pytest.raises(ValueError, match="has no function 'blue'"):
+        load_judge("my_judge:blue")
+    with pytest.raises(ValueError, match="neither question rows"):
+        evaluate_dataset(demo, Dataset.from_dict({"text": ["x"]}), progress_bar=False)

@@ -95,6 +95,10 @@ def cmd_answer(args) -> None:
 def cmd_evaluate(args) -> None:
     import json
 
+    if args.dataset:
+        return _evaluate_own_dataset(args)
+    if args.judge:
+        raise SystemExit("error: --judge needs --dataset (the Shapes benchmark has its own judge).")
     from unifork_hf.data.shapes import shapes_dataset
     from unifork_hf.evaluation.benchmark import evaluate_shapes
 
@@ -115,6 +119,23 @@ def cmd_evaluate(args) -> None:
         print(f"  understanding ({metrics['num_questions']} questions, exact match):")
         for name, scores in (("model", metrics["understanding"]), *metrics["understanding_baselines"].items()):
             print(f"    {name:<9}" + "  ".join(f"{k} {v:.3f}" for k, v in scores.items()))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(metrics, f, indent=2)
+        print(f"written to {args.json}")
+
+
+def _evaluate_own_dataset(args) -> None:
+    import json
+
+    from datasets import load_from_disk
+
+    from unifork_hf.evaluation.datasets import evaluate_dataset, load_judge
+
+    judge = load_judge(args.judge) if args.judge else None
+    model = _load(args.model)
+    metrics = evaluate_dataset(model, load_from_disk(args.dataset), judge=judge, n=args.n, batch_size=args.batch_size)
+    print(json.dumps(metrics, indent=2))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(metrics, f, indent=2)
@@ -284,8 +305,18 @@ def _add_model_commands(commands) -> None:
 
 
 def _add_benchmark_commands(commands) -> None:
-    evaluate = commands.add_parser("evaluate", help="the Shapes benchmark for a checkpoint")
+    evaluate = commands.add_parser(
+        "evaluate", help="score a checkpoint: on a dataset of your own (--dataset), else the Shapes benchmark"
+    )
     evaluate.add_argument("--model", required=True)
+    evaluate.add_argument(
+        "--dataset",
+        default=None,
+        help="a `save_to_disk` folder: rows with image/question/answer (exact match) and/or caption (drawn)",
+    )
+    evaluate.add_argument(
+        "--judge", default=None, help="with --dataset: 'module:function' scoring the drawn images, judge(images, rows)"
+    )
     evaluate.add_argument(
         "--split",
         choices=["test", "heldout", "paraphrase"],

@@ -165,3 +165,31 @@ def test_unifork_evaluate_scores_a_users_dataset_with_a_users_judge(demo, tmp_pa
         load_judge("my_judge:blue")
     with pytest.raises(ValueError, match="neither question rows"):
         evaluate_dataset(demo, Dataset.from_dict({"text": ["x"]}), progress_bar=False)
+
+
+def test_int8_weight_only_quantisation_through_from_pretrained(demo):
+    torchao = pytest.importorskip("torchao", reason="torchao is in the [test] extra")
+    from transformers import TorchAoConfig
+
+    config = TorchAoConfig(torchao.quantization.Int8WeightOnlyConfig())
+    quantised = UniForkForConditionalGeneration.from_pretrained(unifork_hf.DEMO_CHECKPOINT, quantization_config=config)
+
+    def linear_bytes(model):  # of the decoder layers (transformers keeps the output heads in full precision)
+        total = 0
+        for module in model.model.modules():
+            if isinstance(module, torch.nn.Linear):
+                weight = module.weight
+                parts = [weight.qdata, weight.scale] if hasattr(weight, "qdata") else [weight]
+                total += sum(part.numel() * part.element_size() for part in parts)
+        return total
+
+    assert linear_bytes(quantised) < 0.3 * linear_bytes(demo)  # int8 weights + per-row scales vs float32
+    assert type(quantised.model.shared_layers[0].mlp.up_proj.weight).__name__ == "Int8Tensor"
+    codes = quantised.generate_image(
+        PROMPT, generator=torch.Generator().manual_seed(0), progress_bar=False, output_type="tokens"
+    )
+    assert detect(quantised.processor.decode_image_tokens(codes)[0]) == [
+        {"colour": "red", "shape": "circle", "size": "large", "position": "top left"}
+    ]
+    reference = demo.generate_image(PROMPT, generator=torch.Generator().manual_seed(0), output_type="tokens")
+    assert (codes == reference).float().mean() > 0.9  # rounding may flip a draw or two, rarely more

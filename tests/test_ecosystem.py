@@ -193,3 +193,24 @@ def test_int8_weight_only_quantisation_through_from_pretrained(demo):
     ]
     reference = demo.generate_image(PROMPT, generator=torch.Generator().manual_seed(0), output_type="tokens")
     assert (codes == reference).float().mean() > 0.9  # rounding may flip a draw or two, rarely more
+
+
+def test_disk_offloaded_model_draws_and_answers_as_the_loaded_one(demo, tmp_path):
+    from unifork_hf.evaluation import answer_questions
+
+    # a memory budget of 1 MB for the CPU: accelerate puts every weight in offload_folder
+    offloaded = UniForkForConditionalGeneration.from_pretrained(
+        unifork_hf.DEMO_CHECKPOINT, device_map="auto", max_memory={"cpu": "1MB"}, offload_folder=str(tmp_path)
+    )
+    assert set(offloaded.hf_device_map.values()) == {"disk"} and offloaded.device == torch.device("cpu")
+    assert offloaded.model.image_tokenizer.codebook.device.type == "meta"  # nothing held between calls
+    codes = offloaded.generate_image(
+        PROMPT, generator=torch.Generator().manual_seed(0), progress_bar=False, output_type="tokens"
+    )
+    assert torch.equal(
+        codes, demo.generate_image(PROMPT, generator=torch.Generator().manual_seed(0), output_type="tokens")
+    )
+    images = demo.processor.decode_image_tokens(codes)
+    question = ["What colour is the circle?"]
+    assert answer_questions(offloaded, images, question, progress_bar=False) == ["red"]
+    assert offloaded.model.image_tokenizer.codebook.device.type == "meta"  # offloaded again afterwards

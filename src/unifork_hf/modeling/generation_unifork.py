@@ -7,6 +7,7 @@ only `model` (the backbone: `embed_image_codes`, `image_projector`, `image_token
 `generation_head`, `config`, `generation_config` and `processor`.
 """
 
+import functools
 import itertools
 
 import torch
@@ -129,6 +130,33 @@ IMAGE_GENERATE_ARGUMENTS = (
 )
 
 
+def offloaded_parts_loaded(method):
+    """accelerate's offload hooks (`from_pretrained(device_map=..., offload_folder=...)`) load a module's weights
+    only while its forward runs. Generation reads the VQ codebook and the image projector's tables outside
+    their forwards, so those (small) parts are loaded for the whole call; the decoder layers and heads are
+    called through their forwards and stay offloaded between uses."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        if not hasattr(self, "_hf_hook"):  # not dispatched by accelerate: nothing is offloaded
+            return method(self, *args, **kwargs)
+        parts = (self.model.image_tokenizer, self.model.image_projector)
+        hooked = [
+            m for part in parts for m in part.modules() if getattr(getattr(m, "_hf_hook", None), "offload", False)
+        ]
+        for module in hooked:
+            module._hf_hook.pre_forward(module)
+            module._hf_hook.offload = False  # their own forwards inside the call keep them loaded
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            for module in hooked:
+                module._hf_hook.offload = True
+                module._hf_hook.post_forward(module, None)
+
+    return wrapper
+
+
 class UniForkImageGenerationMixin:
     """`generate_image` and its sampling loop, for [`UniForkForConditionalGeneration`]."""
 
@@ -157,7 +185,15 @@ class UniForkImageGenerationMixin:
             )
         return self.processor
 
+    @property
+    def device(self) -> torch.device:
+        """Where the model computes: accelerate's execution device when weights are offloaded (they then sit on
+        the meta device between uses), else the parameters' device."""
+        device = getattr(getattr(self, "_hf_hook", None), "execution_device", None)
+        return torch.device(device) if device is not None else super().device
+
     @torch.no_grad()
+    @offloaded_parts_loaded
     def generate_image(
         self,
         prompt: str | list[str],

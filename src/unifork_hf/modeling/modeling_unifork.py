@@ -31,7 +31,7 @@ from .checks_unifork import (
 )
 from .configuration_unifork import UniForkConfig
 from .forking_unifork import UniForkForkingMixin, llm_building_blocks
-from .generation_unifork import DEFAULT_IMAGE_GENERATION, UniForkImageGenerationMixin
+from .generation_unifork import DEFAULT_IMAGE_GENERATION, UniForkImageGenerationMixin, offloaded_parts_loaded
 from .routing_unifork import GENERATION, UNDERSTANDING, merge_paths, select_rows, task_ids
 from .saving_unifork import UniForkSavingMixin
 from .vq_unifork import UniForkVQImageTokenizer
@@ -373,6 +373,7 @@ class UniForkForConditionalGeneration(
         names = {module: name for name, module in self.named_modules()}
         return {role: names[module] for role, module in self.y_parts().items()}
 
+    @offloaded_parts_loaded
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,

@@ -353,7 +353,8 @@ class UniForkImageGenerationMixin:
         mask = kwargs.pop("attention_mask", None)
         mask = torch.ones_like(input_ids) if mask is None else mask
         # the prompts as text: generate_image wraps each in the chat turn that asks for an image
-        prompts = self.require_processor().batch_decode(input_ids.masked_fill(mask == 0, 0), skip_special_tokens=True)
+        rows = [ids[keep.bool()] for ids, keep in zip(input_ids, mask)]  # without padding (id 0 need not be special)
+        prompts = self.require_processor().batch_decode(rows, skip_special_tokens=True)
         config = kwargs.pop("generation_config", None)
         count = kwargs.pop("num_return_sequences", None) or getattr(config, "num_return_sequences", None) or 1
         wanted = {key: kwargs[key] for key in IMAGE_GENERATE_ARGUMENTS if key in kwargs}

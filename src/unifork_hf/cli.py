@@ -7,6 +7,7 @@ unifork train --recipe configs/tiny-colours.yaml
 unifork evaluate --model DIR --split heldout -n 500 --json metrics.json
 unifork analyze-alignment --model DIR --split test -n 500 -k 10 --out alignment.png
 unifork demo --out demo_out
+unifork serve --model DIR --port 7860
 """
 
 import argparse
@@ -222,6 +223,23 @@ def cmd_demo(args) -> None:
     print(f"\nDone in {time.time() - start:.1f} s. Full benchmark: unifork evaluate --model {DEMO_CHECKPOINT}")
 
 
+def cmd_serve(args) -> None:
+    """The web demo (gradio): generate images, ask about an image."""
+    from unifork_hf import DEMO_CHECKPOINT
+    from unifork_hf.web_demo import build_demo, shapes_examples
+
+    model = _load(args.model or DEMO_CHECKPOINT)
+    prompts, pairs = shapes_examples() if args.model is None else ((), ())
+    demo = build_demo(
+        model,
+        title="UniFork Shapes demo" if args.model is None else f"UniFork: {args.model}",
+        question_first=not args.image_first,
+        prompt_examples=prompts,
+        question_examples=pairs,
+    )
+    demo.launch(server_name=args.host, server_port=args.port, share=False)
+
+
 def cmd_train(args) -> None:
     from unifork_hf.training.recipes import run_recipe
 
@@ -295,6 +313,13 @@ def _add_model_commands(commands) -> None:
         "ask a model the way it was trained",
     )
     answer_parser.set_defaults(run=cmd_answer)
+
+    serve = commands.add_parser("serve", help="a web demo of a checkpoint (gradio): text -> images, image -> answers")
+    serve.add_argument("--model", default=None, help="checkpoint directory (default: the bundled Shapes checkpoint)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    serve.add_argument("--port", type=int, default=7860)
+    serve.add_argument("--image-first", action="store_true", help="ask with the image before the question")
+    serve.set_defaults(run=cmd_serve)
 
     train = commands.add_parser("train", help="train as a YAML recipe says (model, data, training arguments)")
     train.add_argument("--recipe", required=True, help="YAML file, e.g. configs/tiny-colours.yaml")

@@ -471,26 +471,22 @@ def test_two_process_ddp_matches_one_process(tmp_path):
     subprocess.run(
         [sys.executable, script, str(single), "--per-device-batch", "8", *common], check=True, capture_output=True
     )
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--master_port",
-            "29533",
-            script,
-            str(double),
-            "--per-device-batch",
-            "4",
-            *common,
-        ],
-        capture_output=True,
+    # --standalone: a free port of its own (a fixed port can meet another run's rendezvous)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", script]
+    with subprocess.Popen(
+        [*command, str(double), "--per-device-batch", "4", *common],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
         text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    ) as process:
+        try:
+            output, _ = process.communicate(timeout=300)
+        except subprocess.TimeoutExpired:
+            # SIGTERM: the launcher stops its workers (each in a session of its own, out of reach of a killpg)
+            process.terminate()
+            output, _ = process.communicate(timeout=60)
+            pytest.fail(f"2-process training did not finish in 300 s; its output:\n{output[-3000:]}")
+    assert process.returncode == 0, output[-3000:]
     a, b = load_file(single / "final.safetensors"), load_file(double / "final.safetensors")
     for name in a:
         torch.testing.assert_close(a[name], b[name], atol=2e-6, rtol=0, msg=name)

@@ -37,20 +37,20 @@ def pixels(images):
 
 
 def test_draw_gives_generate_image_with_one_seed_per_image(demo_model):
-    caption = shapes_examples(num_prompts=1, num_questions=0)[0][0]
-    shown = draw(demo_model, f"  {caption} ", 3, 1.0, 2.0, 7)
+    captions = shapes_examples(num_prompts=2, num_questions=0)[0]
+    shown = draw(demo_model, f"  {captions[0]} \n\n{captions[1]}\n", 3, 1.0, 2.0, 7)  # one prompt per line
     expected = demo_model.generate_image(
-        caption,
+        captions,
         num_images_per_prompt=3,
         guidance_scale=1.0,
         temperature=2.0,
-        generator=[torch.Generator().manual_seed(7 + i) for i in range(3)],
+        generator=[torch.Generator().manual_seed(7 + i) for i in range(6)],
         progress_bar=False,
     )
     np.testing.assert_array_equal(pixels(shown), pixels(expected))
     # the page's seed is the first image's: image i of seed s is image 0 of seed s + i
-    np.testing.assert_array_equal(pixels(draw(demo_model, caption, 1, 1.0, 2.0, 8)), pixels(shown[1:2]))
-    assert len({image.tobytes() for image in shown}) > 1, "temperature 2 should give different images per seed"
+    np.testing.assert_array_equal(pixels(draw(demo_model, captions[0], 1, 1.0, 2.0, 8)), pixels(shown[1:2]))
+    assert len({image.tobytes() for image in shown[:3]}) > 1, "temperature 2 should give different images per seed"
 
 
 def test_answer_gives_answer_questions(demo_model):
@@ -63,7 +63,7 @@ def test_answer_gives_answer_questions(demo_model):
 @pytest.mark.parametrize(
     "call, message",
     [
-        (lambda m: draw(m, "   ", 1, 1.0, 1.0, 0), "Type a prompt"),
+        (lambda m: draw(m, "  \n ", 1, 1.0, 1.0, 0), "Type a prompt"),
         (lambda m: draw(m, "a circle", 0, 1.0, 1.0, 0), "between 1 and 16, got 0"),
         (lambda m: draw(m, "a circle", 1, 0.5, 1.0, 0), "guidance_scale"),
         (lambda m: draw(m, "a circle", 1, 1.0, 0.0, 0), "temperature"),
@@ -136,13 +136,14 @@ def test_browser_generates_images_and_answers_a_question(demo_model, tmp_path):
         wait = WebDriverWait(driver, 120)
         driver.get(url)
         box = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#prompt textarea"))
-        box.send_keys(prompts[0])
+        box.send_keys(f"{prompts[0]}\n{prompts[1]}")  # two prompts, one per line
         driver.find_element(By.ID, "generate").click()
         shown = wait.until(lambda d: _loaded_images(d, "#gallery img"))
-        assert len(shown) == 4  # the slider's default
-        # the page shows the model's images, seeds 0..3 at the checkpoint's settings
+        assert len(shown) == 8  # 4 per prompt: the slider's default
+        # the page shows the model's images, seeds 0..7 at the checkpoint's settings, each under its prompt
         settings = demo_model.image_generation_settings()
-        expected = draw(demo_model, prompts[0], 4, settings["guidance_scale"], settings["temperature"], 0)
+        expected = draw(demo_model, "\n".join(prompts[:2]), 4, settings["guidance_scale"], settings["temperature"], 0)
+        assert [i.get_attribute("alt") for i in shown] == [prompts[0]] * 4 + [prompts[1]] * 4  # each under its prompt
         served = [Image.open(io.BytesIO(urllib.request.urlopen(i.get_attribute("src")).read())) for i in shown]
         np.testing.assert_array_equal(pixels(served), pixels(expected))
         _screenshot(driver, "web-demo-generate.png")

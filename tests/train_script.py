@@ -90,9 +90,11 @@ def main():
         with open(os.path.join(args.out, "losses.json"), "w") as f:
             json.dump(logs, f)
     if torch.distributed.is_initialized():
-        # tear the process group down before exit: left to the interpreter's shutdown, gloo's threads can abort
-        # a rank ("terminate called without an active exception"), as seen once on a loaded 2-core machine
-        torch.distributed.barrier()
+        # Tear the process group down before exit: left to the interpreter's shutdown, gloo's threads can abort
+        # a rank ("terminate called without an active exception"). No barrier first: a barrier's work object holds
+        # the last all-gather's tensors, and when gloo's thread frees it right as the DDP wrapper is freed, the
+        # process group's destructor joins that thread holding the GIL the thread waits for: a deadlock (torch 2.13,
+        # about 1 run in 4 on 2 cores, rank 1 stuck in ~ProcessGroupGloo <- ~Reducer at exit).
         torch.distributed.destroy_process_group()
 
 

@@ -25,6 +25,7 @@ import torch
 from unifork_hf.evaluation.answers import answer_questions
 
 MAX_IMAGES = 16
+TRACK_TQDM = gr.Progress(track_tqdm=True)  # a handler's default argument: gradio shows generate_image's tqdm bar
 # Images of a few dozen pixels are shown enlarged with sharp pixels (the files served stay the model's own).
 PIXELATED = """<style>
 #gallery img, #image img, .gallery img { image-rendering: pixelated; }
@@ -32,23 +33,23 @@ PIXELATED = """<style>
 </style>"""
 
 
-def draw(model, prompt: str, num_images: int, guidance_scale: float, temperature: float, seed: int):
-    """`num_images` samples of `prompt`, image i drawn with `torch.Generator().manual_seed(seed + i)`
-    (as `unifork generate-image` does), so a seed shown on the page reproduces its images anywhere."""
-    prompt = (prompt or "").strip()
-    if not prompt:
-        raise gr.Error("Type a prompt first, e.g. the kind of caption the model was trained on.")
+def draw(model, prompts: str, num_images: int, guidance_scale: float, temperature: float, seed: int):
+    """`num_images` samples of each prompt (one per line), prompt by prompt; image i of the whole batch is drawn
+    with `torch.Generator().manual_seed(seed + i)` (as `unifork generate-image` does), so a seed shown on the
+    page reproduces its images anywhere."""
+    prompts = [line.strip() for line in (prompts or "").splitlines() if line.strip()]
+    if not prompts:
+        raise gr.Error("Type a prompt first (one per line), e.g. the kind of caption the model was trained on.")
     num_images, seed = int(num_images), int(seed)
     if not 1 <= num_images <= MAX_IMAGES:
-        raise gr.Error(f"Number of images must be between 1 and {MAX_IMAGES}, got {num_images}.")
+        raise gr.Error(f"Images per prompt must be between 1 and {MAX_IMAGES}, got {num_images}.")
     try:
         return model.generate_image(
-            prompt,
+            prompts,
             num_images_per_prompt=num_images,
             guidance_scale=guidance_scale,
             temperature=temperature,
-            generator=[torch.Generator().manual_seed(seed + i) for i in range(num_images)],
-            progress_bar=False,
+            generator=[torch.Generator().manual_seed(seed + i) for i in range(len(prompts) * num_images)],
         )
     except ValueError as error:  # a sampling setting out of range: say which, on the page
         raise gr.Error(str(error)) from error
@@ -87,22 +88,23 @@ def build_demo(
             f"{size}x{size} px images."
         )
         with gr.Tab("Generate images"):
-            prompt = gr.Textbox(label="Prompt", elem_id="prompt")
+            prompt = gr.Textbox(label="Prompts, one per line", lines=2, max_lines=8, elem_id="prompt")
             if prompt_examples:
                 gr.Examples([[p] for p in prompt_examples], [prompt])
             with gr.Row():
-                num_images = gr.Slider(1, MAX_IMAGES, value=4, step=1, label="Images")
+                num_images = gr.Slider(1, MAX_IMAGES, value=4, step=1, label="Images per prompt")
                 guidance = gr.Slider(1.0, 15.0, value=settings["guidance_scale"], step=0.5, label="Guidance (CFG)")
                 temperature = gr.Slider(0.05, 2.0, value=settings["temperature"], step=0.05, label="Temperature")
                 seed = gr.Number(value=0, precision=0, label="Seed")
             generate = gr.Button("Generate", variant="primary", elem_id="generate")
             gallery = gr.Gallery(label="Images", columns=4, format="png", elem_id="gallery")  # png: exact pixels
-            gr.on(
-                [generate.click, prompt.submit],
-                lambda *args: draw(model, *args),
-                [prompt, num_images, guidance, temperature, seed],
-                gallery,
-            )
+
+            def show(prompts, num_images, guidance, temperature, seed, progress=TRACK_TQDM):
+                images = draw(model, prompts, num_images, guidance, temperature, seed)  # its tqdm bar: the progress
+                captions = [line.strip() for line in prompts.splitlines() if line.strip()]
+                return [(image, captions[i // int(num_images)]) for i, image in enumerate(images)]
+
+            generate.click(show, [prompt, num_images, guidance, temperature, seed], gallery)
         with gr.Tab("Ask about an image"):
             with gr.Row():
                 image = gr.Image(type="pil", label="Image", height=256, elem_id="image")

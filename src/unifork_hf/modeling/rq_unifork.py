@@ -1,0 +1,196 @@
+"""The paper's image tokenizer: SigLIP features, residual quantisation over one shared codebook, a pixel decoder.
+
+UniFork (as VILA-U before it) tokenizes an image with a SigLIP vision transformer cut one layer before its end,
+quantises each patch feature with D rounds of nearest-neighbour residual quantisation (one codebook shared by
+every depth: code d is the code vector nearest to what codes 0..d-1 left unexplained), and decodes the sum of the
+D code vectors with a 1x1 conv and a taming-style convolutional decoder. The sum is also what the LLM sees of an
+image, for both tasks. See docs/official/layout.md, section 1, for the official modules this mirrors.
+
+Built from maintained parts: transformers' `SiglipVisionModel` (its bicubic `interpolate_pos_encoding` is the
+official one for grids larger than the position table) and diffusers' VAE `Decoder` (the taming decoder's blocks:
+`ResnetBlock2D`, single-head `Attention`, `Upsample2D`). The quantiser is the one part written here.
+"""
+
+import torch
+from diffusers.models.autoencoders.vae import Decoder
+from torch import nn
+from transformers import SiglipVisionConfig, SiglipVisionModel
+
+# A small configuration (tests, CPU experiments). The paper's is UNIFORK_BASE_RQ_CONFIG.
+DEFAULT_RQ_CONFIG = {
+    "vision_config": {
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "image_size": 32,
+        "patch_size": 8,
+        "vision_use_head": False,
+    },
+    "codebook_size": 256,
+    "depth": 4,
+    "latent_channels": 16,
+    "block_out_channels": [32, 32, 64, 64],
+    "up_block_types": ["AttnUpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D"],
+    "layers_per_block": 1,
+    "norm_num_groups": 16,
+}
+
+# VILA-U's tokenizer as UniFork's configs/config.json sets it: SigLIP-large/16 (256 px position table) run for
+# 23 of its 24 layers, 16,384 codes of 1024 dims shared by 4 depths, decoder ch 128 x [1, 1, 2, 2, 4], attention
+# at the lowest resolution. UniFork feeds it 384 px images: 24 x 24 positions x 4 codes.
+UNIFORK_BASE_RQ_CONFIG = {
+    "vision_config": {
+        "hidden_size": 1024,
+        "intermediate_size": 4096,
+        "num_hidden_layers": 23,
+        "num_attention_heads": 16,
+        "image_size": 256,
+        "patch_size": 16,
+        "vision_use_head": False,
+    },
+    "codebook_size": 16384,
+    "depth": 4,
+    "latent_channels": 256,
+    "block_out_channels": [128, 128, 256, 256, 512],
+    "up_block_types": ["AttnUpDecoderBlock2D"] + ["UpDecoderBlock2D"] * 4,
+    "layers_per_block": 2,
+    "norm_num_groups": 32,
+}
+
+
+class UniForkRQImageTokenizer(nn.Module):
+    """Images <-> `(B, h*w, depth)` residual code ids.
+
+    Images are `(B, 3, H, W)` in [-1, 1]; codes are int64, positions in row-major grid order, then depth. The
+    features are the vision transformer's last layer output before its final norm: build it with the number of
+    layers to run (`num_hidden_layers`: 23 for SigLIP-large's 24, as the official tokenizer uses).
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> tokenizer = UniForkRQImageTokenizer(DEFAULT_RQ_CONFIG)
+    >>> codes = tokenizer.encode(torch.rand(2, 3, 32, 32) * 2 - 1)
+    >>> codes.shape, tokenizer.decode(codes).shape, tokenizer.embed_codes(codes).shape
+    (torch.Size([2, 16, 4]), torch.Size([2, 3, 32, 32]), torch.Size([2, 16, 64]))
+
+    ```
+    """
+
+    def __init__(self, rq_config: dict):
+        super().__init__()
+        config = dict(rq_config)
+        vision = SiglipVisionConfig(**config["vision_config"])
+        self.depth = int(config["depth"])
+        if self.depth < 1:
+            raise ValueError(f"rq_config['depth'] must be >= 1, got {self.depth}.")
+        if len(config["up_block_types"]) != len(config["block_out_channels"]):
+            raise ValueError(
+                f"rq_config: up_block_types ({len(config['up_block_types'])}) and block_out_channels "
+                f"({len(config['block_out_channels'])}) must list the same decoder levels."
+            )
+        self.encoder = SiglipVisionModel(vision)
+        self.codebook_embedding = nn.Embedding(config["codebook_size"], vision.hidden_size)
+        self.post_quant_conv = nn.Conv2d(vision.hidden_size, config["latent_channels"], 1)
+        self.decoder = Decoder(
+            in_channels=config["latent_channels"],
+            out_channels=3,
+            up_block_types=tuple(config["up_block_types"]),
+            block_out_channels=tuple(config["block_out_channels"]),
+            layers_per_block=config["layers_per_block"],
+            norm_num_groups=config["norm_num_groups"],
+        )
+        upsampling = 2 ** (len(config["block_out_channels"]) - 1)
+        if upsampling != vision.patch_size:
+            raise ValueError(
+                f"rq_config: the decoder upsamples x{upsampling} ({len(config['block_out_channels'])} levels) but the "
+                f"encoder's patches are {vision.patch_size} px; they must agree."
+            )
+        self.requires_grad_(False)
+        for module in self.modules():  # trained weights: transformers' post_init must not re-initialise them
+            module._is_hf_initialized = True
+
+    @property
+    def codebook_size(self) -> int:
+        return self.codebook_embedding.num_embeddings
+
+    @property
+    def downsampling_factor(self) -> int:
+        return self.encoder.config.patch_size
+
+    @property
+    def codebook(self) -> torch.Tensor:
+        """The code vectors, `(codebook_size, code_dim)`, shared by every depth."""
+        return self.codebook_embedding.weight
+
+    def check_codes(self, codes: torch.Tensor, name: str = "image token ids") -> None:
+        """Raise naming `name` unless `codes` are integer ids in the codebook with `depth` codes per position."""
+        if codes.is_floating_point():
+            raise TypeError(f"{name} must be integer code ids, got dtype {codes.dtype}.")
+        if codes.ndim < 1 or not 1 <= codes.shape[-1] <= self.depth:
+            raise ValueError(
+                f"{name} must end in a depth dimension of 1..{self.depth}, got shape {tuple(codes.shape)}."
+            )
+        if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= self.codebook_size):
+            raise ValueError(
+                f"{name} must be in 0..{self.codebook_size - 1} (the RQ codebook), "
+                f"got values in {int(codes.min())}..{int(codes.max())}."
+            )
+
+    def embed_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        """Code ids `(..., d)` -> the sum of their `d` code vectors `(..., code_dim)`: the image as the LLM sees it,
+        and the partial reconstruction of the first `d` depths."""
+        self.check_codes(codes)
+        return nn.functional.embedding(codes, self.codebook).sum(-2)
+
+    def features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Images `(B, 3, H, W)` -> patch features `(B, h*w, code_dim)`, before quantisation."""
+        patch = self.downsampling_factor
+        if (
+            pixel_values.ndim != 4
+            or pixel_values.shape[1] != 3
+            or pixel_values.shape[-1] % patch + pixel_values.shape[-2] % patch
+        ):
+            raise ValueError(
+                f"pixel_values must have shape (batch, 3, height, width) with sides multiples of {patch} (the patch), "
+                f"got {tuple(pixel_values.shape)}."
+            )
+        output = self.encoder(
+            pixel_values.to(self.codebook.dtype), output_hidden_states=True, interpolate_pos_encoding=True
+        )
+        return output.hidden_states[-1]  # the last layer run, before post_layernorm (which the tokenizer skips)
+
+    def quantize(self, features: torch.Tensor, depth: int | None = None) -> torch.Tensor:
+        """Residual quantisation: features `(..., code_dim)` -> code ids `(..., depth)`; at every depth the code
+        vector nearest (squared L2) to what the previous codes left."""
+        depth = self.depth if depth is None else depth
+        codebook = self.codebook
+        squared_norms = codebook.pow(2).sum(-1)
+        residual, codes = features, []
+        for _ in range(depth):
+            distance = squared_norms - 2 * residual @ codebook.T  # + |residual|^2, the same for every code
+            codes.append(distance.argmin(-1))
+            residual = residual - codebook[codes[-1]]
+        return torch.stack(codes, -1)
+
+    @torch.no_grad()
+    def encode(self, pixel_values: torch.Tensor, depth: int | None = None) -> torch.Tensor:
+        """Images `(B, 3, H, W)` in [-1, 1] -> code ids `(B, h*w, depth)`."""
+        return self.quantize(self.features(pixel_values), depth)
+
+    @torch.no_grad()
+    def decode(self, codes: torch.Tensor, grid_size: tuple[int, int] | None = None) -> torch.Tensor:
+        """Code ids `(B, h*w, d)` (any d <= depth: the first d depths) -> images `(B, 3, H, W)` in [-1, 1]."""
+        if codes.ndim != 3:
+            raise ValueError(f"image token ids must have shape (batch, h*w, depth), got {tuple(codes.shape)}.")
+        if grid_size is None:
+            side = int(round(codes.shape[1] ** 0.5))
+            if side * side != codes.shape[1]:
+                raise ValueError(f"{codes.shape[1]} image positions do not form a square grid; pass `grid_size`.")
+            grid_size = (side, side)
+        latents = self.embed_codes(codes).transpose(1, 2).reshape(codes.shape[0], -1, *grid_size)
+        return self.decoder(self.post_quant_conv(latents))
+
+
+__all__ = ["UniForkRQImageTokenizer", "DEFAULT_RQ_CONFIG", "UNIFORK_BASE_RQ_CONFIG"]

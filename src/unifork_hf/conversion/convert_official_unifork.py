@@ -79,51 +79,93 @@ def _listed(keys) -> str:
     return f"{keys[:10]}{' ...' if len(keys) > 10 else ''} ({len(keys)} in all)"
 
 
-def convert_rq_tokenizer_state_dict(official: dict, tokenizer) -> dict:
-    """The official `RQVAESiglipModel` state dict (as saved by VILA-U / UniFork, with or without its
-    `rqvaesiglip.` or `model.vision_tower.vision_tower.rqvaesiglip.` prefix) -> a state dict for `tokenizer`
-    (a `UniForkRQImageTokenizer` of the same geometry). Keys of the depth head (`rqtransformer.*`) are not
-    this function's: pass them to the depth head's converter."""
-    prefixes = [p for p in TOKENIZER_PREFIXES if p + "post_quant_conv.weight" in official]
-    if not prefixes:
+def _strip_prefix(official: dict, prefixes, anchor: str, what: str) -> dict:
+    """The keys under the first of `prefixes` that holds `anchor`, without the prefix."""
+    found = [p for p in prefixes if p + anchor in official]
+    if not found:
         raise KeyError(
-            "official tokenizer state dict: no `post_quant_conv.weight` under any known prefix "
-            f"{[p or '(none)' for p in TOKENIZER_PREFIXES]}; is this an RQVAESigLIP checkpoint?"
+            f"official {what} state dict: no `{anchor}` under any known prefix "
+            f"{[p or '(none)' for p in prefixes]}; is this a checkpoint of the official {what}?"
         )
-    state = {k.removeprefix(prefixes[0]): v for k, v in official.items() if k.startswith(prefixes[0])}
-    state = {k: v for k, v in state.items() if not k.startswith("rqtransformer.") and ".rqtransformer." not in k}
-    expected = tokenizer.state_dict()
-    layers_run, levels = tokenizer.encoder.config.num_hidden_layers, len(tokenizer.decoder.up_blocks)
+    return {k.removeprefix(found[0]): v for k, v in official.items() if k.startswith(found[0])}
+
+
+def _convert(state: dict, module, ours_for, what: str, adapt=lambda ours, tensor: tensor) -> dict:
+    """Every key of `state` -> `ours_for(key)` (None: read by no official forward, dropped; a name `module` lacks:
+    unexpected), `adapt`ed, shape-checked; raises naming the unexpected, duplicated, reshaped or missing keys."""
+    expected = module.state_dict()
     converted, source, unexpected = {}, {}, []
     for key, tensor in state.items():
-        ours = _tokenizer_key(key, layers_run, levels)
+        ours = ours_for(key)
         if ours is None:
-            alias = re.fullmatch(r"quantizer\.codebooks\.[1-9]\d*\.weight", key)
-            if alias and not torch.equal(tensor, state.get("quantizer.codebooks.0.weight", tensor[:0])):
-                raise ValueError(
-                    f"official key {key!r} differs from quantizer.codebooks.0.weight: this converter supports "
-                    "the shared codebook (shared_codebook=true) only."
-                )
             continue
         if ours not in expected:
             unexpected.append(key)
             continue
         if ours in converted:
             raise KeyError(f"official keys {source[ours]!r} and {key!r} both map to {ours!r}.")
-        if ours == "codebook_embedding.weight" and len(tensor) == len(expected[ours]) + 1:
-            tensor = tensor[:-1]  # the last official row is padding, never chosen
-        elif ".attentions." in ours and tensor.ndim == 4:
-            tensor = tensor[..., 0, 0]  # taming's 1x1 convs are diffusers' linear layers
+        tensor = adapt(ours, tensor)
         if tuple(tensor.shape) != tuple(expected[ours].shape):
             raise ValueError(
                 f"official key {key!r} has shape {tuple(tensor.shape)}; {ours!r} needs {tuple(expected[ours].shape)}."
             )
         converted[ours], source[ours] = tensor, key
     if unexpected:
-        raise KeyError(
-            f"official tokenizer keys with no place in UniForkRQImageTokenizer: {_listed(sorted(unexpected))}."
-        )
+        raise KeyError(f"official {what} keys with no place in {type(module).__name__}: {_listed(sorted(unexpected))}.")
     missing = sorted(set(expected) - set(converted))
     if missing:
-        raise KeyError(f"UniForkRQImageTokenizer weights with no official source: {_listed(missing)}.")
+        raise KeyError(f"{type(module).__name__} weights with no official source: {_listed(missing)}.")
     return converted
+
+
+def convert_rq_tokenizer_state_dict(official: dict, tokenizer) -> dict:
+    """The official `RQVAESiglipModel` state dict (as saved by VILA-U / UniFork, with or without its
+    `rqvaesiglip.` or `model.vision_tower.vision_tower.rqvaesiglip.` prefix) -> a state dict for `tokenizer`
+    (a `UniForkRQImageTokenizer` of the same geometry). Keys of the depth head (`rqtransformer.*`) are not
+    this function's: see `convert_depth_head_state_dict`."""
+    state = _strip_prefix(official, TOKENIZER_PREFIXES, "post_quant_conv.weight", "RQVAESigLIP tokenizer")
+    state = {k: v for k, v in state.items() if not k.startswith("rqtransformer.") and ".rqtransformer." not in k}
+    codebook = state.get("quantizer.codebooks.0.weight")
+    for key, tensor in state.items():
+        if re.fullmatch(r"quantizer\.codebooks\.[1-9]\d*\.weight", key) and not torch.equal(tensor, codebook):
+            raise ValueError(
+                f"official key {key!r} differs from quantizer.codebooks.0.weight: this converter supports "
+                "the shared codebook (shared_codebook=true) only."
+            )
+    rows = tokenizer.codebook_size
+
+    def adapt(ours, tensor):
+        if ours == "codebook_embedding.weight" and len(tensor) == rows + 1:
+            return tensor[:-1]  # the last official row is padding, never chosen
+        if ".attentions." in ours and tensor.ndim == 4:
+            return tensor[..., 0, 0]  # taming's 1x1 convs are diffusers' linear layers
+        return tensor
+
+    layers_run, levels = tokenizer.encoder.config.num_hidden_layers, len(tokenizer.decoder.up_blocks)
+    return _convert(state, tokenizer, lambda key: _tokenizer_key(key, layers_run, levels), "tokenizer", adapt)
+
+
+DEPTH_HEAD_PREFIXES = ("model.vision_tower.vision_tower.rqtransformer.", "rqtransformer.", "")
+DEPTH_HEAD_NAMES = (
+    (r"pos_emb_d", "depth_position"),
+    (r"in_mlp_1\.", "code_in."),
+    (r"in_mlp_2\.", "hidden_in."),
+    (r"head_transformer\.blocks\.", "blocks."),
+    (r"classifier_mlp\.layer_norm\.", "norm."),
+    (r"classifier_mlp\.linear\.", "classifier."),
+)
+
+
+def convert_depth_head_state_dict(official: dict, head) -> dict:
+    """The official `RQTransformer` state dict (`rqtransformer.*` of a VILA-U / UniFork vision tower, with or
+    without that prefix) -> a state dict for `head` (a `UniForkDepthHead` of the same geometry). The block
+    internals keep their official names (ln1, attn_in_proj, attn.query/key/value/proj, attn_out_proj, ln2, mlp)."""
+    state = _strip_prefix(official, DEPTH_HEAD_PREFIXES, "pos_emb_d", "RQTransformer depth head")
+
+    def ours_for(key):
+        for pattern, replacement in DEPTH_HEAD_NAMES:
+            if re.match(pattern, key):
+                return re.sub("^" + pattern, replacement, key)
+        return ""
+
+    return _convert(state, head, ours_for, "depth head")

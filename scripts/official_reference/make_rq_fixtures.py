@@ -1,10 +1,11 @@
-"""Record the official RQ image tokenizer's outputs on a tiny instance, as tests/fixtures/official_rq_tokenizer.pt.
+"""Record the official RQ image tokenizer's and depth head's outputs on a tiny instance, as
+tests/fixtures/official_rq_tokenizer.pt and tests/fixtures/official_rq_depth_head.pt.
 
 Runs the official UniFork code (tliby/UniFork @ 2c5b757, not committed here) in its own environment:
 
     git --git-dir=<mirror of tliby/UniFork> archive HEAD | tar x -C /tmp/uf_src
     python3 -m venv /tmp/ufvenv && /tmp/ufvenv/bin/pip install torch==2.13.0 transformers==4.45.0 pillow
-    UF_SRC=/tmp/uf_src /tmp/ufvenv/bin/python scripts/official_reference/make_rq_tokenizer_fixture.py
+    UF_SRC=/tmp/uf_src /tmp/ufvenv/bin/python scripts/official_reference/make_rq_fixtures.py
 
 The weights are not stored: every official tensor is `official_weight(key, shape)` below (seeded by its name), so the
 test rebuilds the same official state dict from the recorded key list, converts it and compares outputs. Stored:
@@ -30,7 +31,7 @@ setup()
 from rqvaesigliptransformer import RQVAESIGLIPTransformer, RQVAESIGLIPTransformerConfig  # noqa: E402
 from rqvaesigliptransformer.rqvaesiglip import modules  # noqa: E402
 
-OUT = os.path.join(HERE, "..", "..", "tests", "fixtures", "official_rq_tokenizer.pt")
+FIXTURES = os.path.join(HERE, "..", "..", "tests", "fixtures")
 
 
 def main():
@@ -111,11 +112,26 @@ def main():
             z = tower.post_quant_conv(summed.permute(0, 3, 1, 2))
             record[f"images_{side}"], record[f"codes_{side}"] = images, codes
             record[f"summed_{side}"], record[f"pixels_{side}"] = summed, tower.decoder(z)
-    torch.save(record, OUT)
-    print(
-        f"wrote {OUT}: {len(shapes)} keys, "
-        + ", ".join(f"{k} {tuple(v.shape)}" for k, v in record.items() if torch.is_tensor(v))
-    )
+    torch.save(record, os.path.join(FIXTURES, "official_rq_tokenizer.pt"))
+
+    # the depth head (rqtransformer; its blocks are 896 wide whatever the config: a constant in the official code)
+    depth_head = model.rqtransformer.eval()
+    head_shapes = {key: list(value.shape) for key, value in depth_head.state_dict().items()}
+    depth_head.load_state_dict({key: official_weight("rqtransformer." + key, s) for key, s in head_shapes.items()})
+    head_record = {"shapes": head_shapes, "head_config": head}
+    with torch.no_grad():
+        hidden = torch.randn(2, 3, 896)
+        codes = record["codes_4"].reshape(2, 16, 4)[:, :3]
+        head_record["hidden"], head_record["codes"] = hidden, codes
+        head_record["logits"] = depth_head(hidden, codes, tower)  # teacher forcing: (2, 3, 4, 1024)
+        torch.manual_seed(123)
+        cfg_hidden = torch.randn(4, 1, 896)  # rows 0-1 conditional, 2-3 unconditional
+        summed, sampled = depth_head.generate(cfg_hidden, tower, cfg=3.0)  # temperature 1, top-k 900, top-p 0.96
+        head_record["cfg_hidden"], head_record["cfg_codes"], head_record["cfg_summed"] = cfg_hidden, sampled, summed
+    torch.save(head_record, os.path.join(FIXTURES, "official_rq_depth_head.pt"))
+    for name, r in (("tokenizer", record), ("depth head", head_record)):
+        tensors = ", ".join(f"{k} {tuple(v.shape)}" for k, v in r.items() if torch.is_tensor(v))
+        print(f"{name}: {len(r['shapes'])} keys, {tensors}")
 
 
 if __name__ == "__main__":

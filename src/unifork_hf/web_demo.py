@@ -33,11 +33,16 @@ PIXELATED = """<style>
 </style>"""
 
 
+def prompt_lines(text: str | None) -> list[str]:
+    """The prompts of the text box: one per non-blank line."""
+    return [line.strip() for line in (text or "").splitlines() if line.strip()]
+
+
 def draw(model, prompts: str, num_images: int, guidance_scale: float, temperature: float, seed: int):
     """`num_images` samples of each prompt (one per line), prompt by prompt; image i of the whole batch is drawn
     with `torch.Generator().manual_seed(seed + i)` (as `unifork generate-image` does), so a seed shown on the
     page reproduces its images anywhere."""
-    prompts = [line.strip() for line in (prompts or "").splitlines() if line.strip()]
+    prompts = prompt_lines(prompts)
     if not prompts:
         raise gr.Error("Type a prompt first (one per line), e.g. the kind of caption the model was trained on.")
     num_images, seed = int(num_images), int(seed)
@@ -101,7 +106,7 @@ def build_demo(
 
             def show(prompts, num_images, guidance, temperature, seed, progress=TRACK_TQDM):
                 images = draw(model, prompts, num_images, guidance, temperature, seed)  # its tqdm bar: the progress
-                captions = [line.strip() for line in prompts.splitlines() if line.strip()]
+                captions = prompt_lines(prompts)
                 return [(image, captions[i // int(num_images)]) for i, image in enumerate(images)]
 
             generate.click(show, [prompt, num_images, guidance, temperature, seed], gallery)

@@ -19,16 +19,42 @@ def test_base_preset_is_the_paper_geometry():
     assert (text.num_hidden_layers, text.hidden_size, text.intermediate_size) == (24, 896, 4864)
     assert (text.num_attention_heads, text.num_key_value_heads) == (14, 2)
     assert config.num_shared_layers == 12
-    assert (config.image_size, config.image_grid_size, config.codebook_size) == (256, 16, 16384)
-    assert config.tie_word_embeddings
+    # the official code runs VILA-U's tokenizer at 384 px: 24 x 24 positions x 4 residual codes of 16,384
+    assert (config.image_size, config.image_grid_size, config.image_depth, config.codebook_size) == (384, 24, 4, 16384)
+    assert config.rq_config["vision_config"]["num_hidden_layers"] == 23 and config.code_dim == 1024
+    assert config.depth_head_config == {"width": 896, "attention_width": 3584, "num_heads": 32, "num_layers": 6}
+    assert config.tie_word_embeddings and config.vq_config is None
+
+
+def depth_head_parameters(hidden, code_dim, codebook, depth, width, attention_width, num_heads, num_layers) -> int:
+    """The official rqtransformer's parameters, from its layer list (docs/official/layout.md section 2.1)."""
+    linear = lambda i, o: i * o + o  # noqa: E731
+    block = (
+        4 * width  # ln_1, ln_2
+        + linear(width, attention_width)  # attn_in_proj
+        + 4 * linear(attention_width, attention_width)  # query, key, value, proj
+        + linear(attention_width, width)  # attn_out_proj
+        + linear(width, 4 * width)
+        + linear(4 * width, width)  # mlp
+    )
+    return (
+        linear(hidden, width)
+        + linear(code_dim, width)
+        + depth * width
+        + num_layers * block
+        + 2 * width
+        + linear(width, codebook)
+    )
 
 
 def test_base_preset_parameter_count_on_meta_device():
+    """The paper's model, part by part (the README's table)."""
     config = UniForkConfig.from_preset("unifork-base")
     with torch.device("meta"):
         model = UniForkForConditionalGeneration(config)
     count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
     inner = model.model
+    tokenizer = inner.image_tokenizer
     parts = {
         "embeddings (tied LM head)": count(inner.embed_tokens),
         "shared": count(inner.shared_layers),
@@ -36,15 +62,19 @@ def test_base_preset_parameter_count_on_meta_device():
         "generation": count(inner.generation_layers) + count(inner.generation_norm),
         "generation_head": count(model.generation_head),
         "projector": count(inner.image_projector),
-        "vq": count(inner.image_tokenizer),
+        "tokenizer": count(tokenizer),
     }
     layer = 14_912_384  # one Qwen2.5-0.5B decoder layer
     assert parts["shared"] == 12 * layer
     assert parts["understanding"] == parts["generation"] == 12 * layer + 896
     assert parts["embeddings (tied LM head)"] == 151936 * 896
-    assert parts["generation_head"] == 896 * 16384
+    assert parts["generation_head"] == depth_head_parameters(896, 1024, 16384, 4, 896, 3584, 32, 6) == 401_936_896
+    assert parts["projector"] == (1024 * 896 + 896) + (896 * 896 + 896)  # the official mm_projector
+    # SigLIP-large's 23 layers run, the shared codebook, post_quant_conv, the decoder (the official counts)
+    assert (count(tokenizer.encoder), count(tokenizer.codebook_embedding)) == (290_764_800, 16_777_216)
+    assert (count(tokenizer.post_quant_conv), count(tokenizer.decoder)) == (262_400, 42_449_795)
     assert model.lm_head.weight is inner.embed_tokens.weight
-    assert model.num_parameters() == sum(parts.values())
+    assert model.num_parameters() == sum(parts.values()) == 1_426_895_491
     print({k: f"{v / 1e6:.1f}M" for k, v in parts.items()}, f"total {model.num_parameters() / 1e6:.1f}M")
 
 

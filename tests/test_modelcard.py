@@ -10,10 +10,12 @@ from conftest import tiny_model
 from diffusers import VQModel
 from huggingface_hub import EvalResult, HfApi, ModelCard
 from huggingface_hub.errors import EntryNotFoundError
+from test_config import depth_head_parameters
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from unifork_hf import UniForkConfig, UniForkForConditionalGeneration
 from unifork_hf.modeling.modelcard_unifork import MODEL_CARD_MARKER, build_model_card
+from unifork_hf.modeling.rq_unifork import UniForkRQImageTokenizer
 
 DEFAULT_TAGS = ["unifork", "image-generation", "multimodal", "custom_code"]
 
@@ -33,15 +35,20 @@ def expected_counts(config: UniForkConfig) -> dict:
     text = config.text_config
     h, k, num_layers = text.hidden_size, config.num_shared_layers, text.num_hidden_layers
     with torch.device("meta"):
-        vq = sum(p.numel() for p in VQModel(**config.vq_config).parameters())
+        tokenizer = UniForkRQImageTokenizer(config.rq_config) if config.rq_config else VQModel(**config.vq_config)
+        vq = sum(p.numel() for p in tokenizer.parameters())
+    head = h * config.codebook_size
+    if config.rq_config:
+        head = depth_head_parameters(
+            h, config.code_dim, config.codebook_size, config.image_depth, **config.depth_head_config
+        )
     counts = {
         "embeddings": text.vocab_size * h,
         "shared": k * qwen2_layer(text),
         "branch": (num_layers - k) * qwen2_layer(text) + h,  # layers + final norm
         "lm_head": 0 if config.tie_word_embeddings else text.vocab_size * h,
-        "generation_head": h * config.codebook_size,
-        "projector": (config.vq_config["vq_embed_dim"] + 1) * config.projector_hidden_size
-        + (config.projector_hidden_size + 1) * h,
+        "generation_head": head,
+        "projector": (config.code_dim + 1) * config.projector_hidden_size + (config.projector_hidden_size + 1) * h,
         "vq": vq,
     }
     counts["total"] = sum(counts.values()) + counts["branch"]  # two branches
@@ -168,7 +175,9 @@ def test_card_counts_of_the_base_preset():
     assert rows["shared layers (layers 0..11)"] == expected["shared"] == 178_948_608
     assert rows["understanding branch (layers 12..23 + norm)"] == expected["branch"] == 178_949_504
     assert rows["LM head (tied to the embeddings)"] == 0
-    assert rows["total"] == expected["total"] == model.num_parameters() == 755_099_275
+    assert rows["generation head (depth transformer: 6 blocks of width 896, 4 codes × 16,384)"] == 401_936_896
+    assert rows["RQ image tokenizer (frozen)"] == expected["vq"] == 350_254_211
+    assert rows["total"] == expected["total"] == model.num_parameters() == 1_426_895_491
     assert "K = 12 (layers shared by both tasks); branch depth L − K = 12 (layers per task)" in card.text
     assert card.data.to_dict() == {
         "library_name": "transformers",

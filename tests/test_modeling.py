@@ -6,6 +6,7 @@ from conftest import tiny_config, tiny_model
 from safetensors.torch import load_file, save_file
 
 from unifork_hf import GENERATION, UNDERSTANDING, UniForkForConditionalGeneration
+from unifork_hf.modeling.vq_unifork import image_tokenizer_from_checkpoint
 
 IMG = 500  # image placeholder id of tiny_config
 N = 16  # image tokens of tiny_config
@@ -166,7 +167,7 @@ def test_tiled_vq_codes_depend_on_their_own_tile_only(tmp_path):
     # the tile size survives save/load, for the model and for the processor-side loader
     model.save_pretrained(tmp_path)
     assert UniForkForConditionalGeneration.from_pretrained(tmp_path).model.image_tokenizer.tile_size == 8
-    assert type(vq).from_checkpoint(tmp_path).tile_size == 8
+    assert image_tokenizer_from_checkpoint(tmp_path).tile_size == 8
     with pytest.raises(ValueError, match="vq_tile_size must be a positive multiple"):
         tiny_config(image_size=16, vq_tile_size=6)
     with pytest.raises(ValueError, match="multiples of the VQ tile size 8"):
@@ -226,7 +227,7 @@ def test_checkpoint_without_vq_weights_raises(tmp_path):
         metadata={"format": "pt"},
     )
     (tmp_path / "weights.sha256").unlink()  # (a checkpoint saved by other code: no checksums to check)
-    with pytest.raises(ValueError, match="lacks the VQ image tokenizer weights"):
+    with pytest.raises(ValueError, match="lacks the image tokenizer weights"):
         UniForkForConditionalGeneration.from_pretrained(tmp_path)
 
 
@@ -258,7 +259,7 @@ def test_bad_inputs_raise_clear_errors():
         model(input_ids=ids, image_ids=torch.randint(0, 64, (2, N)))
     with pytest.raises(ValueError, match=r"in 0\.\.63 \(the VQ codebook\)"):
         model(input_ids=ids, image_ids=torch.full((1, N), 64))
-    with pytest.raises(ValueError, match=r"image_ids must have shape \(num_images, 16\)"):
+    with pytest.raises(ValueError, match=r"image_ids must be integer codes of shape \(num_images, 16\)"):
         model(input_ids=ids, image_ids=torch.zeros(1, 9, dtype=torch.long))
     with pytest.raises(ValueError, match="no pixel_values or image_ids"):
         model(input_ids=ids)

@@ -152,7 +152,7 @@ def test_images_to_tokens_and_back_through_the_attached_vq(built_model):
     assert torch.equal(codes, nearest)
     bare = copy.copy(processor)
     bare.image_tokenizer = None
-    with pytest.raises(ValueError, match="needs the VQ image tokenizer"):
+    with pytest.raises(ValueError, match="needs the image tokenizer"):
         bare.encode_images(images)
 
 

@@ -51,12 +51,14 @@ def check_image_placeholders(input_ids, image_ids: torch.Tensor, config) -> torc
             "can hold them: build the model with from_pretrained_llm (which adds the image "
             "tokens to the tokenizer) or set image_token_id, boi_token_id and eoi_token_id."
         )
-    if image_ids.ndim != 2 or image_ids.shape[1] != config.num_image_tokens:
+    expected = (config.num_image_tokens,) if config.rq_config is None else (config.num_image_tokens, config.image_depth)
+    if tuple(image_ids.shape[1:]) != expected or image_ids.is_floating_point():
         raise ValueError(
-            f"image_ids must have shape (num_images, {config.num_image_tokens}), got {tuple(image_ids.shape)}."
+            f"image_ids must be integer codes of shape (num_images, {', '.join(map(str, expected))}), got "
+            f"{image_ids.dtype} of shape {tuple(image_ids.shape)}."
         )
     is_image = input_ids == config.image_token_id
-    if int(is_image.sum()) != image_ids.numel():
+    if int(is_image.sum()) != image_ids.shape[0] * config.num_image_tokens:
         raise ValueError(
             f"input_ids hold {int(is_image.sum())} image tokens (id {config.image_token_id}) but "
             f"{image_ids.shape[0]} image(s) x {config.num_image_tokens} tokens were given: the number of "

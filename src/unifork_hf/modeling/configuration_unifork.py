@@ -36,24 +36,59 @@ _QWEN25_05B = {
     "tie_word_embeddings": True,
 }
 
-# A LlamaGen-style VQGAN: 256 px images, downsampling 16 -> 16x16 codes, 16384-entry codebook of dim 8.
-_VQ_256_F16 = {
-    "in_channels": 3,
-    "out_channels": 3,
-    "down_block_types": ["DownEncoderBlock2D"] * 5,
-    "up_block_types": ["UpDecoderBlock2D"] * 5,
-    "block_out_channels": [128, 128, 256, 256, 512],
-    "layers_per_block": 2,
-    "latent_channels": 256,
-    "num_vq_embeddings": 16384,
-    "vq_embed_dim": 8,
-    "norm_num_groups": 32,
-    "sample_size": 256,
+# A small configuration (tests, CPU experiments). The paper's is UNIFORK_BASE_RQ_CONFIG.
+DEFAULT_RQ_CONFIG = {
+    "vision_config": {
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "image_size": 32,
+        "patch_size": 8,
+        "vision_use_head": False,
+    },
+    "codebook_size": 256,
+    "depth": 4,
+    "latent_channels": 16,
+    "block_out_channels": [32, 32, 64, 64],
+    "up_block_types": ["AttnUpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D"],
+    "layers_per_block": 1,
+    "norm_num_groups": 16,
 }
 
+# VILA-U's tokenizer as UniFork's configs/config.json sets it: SigLIP-large/16 (256 px position table) run for
+# 23 of its 24 layers, 16,384 codes of 1024 dims shared by 4 depths, decoder ch 128 x [1, 1, 2, 2, 4], attention
+# at the lowest resolution. UniFork feeds it 384 px images: 24 x 24 positions x 4 codes.
+UNIFORK_BASE_RQ_CONFIG = {
+    "vision_config": {
+        "hidden_size": 1024,
+        "intermediate_size": 4096,
+        "num_hidden_layers": 23,
+        "num_attention_heads": 16,
+        "image_size": 256,
+        "patch_size": 16,
+        "vision_use_head": False,
+    },
+    "codebook_size": 16384,
+    "depth": 4,
+    "latent_channels": 256,
+    "block_out_channels": [128, 128, 256, 256, 512],
+    "up_block_types": ["AttnUpDecoderBlock2D"] + ["UpDecoderBlock2D"] * 4,
+    "layers_per_block": 2,
+    "norm_num_groups": 32,
+}
+
+
 PRESETS = {
-    # The paper's model: Qwen2.5-0.5B split at K = L/2 = 12, 256 px images as 16x16 codes.
-    "unifork-base": {"text_config": _QWEN25_05B, "vq_config": _VQ_256_F16, "num_shared_layers": 12},
+    # The paper's model: Qwen2.5-0.5B split at K = L/2 = 12; VILA-U's RQ tokenizer on 384 px images (as the official
+    # code runs it: 24x24 positions x 4 codes of 16,384); the official 6-block depth head.
+    "unifork-base": {
+        "text_config": _QWEN25_05B,
+        "rq_config": UNIFORK_BASE_RQ_CONFIG,
+        "image_size": 384,
+        "depth_head_config": {"width": 896, "attention_width": 3584, "num_heads": 32, "num_layers": 6},
+        "num_shared_layers": 12,
+    },
     # A few MB: for tests and quick experiments.
     "unifork-tiny": {
         "text_config": {
@@ -71,6 +106,25 @@ PRESETS = {
         "num_shared_layers": 2,
     },
 }
+# The same LLM with the small RQ tokenizer: 32 px images as 4x4 positions x 4 codes.
+PRESETS["unifork-tiny-rq"] = {
+    **{k: v for k, v in PRESETS["unifork-tiny"].items() if k != "vq_config"},
+    "rq_config": DEFAULT_RQ_CONFIG,
+}
+
+
+# The RQ depth head's shape when `depth_head_config` leaves a key out: blocks as wide as the LLM, two of them.
+# (The paper's head is 6 blocks with a 4x wider attention: see the unifork-base preset.)
+def default_depth_head_config(text_config) -> dict:
+    return {
+        "width": text_config.hidden_size,
+        "attention_width": text_config.hidden_size,
+        "num_heads": text_config.num_attention_heads,
+        "num_layers": 2,
+    }
+
+
+RQ_CONFIG_KEYS = ("vision_config", "codebook_size", "depth", "latent_channels", "block_out_channels", "up_block_types")
 
 
 def vq_downsampling_factor(vq_config: dict) -> int:
@@ -89,7 +143,19 @@ class UniForkConfig(PreTrainedConfig):
         text_config (`dict` or `PreTrainedConfig`, *optional*):
             Config of the decoder-only LLM (Qwen2, Llama, ...). Defaults to a Qwen2 config.
         vq_config (`dict`, *optional*):
-            Keyword arguments of the diffusers `VQModel` that tokenizes images.
+            Keyword arguments of the diffusers `VQModel` that tokenizes images: one code per position, predicted
+            by a linear generation head. The default image tokenizer (`DEFAULT_VQ_CONFIG`) unless `rq_config`
+            is given.
+        rq_config (`dict`, *optional*):
+            The paper's image tokenizer instead ([`UniForkRQImageTokenizer`]): SigLIP features, residual
+            quantisation into `depth` codes per position over one shared codebook, a convolutional pixel
+            decoder. Keys: `vision_config` (a `SiglipVisionConfig`'s), `codebook_size`, `depth`,
+            `latent_channels`, `block_out_channels`, `up_block_types`, `layers_per_block`, `norm_num_groups`.
+            Image ids are then `(num_images, num_image_tokens, depth)`, the LLM reads the sum of a position's
+            code vectors, and the generation head is a [`UniForkDepthHead`].
+        depth_head_config (`dict`, *optional*):
+            With `rq_config`: the depth head's `width`, `attention_width`, `num_heads` and `num_layers`.
+            Missing keys: the LLM's hidden size (both widths) and attention heads, 2 layers.
         num_shared_layers (`int`, *optional*):
             K, the fork point, in 0..L. Defaults to L // 2. K = L is a fully shared model, K = 0 two
             task-specific stacks that share only the embeddings.
@@ -139,6 +205,8 @@ class UniForkConfig(PreTrainedConfig):
 
     text_config: dict | PreTrainedConfig | None = None
     vq_config: dict | None = None
+    rq_config: dict | None = None
+    depth_head_config: dict | None = None
     num_shared_layers: int | None = None
     vq_tile_size: int | None = None
     image_size: int | None = None
@@ -177,9 +245,16 @@ class UniForkConfig(PreTrainedConfig):
         if text.tie_word_embeddings:
             self.tie_word_embeddings = True
 
-        self.vq_config = {k: v for k, v in (self.vq_config or DEFAULT_VQ_CONFIG).items() if not k.startswith("_")}
-        self._resolve_image_geometry()
-        self._check_shapes_divide()
+        if self.rq_config is not None:
+            self._resolve_rq()
+        else:
+            if self.depth_head_config is not None:
+                raise ValueError(
+                    "depth_head_config is for the RQ image tokenizer: pass rq_config too, or leave it out."
+                )
+            self.vq_config = {k: v for k, v in (self.vq_config or DEFAULT_VQ_CONFIG).items() if not k.startswith("_")}
+            self._resolve_image_geometry()
+            self._check_shapes_divide()
         if self.projector_hidden_size is None:
             self.projector_hidden_size = text.hidden_size
         if self.projector_hidden_size < 1:
@@ -188,6 +263,79 @@ class UniForkConfig(PreTrainedConfig):
             token_id = getattr(self, name)
             if token_id is not None and not 0 <= token_id < text.vocab_size:
                 raise ValueError(f"{name} must be in 0..{text.vocab_size - 1} (the text vocabulary), got {token_id}.")
+
+    def _resolve_rq(self):
+        """The RQ tokenizer's geometry and the depth head's shape, with the defaults filled in, checked."""
+        if self.vq_config is not None:
+            raise ValueError("Pass either vq_config (a VQModel) or rq_config (the RQ tokenizer), not both.")
+        if self.vq_tile_size is not None:
+            raise ValueError("vq_tile_size tiles a VQModel's input; the RQ tokenizer (rq_config) has no tiles.")
+        if self.learn_image_code_embeddings:
+            raise ValueError(
+                "learn_image_code_embeddings is for a VQ's one code per position; with rq_config the LLM reads the "
+                "sum of a position's code vectors, as the paper does."
+            )
+        rq = self.rq_config = dict(self.rq_config)
+        missing = [key for key in RQ_CONFIG_KEYS if key not in rq]
+        if missing:
+            raise ValueError(f"rq_config lacks {missing} (see DEFAULT_RQ_CONFIG), got keys {sorted(rq)}.")
+        vision = rq["vision_config"]
+        vision = vision.to_dict() if hasattr(vision, "to_dict") else dict(vision)
+        rq["vision_config"] = vision
+        patch, hidden, heads = (
+            vision.get("patch_size", 16),
+            vision.get("hidden_size", 768),
+            vision.get("num_attention_heads", 12),
+        )
+        if hidden % heads:
+            raise ValueError(
+                f"rq_config vision_config: hidden_size {hidden} must be a multiple of num_attention_heads {heads}."
+            )
+        if rq["depth"] < 1 or rq["codebook_size"] < 1:
+            raise ValueError(
+                f"rq_config: depth and codebook_size must be >= 1, got {rq['depth']} and {rq['codebook_size']}."
+            )
+        levels = len(rq["block_out_channels"])
+        if len(rq["up_block_types"]) != levels or 2 ** (levels - 1) != patch:
+            raise ValueError(
+                f"rq_config: the decoder's {levels} levels (block_out_channels, up_block_types: {len(rq['up_block_types'])}) "
+                f"must upsample x{patch}, the encoder's patch size: {patch.bit_length()} levels."
+            )
+        groups = rq.get("norm_num_groups", 32)
+        if any(channels % groups for channels in rq["block_out_channels"]):
+            raise ValueError(
+                f"rq_config: every block_out_channels entry {rq['block_out_channels']} must be a multiple of "
+                f"norm_num_groups ({groups})."
+            )
+        if self.image_size is None:
+            self.image_size = vision.get("image_size", 224)
+        if self.image_size < patch or self.image_size % patch:
+            raise ValueError(
+                f"image_size must be a positive multiple of the RQ encoder's patch size {patch}, got {self.image_size}."
+            )
+        self._check_derived("image_grid_size", self.image_size // patch, f"image_size // {patch} (the patch size)")
+        self._check_derived("codebook_size", rq["codebook_size"], "rq_config['codebook_size']")
+        self._resolve_depth_head()
+
+    def _resolve_depth_head(self):
+        text = self.text_config
+        head = {**default_depth_head_config(text), **(self.depth_head_config or {})}
+        unknown = sorted(set(head) - set(default_depth_head_config(text)))
+        if unknown:
+            raise ValueError(
+                f"depth_head_config: unknown keys {unknown}; known: {sorted(default_depth_head_config(text))}."
+            )
+        if min(head.values()) < 1 or head["attention_width"] % head["num_heads"]:
+            raise ValueError(
+                f"depth_head_config: sizes must be positive and attention_width a multiple of num_heads, got {head}."
+            )
+        self.depth_head_config = head
+
+    def _check_derived(self, name: str, expected: int, what: str):
+        if getattr(self, name) is None:
+            setattr(self, name, expected)
+        if getattr(self, name) != expected:
+            raise ValueError(f"{name} must be {what} = {expected}, got {getattr(self, name)}.")
 
     def _resolve_image_geometry(self):
         """Image size, VQ tile, code grid and codebook size: the defaults the VQ implies, and checks that they agree."""
@@ -260,6 +408,18 @@ class UniForkConfig(PreTrainedConfig):
         return self.image_grid_size**2
 
     @property
+    def image_depth(self) -> int:
+        """Codes per image position: the RQ tokenizer's depth, 1 for a VQ."""
+        return self.rq_config["depth"] if self.rq_config is not None else 1
+
+    @property
+    def code_dim(self) -> int:
+        """Width of a code vector, the image projector's input."""
+        if self.rq_config is not None:
+            return self.rq_config["vision_config"].get("hidden_size", 768)
+        return self.vq_config["vq_embed_dim"]
+
+    @property
     def num_branch_layers(self) -> int:
         """Depth of each branch of the Y: L - K."""
         return self.text_config.num_hidden_layers - self.num_shared_layers
@@ -268,15 +428,16 @@ class UniForkConfig(PreTrainedConfig):
     def from_preset(cls, name: str, **overrides) -> "UniForkConfig":
         """Build a config from a named preset; keyword arguments override its fields.
 
-        Presets: `"unifork-base"` (the paper: Qwen2.5-0.5B geometry, K=12, 256 px images as
-        16x16 codes of a 16384-entry codebook) and `"unifork-tiny"` (a few MB, for tests).
+        Presets: `"unifork-base"` (the paper: Qwen2.5-0.5B geometry, K=12, VILA-U's RQ tokenizer on 384 px
+        images as 24x24 positions x 4 codes of a 16,384-entry codebook, a 6-block depth head), `"unifork-tiny"`
+        (a few MB, VQ tokenizer, for tests) and `"unifork-tiny-rq"` (the same with a small RQ tokenizer).
 
         Example:
 
         ```python
         >>> config = UniForkConfig.from_preset("unifork-base")
-        >>> config.num_shared_layers, config.image_grid_size, config.codebook_size
-        (12, 16, 16384)
+        >>> config.num_shared_layers, config.image_grid_size, config.image_depth, config.codebook_size
+        (12, 24, 4, 16384)
 
         ```
         """

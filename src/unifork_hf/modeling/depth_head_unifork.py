@@ -69,6 +69,17 @@ class UniForkDepthHead(nn.Module):
         self.norm = nn.LayerNorm(width)
         self.classifier = nn.Linear(width, codebook_size)
 
+    @classmethod
+    def from_config(cls, config) -> "UniForkDepthHead":
+        """The head of a `UniForkConfig` with an `rq_config`."""
+        return cls(
+            config.text_config.hidden_size,
+            config.code_dim,
+            config.codebook_size,
+            config.image_depth,
+            **config.depth_head_config,
+        )
+
     def forward(self, hidden: torch.Tensor, code_vectors: torch.Tensor) -> torch.Tensor:
         given = code_vectors.shape[-2]
         if given >= self.depth or code_vectors.shape[:-2] != hidden.shape[:-1]:
@@ -81,6 +92,13 @@ class UniForkDepthHead(nn.Module):
         for block in self.blocks:
             x = block(x)
         return self.classifier(self.norm(x)).reshape(*hidden.shape[:-1], given + 1, -1)
+
+    def teacher_forced(self, hidden: torch.Tensor, codes: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+        """Training's logits `(..., depth, codebook_size)`: slot d given the true codes 0..d-1 of `codes` `(..., depth)`,
+        the position `hidden` predicts (-100 where there is none: zero vectors, e.g. after an image's last position)."""
+        prefix = codes[..., :-1]
+        vectors = nn.functional.embedding(prefix.clamp(min=0), codebook.to(hidden.dtype))
+        return self(hidden, vectors * (prefix >= 0).unsqueeze(-1))
 
     def sample(self, hidden: torch.Tensor, codebook: torch.Tensor, pick) -> torch.Tensor:
         """Codes `(..., depth)` for `hidden` `(..., hidden_size)`: at each depth `pick(logits (..., codebook_size),

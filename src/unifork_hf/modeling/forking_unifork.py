@@ -2,7 +2,8 @@
 
 The LLM's embeddings, layers 0..K-1 (shared), layers K..L-1 with the final norm (understanding branch) and LM
 head are loaded as they are; layers K..L-1 and the final norm are copied once more into the generation branch.
-The image projector and the generation head are new; the VQ is the given diffusers `VQModel`.
+The image projector and the generation head are new; the image tokenizer is the given diffusers `VQModel` or
+[`UniForkRQImageTokenizer`].
 """
 
 import os
@@ -15,6 +16,7 @@ from transformers.utils import logging
 from .configuration_unifork import UniForkConfig, vq_downsampling_factor
 from .image_processing_unifork import UniForkImageProcessorPil
 from .processing_unifork import BOI_TOKEN, EOI_TOKEN, IMAGE_TOKEN, UniForkProcessor
+from .rq_unifork import UniForkRQImageTokenizer
 
 IMAGE_TOKENS = (IMAGE_TOKEN, BOI_TOKEN, EOI_TOKEN)
 # The image geometry `unifork_hf.training.train_vq_tokenizer` records in a VQ's config (diffusers keeps `_` keys
@@ -28,11 +30,13 @@ def fork_llm(model_class, llm, vq_model, tokenizer=None, num_shared_layers: int 
     """A `model_class` (UniForkForConditionalGeneration) built from `llm` and `vq_model`, with its processor
     attached; see `UniForkForConditionalGeneration.from_pretrained_llm`."""
     llm, vq_model, tokenizer = _load(llm, vq_model, tokenizer)
-    config_kwargs = _image_geometry(vq_model, config_kwargs)
+    if isinstance(vq_model, UniForkRQImageTokenizer):
+        config_kwargs = {**config_kwargs, "rq_config": vq_model.rq_config}
+    else:
+        config_kwargs = {**_image_geometry(vq_model, config_kwargs), "vq_config": dict(vq_model.config)}
     image_token_id, boi_token_id, eoi_token_id = _add_image_tokens(tokenizer, llm)
     config = UniForkConfig(
         text_config=llm.config.get_text_config().to_dict(),
-        vq_config=dict(vq_model.config),
         num_shared_layers=num_shared_layers,
         image_token_id=image_token_id,
         boi_token_id=boi_token_id,
@@ -54,7 +58,10 @@ def fork_llm(model_class, llm, vq_model, tokenizer=None, num_shared_layers: int 
             f"(missing {missing[:3]}, unexpected {unexpected[:3]}). Expected a Llama-style causal LM "
             "with `model.embed_tokens`, `model.layers.*`, `model.norm` and `lm_head`."
         )
-    model.model.image_tokenizer.vq.load_state_dict(vq_model.state_dict())
+    tokenizer_part = model.model.image_tokenizer
+    (tokenizer_part if isinstance(vq_model, UniForkRQImageTokenizer) else tokenizer_part.vq).load_state_dict(
+        vq_model.state_dict()
+    )
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.suppress_tokens = [image_token_id]  # image positions are filled, never written
@@ -115,7 +122,8 @@ class UniForkForkingMixin:
         Args:
             llm: a causal LM (`*ForCausalLM`) or the path/Hub id of one. A passed model has its
                 embeddings resized in place if the new tokens do not fit.
-            vq_model: a diffusers `VQModel` or the path/Hub id of one.
+            vq_model: the image tokenizer: a diffusers `VQModel` or a [`UniForkRQImageTokenizer`] (the paper's
+                residual-quantised one), or the path/Hub id of either (saved with `save_pretrained`).
             tokenizer: the LLM's tokenizer; loaded from `llm` when that is a path.
             num_shared_layers: K, the fork point (default L // 2).
             config_kwargs: further [`UniForkConfig`] fields (e.g. `image_size`).
@@ -169,10 +177,28 @@ def _load(llm, vq_model, tokenizer):
     if tokenizer is None:
         raise ValueError("Pass the LLM's `tokenizer` (it is only loaded automatically when `llm` is a path).")
     if isinstance(vq_model, (str, os.PathLike)):
-        vq_model = VQModel.from_pretrained(vq_model)
-    if not isinstance(vq_model, VQModel):
-        raise TypeError(f"vq_model must be a diffusers VQModel or a path to one, got {type(vq_model).__name__}.")
+        vq_model = _load_image_tokenizer(vq_model)
+    if not isinstance(vq_model, (VQModel, UniForkRQImageTokenizer)):
+        raise TypeError(
+            "vq_model must be a diffusers VQModel, a UniForkRQImageTokenizer or a path to one, "
+            f"got {type(vq_model).__name__}."
+        )
     return llm, vq_model, tokenizer
+
+
+def _load_image_tokenizer(path):
+    """A saved image tokenizer: a UniForkRQImageTokenizer (its config.json holds an `rq_config`) or a VQModel."""
+    import json
+
+    from diffusers import VQModel
+    from huggingface_hub import hf_hub_download
+
+    config_file = (
+        os.path.join(path, "config.json") if os.path.isdir(path) else hf_hub_download(str(path), "config.json")
+    )
+    with open(config_file) as f:
+        is_rq = "rq_config" in json.load(f)
+    return UniForkRQImageTokenizer.from_pretrained(path) if is_rq else VQModel.from_pretrained(path)
 
 
 def _image_geometry(vq_model, config_kwargs: dict) -> dict:

@@ -166,7 +166,7 @@ class UniForkImageGenerationMixin:
     @property
     def processor(self):
         """The processor `generate_image` tokenizes text prompts and decodes images with (None until attached).
-        Attaching one gives it the model's VQ image tokenizer, the one copy of the VQ, in place of its own."""
+        Attaching one gives it the model's image tokenizer, the one copy of it, in place of its own."""
         return self.__dict__.get("_processor")
 
     @processor.setter
@@ -215,7 +215,9 @@ class UniForkImageGenerationMixin:
 
         Each step runs the conditional and the unconditional (empty or negative prompt) sequences as
         one batch, mixes their logits as `uncond + guidance_scale * (cond - uncond)`, then samples
-        with temperature / top-k / top-p (transformers' logits processors).
+        with temperature / top-k / top-p (transformers' logits processors). With the RQ tokenizer the
+        depth head draws a position's codes one depth after another, with the same guidance and warpers
+        at every depth; both sequences go on with the conditional draw.
 
         The sampling settings left as None come from the checkpoint: `generation_config.image_generation`
         (a dict that training recipes write, since the settings that work depend on the model), then
@@ -233,7 +235,7 @@ class UniForkImageGenerationMixin:
             generator: a `torch.Generator`, or one per image: with one per image, every image is the
                 same whatever else is in the batch.
             output_type: `"pil"` (list of PIL images), `"pt"` (`(N, 3, H, W)` in [0, 1]) or `"tokens"`
-                (`(N, num_image_tokens)` VQ code ids).
+                (code ids: `(N, num_image_tokens)` for a VQ, `(N, num_image_tokens, depth)` for the RQ tokenizer).
             max_batch_size: at most this many images per forward batch (before doubling for CFG).
             jacobi_window: speculative Jacobi decoding: each forward verifies up to `jacobi_window - 1`
                 drafted codes and keeps the accepted ones, so an image takes fewer forwards; the codes
@@ -277,6 +279,11 @@ class UniForkImageGenerationMixin:
         if (jacobi_window or 1) > 1 and "sliding_attention" in self.model.layer_types:
             # rejected drafts are undone by rewinding the cache, which a sliding window may already have evicted past
             raise NotImplementedError("jacobi_window needs full-attention layers; this model has sliding-window ones.")
+        if (jacobi_window or 1) > 1 and self.config.rq_config is not None:
+            raise NotImplementedError(
+                f"jacobi_window drafts one code per position; this model draws {self.config.image_depth} residual codes "
+                "per position with its depth head (RQ tokenizer). Leave jacobi_window at None."
+            )
         processor = self.require_processor()
 
         prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
@@ -439,28 +446,32 @@ class UniForkImageGenerationMixin:
         full_mask = torch.cat([attention_mask, attention_mask.new_ones((attention_mask.shape[0], num_tokens))], 1)
         prompt_positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         first_image_position = prompt_positions[:, -1:] + 1  # of image token 0, per row (left padding)
-        # Every code's input embedding (VQ codebook vector through the projector), computed once;
-        # a fed code adds its grid position's embedding, if the model has them.
-        code_embeddings = self.model.embed_image_codes(torch.arange(codebook_size, device=self.device))
-        grid_embeddings = self.model.image_projector.position_embeddings
-        codes = input_ids.new_empty((num_images, num_tokens))
-        drafts = codes.new_empty((num_images, 0))  # codes proposed for the places after the last sampled one
+        depth_head = self.config.rq_config is not None  # RQ: `depth` codes per position, drawn by the depth head
+        # A VQ code's input embedding (codebook vector through the projector), computed once for every code.
+        code_embeddings = (
+            None if depth_head else self.model.embed_image_codes(torch.arange(codebook_size, device=self.device))
+        )
+        codes = input_ids.new_empty((num_images, num_tokens, *([self.config.image_depth] if depth_head else [])))
+        drafts = codes[:, :0]  # codes proposed for the places after the last sampled one
         draft_probs = torch.empty((num_images, 0, codebook_size), device=self.device)  # what each was drawn from
 
-        n = 0  # codes sampled so far
+        n = 0  # positions sampled so far
         step_inputs = {"input_ids": input_ids, "position_ids": prompt_positions}
         while n < num_tokens:
             num_drafts = drafts.shape[1]
             # the distributions of places n .. n + num_drafts: (num_images, num_drafts + 1, codebook)
             # (the prefill, and Jacobi's shorter last windows, run eagerly: a compiled step has one shape)
-            forward = compiled_forward if n > 0 and num_drafts + 1 == window else self._generation_logits
-            scores = forward(step_inputs, full_mask, cache, num_drafts + 1).float().flatten(0, 1)
-            history = codes[:, :n] if not num_drafts else codes.new_empty((scores.shape[0] // (1 + guided), 0))
-            for processor in processors:  # (not LogitsProcessorList: it inspects signatures every call)
-                scores = processor(history, scores)
-            probs = scores.softmax(-1).view(num_images, num_drafts + 1, codebook_size)
-
-            accepted, next_codes = _verify_drafts(probs, drafts, draft_probs, generator)
+            forward = compiled_forward if n > 0 and num_drafts + 1 == window else self._generation_step
+            output = forward(step_inputs, full_mask, cache, num_drafts + 1)
+            if depth_head:
+                accepted, next_codes = 0, self._sample_position_codes(output[:, -1], processors, generator, guided)
+            else:
+                scores = output.float().flatten(0, 1)
+                history = codes[:, :n] if not num_drafts else codes.new_empty((scores.shape[0] // (1 + guided), 0))
+                for processor in processors:  # (not LogitsProcessorList: it inspects signatures every call)
+                    scores = processor(history, scores)
+                probs = scores.softmax(-1).view(num_images, num_drafts + 1, codebook_size)
+                accepted, next_codes = _verify_drafts(probs, drafts, draft_probs, generator)
             codes[:, n : n + accepted] = drafts[:, :accepted]
             codes[:, n + accepted] = next_codes
             n += accepted + 1
@@ -473,18 +484,25 @@ class UniForkImageGenerationMixin:
             # Roll the cache back to the codes kept (the last one is fed next), then draft the next window.
             if num_drafts > accepted:
                 cache.crop(-(num_drafts - accepted))  # static layers: the next forward overwrites those slots
-            drafts, draft_probs = _next_drafts(probs, accepted, min(window, num_tokens - n) - 1, generator)
-            num_drafts = drafts.shape[1]
+            if window > 1:
+                drafts, draft_probs = _next_drafts(probs, accepted, min(window, num_tokens - n) - 1, generator)
             fed = torch.cat([codes[:, n - 1 : n], drafts], 1)
-            places = torch.arange(n - 1, n + num_drafts, device=self.device)
-            embeds = code_embeddings[fed]
-            if grid_embeddings is not None:  # a code's grid place is its index among the image tokens
-                embeds = embeds + grid_embeddings[places]
+            places = torch.arange(n - 1, n + drafts.shape[1], device=self.device)
+            embeds = self._embed_fed_codes(fed, places, code_embeddings)
             step_inputs = {
                 "inputs_embeds": torch.cat([embeds, embeds]) if guided else embeds,
                 "position_ids": first_image_position + places,
             }
         return codes
+
+    def _embed_fed_codes(self, fed, places, code_embeddings):
+        """The input embeddings of the codes fed next, at their places in the code grid: a VQ's from the table of
+        every code's embedding (`code_embeddings`), plus the place's; an RQ position's from its codes' vectors."""
+        if code_embeddings is None:
+            return self.model.embed_image_codes(fed, places)
+        grid_embeddings = self.model.image_projector.position_embeddings
+        embeds = code_embeddings[fed]
+        return embeds if grid_embeddings is None else embeds + grid_embeddings[places]
 
     def _decoding_setup(self, input_ids, attention_mask, compile):
         """The prompts (left-padded further when compiled), the step function and the `StaticCache` it fills."""
@@ -497,7 +515,7 @@ class UniForkImageGenerationMixin:
             )
         if not compile:
             cache = StaticCache(config=self.config.text_config, max_cache_len=prompt_length + num_tokens)
-            return input_ids, attention_mask, self._generation_logits, cache
+            return input_ids, attention_mask, self._generation_step, cache
         # One compiled step runs with one cache (its tensors' addresses are baked in): left-pad the prompt
         # to a multiple of 64 so that prompts of other lengths reuse both.
         padded_length = min(-(-prompt_length // 64) * 64, max_positions - num_tokens if max_positions else 2**31)
@@ -507,15 +525,33 @@ class UniForkImageGenerationMixin:
         compiled_forward, cache = self._compiled_decoding(compile, input_ids.shape[0], padded_length + num_tokens)
         return input_ids, attention_mask, compiled_forward, cache
 
-    def _generation_logits(self, step_inputs, attention_mask, cache, num_positions):
-        """One cached forward along the generation path -> generation-head logits of the last `num_positions` places."""
+    def _generation_step(self, step_inputs, attention_mask, cache, num_positions):
+        """One cached forward along the generation path, for the last `num_positions` places: the linear generation
+        head's logits, or with the RQ depth head the hidden states it samples from (its loop over depth runs after)."""
         hidden = self.model(
             **step_inputs, attention_mask=attention_mask, cache=cache, use_cache=True, task="generation"
-        ).last_hidden_state
-        return self.generation_head(hidden[:, -num_positions:])
+        ).last_hidden_state[:, -num_positions:]
+        return hidden if self.config.rq_config is not None else self.generation_head(hidden)
+
+    def _sample_position_codes(self, hidden, processors, generator, guided):
+        """The RQ depth head's codes `(num_images, depth)` for one position: at every depth CFG and the warpers on
+        its logits, then a draw (one generator per image where given); the unconditional rows go on with the
+        conditional rows' codes, as the official sampler does."""
+        codebook = self.model.image_tokenizer.codebook.to(hidden.dtype)
+        no_history = torch.empty((hidden.shape[0] // (1 + guided), 0), dtype=torch.long, device=hidden.device)
+
+        def pick(logits, depth):
+            scores = logits.float()
+            for processor in processors:
+                scores = processor(no_history, scores)
+            chosen = _multinomial(scores.softmax(-1), generator)
+            return torch.cat([chosen, chosen]) if guided else chosen
+
+        codes = self.generation_head.sample(hidden, codebook, pick)
+        return codes[: codes.shape[0] // 2] if guided else codes
 
     def _compiled_decoding(self, compile, batch_rows, cache_length):
-        """`torch.compile`d `_generation_logits` and the `StaticCache` it runs with, reused while the compile
+        """`torch.compile`d `_generation_step` and the `StaticCache` it runs with, reused while the compile
         config, the batch shape and the weights stay the same (`_weights_fingerprint`)."""
         config = compile if isinstance(compile, CompileConfig) else self._default_decoding_compile_config()
         fingerprint = self._weights_fingerprint()
@@ -523,8 +559,8 @@ class UniForkImageGenerationMixin:
         state = getattr(self, "_decoding_state", None)
         if state is None or state["key"] != key or not torch.equal(state["fingerprint"], fingerprint):
             if state is not None:  # drop the compiled code of older weights (it holds a frozen copy of them)
-                torch._dynamo.eval_frame.reset_code(self._generation_logits.__code__)
-            compiled = torch.compile(self._generation_logits, **config.to_dict())
+                torch._dynamo.eval_frame.reset_code(self._generation_step.__code__)
+            compiled = torch.compile(self._generation_step, **config.to_dict())
             # Dynamo reads `freezing` from inductor's global config when it traces (any call may retrace),
             # so `options` alone does not freeze; and inductor would print every GEMM autotuning table.
             # The patch is built once: entering a ready one costs ~10 us a step, building one ~70.

@@ -167,21 +167,44 @@ def _summary(model, base_hub, base_local) -> str:
     forked = f" forked from {', '.join(source)}" if source else ""
     return (
         f"A [UniFork](https://arxiv.org/abs/2506.17202) model{forked}: one autoregressive model that "
-        "**understands images** (image → text, `generate`) and **generates images** (text → VQ image tokens, "
+        "**understands images** (image → text, `generate`) and **generates images** (text → image tokens, "
         "`generate_image`). Its decoder is Y-shaped: the first K layers are shared by both tasks, the last "
         "L − K layers exist twice, once per task.\n\n"
         f"- LLM: `{text.model_type}`, L = {num_layers} layers, hidden size {text.hidden_size}, "
         f"vocabulary {text.vocab_size:,}\n"
         f"- fork point K = {k} (layers shared by both tasks); "
-        f"branch depth L − K = {num_layers - k} (layers per task)\n"
+        f"branch depth L − K = {num_layers - k} (layers per task)\n" + _images_line(config)
+    )
+
+
+def _images_line(config) -> str:
+    grid = f"{config.image_grid_size}×{config.image_grid_size}"
+    if config.rq_config is not None:
+        return (
+            f"- images: {config.image_size}×{config.image_size} px, tokenized by a SigLIP encoder and residual "
+            f"quantisation into a {grid} grid ({config.num_image_tokens} tokens per image) of {config.image_depth} "
+            f"codes each, from one codebook of {config.codebook_size:,} codes; a depth head draws a position's codes"
+        )
+    return (
         f"- images: {config.image_size}×{config.image_size} px, tokenized by a VQ into a "
-        f"{config.image_grid_size}×{config.image_grid_size} code grid ({config.num_image_tokens} tokens per image) "
+        f"{grid} code grid ({config.num_image_tokens} tokens per image) "
         f"over a codebook of {config.codebook_size:,} codes"
         + (
             f", each {config.vq_tile_size}×{config.vq_tile_size}-px tile encoded on its own"
             if config.vq_tile_size
             else ""
         )
+    )
+
+
+def _generation_head_label(config) -> str:
+    hidden = config.text_config.hidden_size
+    if config.rq_config is None:
+        return f"generation head ({hidden} × {config.codebook_size})"
+    head = config.depth_head_config
+    return (
+        f"generation head (depth transformer: {head['num_layers']} blocks of width {head['width']}, "
+        f"{config.image_depth} codes × {config.codebook_size:,})"
     )
 
 
@@ -193,7 +216,6 @@ def _architecture(model) -> str:
     lm_head = "LM head"
     if part["understanding_head"].weight is part["embeddings"].weight:
         lm_head += " (tied to the embeddings)"
-    hidden = config.text_config.hidden_size
     branches = _layers(k, num_layers) + " + norm"
     frozen = "" if any(p.requires_grad for p in part["image_tokenizer"].parameters()) else " (frozen)"
     parts = [
@@ -202,9 +224,9 @@ def _architecture(model) -> str:
         (f"understanding branch ({branches})", ["understanding_layers", "understanding_norm"]),
         (f"generation branch ({branches})", ["generation_layers", "generation_norm"]),
         (lm_head, ["understanding_head"]),
-        (f"generation head ({hidden} × {config.codebook_size})", ["generation_head"]),
+        (_generation_head_label(config), ["generation_head"]),
         ("image projector", ["image_projector"]),
-        ("VQ image tokenizer" + frozen, ["image_tokenizer"]),
+        (("RQ" if config.rq_config is not None else "VQ") + " image tokenizer" + frozen, ["image_tokenizer"]),
     ]
     seen = set()
     rows = [(label, _count([part[role] for role in roles], seen)) for label, roles in parts]
@@ -213,18 +235,22 @@ def _architecture(model) -> str:
         rows.append(("other", other))
     total = sum(count for _, count in rows)
     table = "\n".join(f"| {name} | {count:,} |" for name, count in rows)
+    if config.rq_config is None:
+        code, head = "VQ code vector", "over the VQ codebook"
+    else:
+        code, head = "sum of a position's RQ code vectors", f"depth head: {config.image_depth} codes per position"
     return (
         "## Architecture\n\n"
         "```\n"
         " text tokens + image tokens\n"
         "          |\n"
-        f"   {name['embeddings']} / {name['image_projector']} (VQ code vector -> Linear -> GELU -> Linear)\n"
+        f"   {name['embeddings']} / {name['image_projector']} ({code} -> Linear -> GELU -> Linear)\n"
         "          |\n"
         f"   shared {_layers(0, k)}\n"
         "        /        \\\n"
         f" understanding {_layers(k, num_layers)}     generation {_layers(k, num_layers)}\n"
         f" {name['understanding_norm']} + {name['understanding_head']}    "
-        f"{name['generation_norm']} + {name['generation_head']} (over the VQ codebook)\n"
+        f"{name['generation_norm']} + {name['generation_head']} ({head})\n"
         "```\n\n"
         "Parameters (each tensor counted once):\n\n"
         "| part | parameters |\n| --- | ---: |\n"

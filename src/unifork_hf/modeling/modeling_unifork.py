@@ -3,7 +3,10 @@
     text tokens + image tokens -> embeddings / image projector
         -> shared layers 0..K-1
         -> understanding layers K..L-1 -> understanding_norm -> lm_head          (text)
-        -> generation layers K..L-1    -> generation_norm    -> generation_head  (VQ codes)
+        -> generation layers K..L-1    -> generation_norm    -> generation_head  (image codes)
+
+The generation head is a linear layer over the codebook for a VQ (one code per image position), or with the
+paper's RQ tokenizer a small depth transformer that predicts a position's `depth` residual codes one by one.
 
 The decoder layers, rotary embedding and norm are the source LLM's own classes from transformers.
 """
@@ -30,11 +33,13 @@ from .checks_unifork import (
     check_text_labels,
 )
 from .configuration_unifork import UniForkConfig
+from .depth_head_unifork import UniForkDepthHead
 from .forking_unifork import UniForkForkingMixin, llm_building_blocks
 from .generation_unifork import DEFAULT_IMAGE_GENERATION, UniForkImageGenerationMixin, offloaded_parts_loaded
+from .loss_unifork import image_codes_at_positions, shifted_cross_entropy
 from .routing_unifork import GENERATION, UNDERSTANDING, merge_paths, select_rows, task_ids
 from .saving_unifork import UniForkSavingMixin
-from .vq_unifork import UniForkVQImageTokenizer
+from .vq_unifork import image_tokenizer_from_config
 
 
 @dataclass
@@ -47,7 +52,8 @@ class UniForkModelOutputWithPast(ModelOutput):
         hidden_states: with `output_hidden_states`, the embeddings then the output of every layer on
             each sample's path (K shared + L-K branch layers), before the final norm.
         task: `(B,)` task ids (0 understanding, 1 generation).
-        image_ids: `(num_images, num_image_tokens)` VQ codes of the input images, if any.
+        image_ids: the image codes of the input images, if any: `(num_images, num_image_tokens)` for a VQ,
+            `(num_images, num_image_tokens, depth)` for the RQ tokenizer.
     """
 
     last_hidden_state: torch.FloatTensor | None = None
@@ -65,7 +71,9 @@ class UniForkCausalLMOutputWithPast(ModelOutput):
         loss: token-mean cross-entropy over all labelled tokens of both tasks.
         loss_understanding / loss_generation: the same restricted to one task (None when absent).
         logits: text logits `(B_und, T, vocab)` of the understanding samples, in batch order.
-        image_logits: image-code logits `(B_gen, T, codebook_size)` of the generation samples.
+        image_logits: image-code logits of the generation samples, position t predicting position t+1's codes:
+            `(B_gen, T, codebook_size)` for a VQ; `(B_gen, T, depth, codebook_size)` for the RQ tokenizer, depth d
+            given the true codes 0..d-1 of position t+1 (teacher forcing; zero vectors where t+1 is no image token).
     """
 
     loss: torch.FloatTensor | None = None
@@ -91,7 +99,7 @@ class UniForkImageProjector(nn.Module):
 
     def __init__(self, config: UniForkConfig):
         super().__init__()
-        self.linear_1 = nn.Linear(config.vq_config["vq_embed_dim"], config.projector_hidden_size)
+        self.linear_1 = nn.Linear(config.code_dim, config.projector_hidden_size)
         self.act = ACT2FN[config.projector_hidden_act]
         self.linear_2 = nn.Linear(config.projector_hidden_size, config.text_config.hidden_size)
         # a plain Parameter, not an nn.Embedding: transformers then hands this module to `_init_weights`
@@ -123,7 +131,7 @@ class UniForkPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
-    _no_split_modules = ["UniForkVQImageTokenizer"]
+    _no_split_modules = ["UniForkVQImageTokenizer", "UniForkRQImageTokenizer"]
     _skip_keys_device_placement = ["cache"]
     _supports_flash_attn = True
     _supports_sdpa = True
@@ -153,13 +161,13 @@ class UniForkModel(UniForkPreTrainedModel):
         config._attn_implementation = config._attn_implementation
         text = config.text_config
         decoder_layer, rms_norm, rotary_embedding = llm_building_blocks(text)
-        # Units that device maps and FSDP's wrap policy must keep whole: the LLM's layers and the VQ.
-        self._no_split_modules = [decoder_layer.__name__, "UniForkVQImageTokenizer"]
+        # Units that device maps and FSDP's wrap policy must keep whole: the LLM's layers and the image tokenizer.
+        self._no_split_modules = [decoder_layer.__name__, *UniForkPreTrainedModel._no_split_modules]
         num_layers, k = text.num_hidden_layers, config.num_shared_layers
         self.layer_types = list(getattr(text, "layer_types", None) or ["full_attention"] * num_layers)
 
         self.embed_tokens = nn.Embedding(text.vocab_size, text.hidden_size, text.pad_token_id)
-        self.image_tokenizer = UniForkVQImageTokenizer(config.vq_config, tile_size=config.vq_tile_size)
+        self.image_tokenizer = image_tokenizer_from_config(config.vq_config, config.rq_config, config.vq_tile_size)
         self.image_projector = UniForkImageProjector(config)
         self.rotary_emb = rotary_embedding(config=text)
         self.shared_layers = nn.ModuleList([decoder_layer(text, i) for i in range(k)])
@@ -172,8 +180,9 @@ class UniForkModel(UniForkPreTrainedModel):
         self.post_init()
 
     def embed_image_codes(self, image_ids: torch.LongTensor, positions: torch.LongTensor | None = None) -> torch.Tensor:
-        """VQ code ids `(..., n)` -> LLM input embeddings `(..., n, hidden)`; `positions` are the codes'
-        places in the code grid (None: no position term, e.g. for a table of every code)."""
+        """Image code ids `(..., n)` (VQ) or `(..., n, depth)` (RQ: a position is the sum of its code vectors) ->
+        LLM input embeddings `(..., n, hidden)`; `positions` are the places in the code grid (None: no position
+        term, e.g. for a table of every code)."""
         code_vectors = self.image_tokenizer.embed_codes(image_ids).to(self.image_projector.linear_1.weight.dtype)
         return self.image_projector(code_vectors, image_ids, positions)
 
@@ -344,7 +353,10 @@ class UniForkForConditionalGeneration(
         super().__init__(config)
         self.model = UniForkModel(config)
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
-        self.generation_head = nn.Linear(config.text_config.hidden_size, config.codebook_size, bias=False)
+        if config.rq_config is None:  # a VQ: one code per position, a linear head over the codebook
+            self.generation_head = nn.Linear(config.text_config.hidden_size, config.codebook_size, bias=False)
+        else:
+            self.generation_head = UniForkDepthHead.from_config(config)
         self.processor = None  # attached by `from_pretrained` / `from_pretrained_llm`; needed for str prompts
         # Keyword arguments of `build_model_card` (base_model, datasets, eval_results, license, tags, ...)
         # for the README.md that `save_pretrained` / `push_to_hub` write. Not restored by `from_pretrained`.
@@ -430,7 +442,12 @@ class UniForkForConditionalGeneration(
         und_rows = (task == UNDERSTANDING).nonzero().squeeze(1)
         gen_rows = (task == GENERATION).nonzero().squeeze(1)
         logits = self.lm_head(select_rows(hidden_states, und_rows)) if len(und_rows) else None
-        image_logits = self.generation_head(select_rows(hidden_states, gen_rows)) if len(gen_rows) else None
+        image_logits = image_codes = None
+        if len(gen_rows):
+            image_codes = image_codes_at_positions(input_ids, outputs.image_ids, outputs.last_hidden_state, self.config)
+            image_logits = self._image_logits(
+                select_rows(hidden_states, gen_rows), image_codes, gen_rows, logits_to_keep
+            )
 
         loss = loss_understanding = loss_generation = None
         if labels is not None:
@@ -439,12 +456,13 @@ class UniForkForConditionalGeneration(
             if logits is not None:
                 und_labels = select_rows(labels, und_rows)
                 check_text_labels(und_labels, logits.shape[-1])
-                total, count = _shifted_cross_entropy(logits, und_labels)
+                total, count = shifted_cross_entropy(logits, und_labels)
                 loss_understanding = total / count.clamp(min=1)
                 totals.append(total), counts.append(count)
             if image_logits is not None:
-                gen_targets = select_rows(self._image_targets(input_ids, outputs.image_ids, labels), gen_rows)
-                total, count = _shifted_cross_entropy(image_logits, gen_targets)
+                unlabelled = (labels == -100).view(*labels.shape, *[1] * (image_codes.ndim - 2))
+                gen_targets = select_rows(image_codes.masked_fill(unlabelled, -100), gen_rows)
+                total, count = shifted_cross_entropy(image_logits, gen_targets)
                 loss_generation = total / count.clamp(min=1)
                 totals.append(total), counts.append(count)
             loss = sum(totals) / (num_items_in_batch if num_items_in_batch is not None else sum(counts).clamp(min=1))
@@ -461,22 +479,14 @@ class UniForkForConditionalGeneration(
             image_ids=outputs.image_ids,
         )
 
-    def _image_targets(self, input_ids, image_ids, labels):
-        """Per-position VQ-code targets: the image's code at labelled image positions, -100 elsewhere."""
-        targets = torch.full_like(labels, -100)
-        if image_ids is None:
-            return targets
-        is_image = input_ids == self.config.image_token_id
-        targets[is_image] = image_ids.reshape(-1).to(targets.dtype)
-        return targets.masked_fill(labels == -100, -100)
-
-
-def _shifted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor):
-    """Summed next-token cross-entropy (position t predicts label t+1) and the number of labelled tokens."""
-    shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
-    shift_labels = labels[:, 1:].reshape(-1).to(logits.device)
-    total = nn.functional.cross_entropy(shift_logits, shift_labels, ignore_index=-100, reduction="sum")
-    return total, (shift_labels != -100).sum()
+    def _image_logits(self, hidden_states, image_codes, rows, logits_to_keep):
+        """The generation head on the generation rows; the depth head is teacher-forced with the codes of the
+        position each place predicts (the next)."""
+        if self.config.rq_config is None:
+            return self.generation_head(hidden_states)
+        next_codes = nn.functional.pad(image_codes[:, 1:], (0, 0, 0, 1), value=-100)  # the last place has none
+        next_codes = select_rows(slice_logits_to_keep(next_codes, logits_to_keep), rows)
+        return self.generation_head.teacher_forced(hidden_states, next_codes, self.model.image_tokenizer.codebook)
 
 
 __all__ = [

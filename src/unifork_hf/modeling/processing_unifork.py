@@ -1,4 +1,4 @@
-"""Processor of UniFork: text tokenizer + image processor (+ the model's VQ image tokenizer when attached)."""
+"""Processor of UniFork: text tokenizer + image processor (+ the model's image tokenizer when attached)."""
 
 import numpy as np
 import PIL.Image
@@ -6,7 +6,7 @@ import torch
 from transformers import ProcessorMixin
 
 from .image_processing_unifork import check_image_types
-from .vq_unifork import UniForkVQImageTokenizer, hub_kwargs
+from .vq_unifork import hub_kwargs, image_tokenizer_from_checkpoint
 
 # An image in a sequence: BOI_TOKEN, image_seq_length x IMAGE_TOKEN (each replaced by one VQ code's embedding), EOI_TOKEN.
 IMAGE_TOKEN, BOI_TOKEN, EOI_TOKEN = "<image>", "<begin_of_image>", "<end_of_image>"
@@ -40,9 +40,9 @@ class UniForkProcessor(ProcessorMixin):
         chat_template: Jinja chat template; an `{"type": "image"}` item renders as one `<image>` placeholder.
         image_seq_length: tokens per image (the VQ code grid, e.g. 16x16 = 256).
 
-    `image_tokenizer` (a [`UniForkVQImageTokenizer`]) is needed only by `encode_images` /
-    `decode_image_tokens`. `from_pretrained` reads it out of the checkpoint's model weights (where the
-    one copy of the VQ lives); a model loaded with `from_pretrained` shares its own with `model.processor`.
+    `image_tokenizer` (a [`UniForkVQImageTokenizer`] or [`UniForkRQImageTokenizer`]) is needed only by
+    `encode_images` / `decode_image_tokens`. `from_pretrained` reads it out of the checkpoint's model weights
+    (where the one copy of it lives); a model loaded with `from_pretrained` shares its own with `model.processor`.
 
     Example:
 
@@ -118,12 +118,10 @@ class UniForkProcessor(ProcessorMixin):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, image_tokenizer=None, **kwargs):
-        """Load the processor; the VQ image tokenizer comes from the checkpoint's weights unless given."""
+        """Load the processor; the image tokenizer comes from the checkpoint's weights unless given."""
         processor = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
         if image_tokenizer is None:
-            image_tokenizer = UniForkVQImageTokenizer.from_checkpoint(
-                pretrained_model_name_or_path, **hub_kwargs(kwargs)
-            )
+            image_tokenizer = image_tokenizer_from_checkpoint(pretrained_model_name_or_path, **hub_kwargs(kwargs))
         processor.image_tokenizer = image_tokenizer
         return processor
 
@@ -168,16 +166,16 @@ class UniForkProcessor(ProcessorMixin):
         return [PIL.Image.fromarray(np.ascontiguousarray(a)) for a in array]
 
     def require_image_tokenizer(self):
-        """The VQ image tokenizer, or a ValueError saying how to attach one."""
+        """The image tokenizer, or a ValueError saying how to attach one."""
         if self.image_tokenizer is None:
             raise ValueError(
-                "This needs the VQ image tokenizer: load the processor through the model "
+                "This needs the image tokenizer: load the processor through the model "
                 "(`model.processor`) or set `processor.image_tokenizer = model.model.image_tokenizer`."
             )
         return self.image_tokenizer
 
     def encode_images(self, images) -> torch.Tensor:
-        """Images -> VQ code ids `(B, num_image_tokens)`."""
+        """Images -> code ids `(B, num_image_tokens)` (VQ) or `(B, num_image_tokens, depth)` (RQ)."""
         tokenizer = self.require_image_tokenizer()
         pixel_values = self.image_processor(images, return_tensors="pt").pixel_values
         return tokenizer.encode(pixel_values.to(tokenizer.codebook.device))
@@ -194,11 +192,12 @@ class UniForkProcessor(ProcessorMixin):
         )
 
     def decode_image_tokens(self, image_ids: torch.Tensor, output_type: str = "pil"):
-        """VQ code ids `(B, num_image_tokens)` -> a list of PIL images, or with `output_type="pt"` a
+        """Code ids `(B, num_image_tokens)` (VQ) or `(B, num_image_tokens, depth)` (RQ) -> a list of PIL images, or with `output_type="pt"` a
         `(B, 3, H, W)` tensor in [0, 1]."""
         if output_type not in ("pil", "pt"):
             raise ValueError(f"output_type must be 'pil' or 'pt', got {output_type!r}.")
-        images = (self.require_image_tokenizer().decode(torch.as_tensor(image_ids)).float() + 1) / 2
+        # (a VQ's decoder output is clamped to [-1, 1]; the RQ tokenizer's, as the official one, is not)
+        images = ((self.require_image_tokenizer().decode(torch.as_tensor(image_ids)).float() + 1) / 2).clamp(0, 1)
         return images if output_type == "pt" else self.to_pil(images)
 
 

@@ -13,53 +13,14 @@ official one for grids larger than the position table) and diffusers' VAE `Decod
 
 import torch
 from diffusers.models.autoencoders.vae import Decoder
+from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 from transformers import SiglipVisionConfig, SiglipVisionModel
 
-# A small configuration (tests, CPU experiments). The paper's is UNIFORK_BASE_RQ_CONFIG.
-DEFAULT_RQ_CONFIG = {
-    "vision_config": {
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "image_size": 32,
-        "patch_size": 8,
-        "vision_use_head": False,
-    },
-    "codebook_size": 256,
-    "depth": 4,
-    "latent_channels": 16,
-    "block_out_channels": [32, 32, 64, 64],
-    "up_block_types": ["AttnUpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D"],
-    "layers_per_block": 1,
-    "norm_num_groups": 16,
-}
-
-# VILA-U's tokenizer as UniFork's configs/config.json sets it: SigLIP-large/16 (256 px position table) run for
-# 23 of its 24 layers, 16,384 codes of 1024 dims shared by 4 depths, decoder ch 128 x [1, 1, 2, 2, 4], attention
-# at the lowest resolution. UniFork feeds it 384 px images: 24 x 24 positions x 4 codes.
-UNIFORK_BASE_RQ_CONFIG = {
-    "vision_config": {
-        "hidden_size": 1024,
-        "intermediate_size": 4096,
-        "num_hidden_layers": 23,
-        "num_attention_heads": 16,
-        "image_size": 256,
-        "patch_size": 16,
-        "vision_use_head": False,
-    },
-    "codebook_size": 16384,
-    "depth": 4,
-    "latent_channels": 256,
-    "block_out_channels": [128, 128, 256, 256, 512],
-    "up_block_types": ["AttnUpDecoderBlock2D"] + ["UpDecoderBlock2D"] * 4,
-    "layers_per_block": 2,
-    "norm_num_groups": 32,
-}
+from .configuration_unifork import DEFAULT_RQ_CONFIG, UNIFORK_BASE_RQ_CONFIG  # noqa: F401  (re-exported)
 
 
-class UniForkRQImageTokenizer(nn.Module):
+class UniForkRQImageTokenizer(nn.Module, PyTorchModelHubMixin, library_name="unifork-hf"):
     """Images <-> `(B, h*w, depth)` residual code ids.
 
     Images are `(B, 3, H, W)` in [-1, 1]; codes are int64, positions in row-major grid order, then depth. The
@@ -76,11 +37,15 @@ class UniForkRQImageTokenizer(nn.Module):
     (torch.Size([2, 16, 4]), torch.Size([2, 3, 32, 32]), torch.Size([2, 16, 64]))
 
     ```
+
+    `save_pretrained(dir)` / `from_pretrained(dir)` (huggingface_hub's `PyTorchModelHubMixin`) store it on its own
+    (`config.json` with the `rq_config`, `model.safetensors`), e.g. to build a UniFork from it with
+    `UniForkForConditionalGeneration.from_pretrained_llm(llm, rq_tokenizer)`.
     """
 
     def __init__(self, rq_config: dict):
         super().__init__()
-        config = dict(rq_config)
+        config = self.rq_config = dict(rq_config)
         vision = SiglipVisionConfig(**config["vision_config"])
         self.depth = int(config["depth"])
         if self.depth < 1:

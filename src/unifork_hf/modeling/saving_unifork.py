@@ -101,7 +101,7 @@ class UniForkSavingMixin:
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         """Load a checkpoint; the processor saved beside it, if any, is attached as `model.processor`.
 
-        Raises a `ValueError` when the checkpoint lacks the VQ image tokenizer's weights, and when weights the
+        Raises a `ValueError` when the checkpoint lacks the image tokenizer's weights, and when weights the
         model needs are missing or the checkpoint holds weights the model has no place for (e.g. a config
         whose `num_shared_layers` differs from the one the weights were trained with): transformers would
         only warn and leave those parts randomly initialised. `allow_missing_weights=True` accepts that
@@ -111,12 +111,12 @@ class UniForkSavingMixin:
         allow_missing_weights = kwargs.pop("allow_missing_weights", False)
         verify_weight_checksums(pretrained_model_name_or_path)
         model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
-        vq_prefix = model.y_part_names()["image_tokenizer"] + "."
-        missing_vq = [key for key in info["missing_keys"] if key.startswith(vq_prefix)]
-        if missing_vq:
+        tokenizer_prefix = model.y_part_names()["image_tokenizer"] + "."
+        missing_tokenizer = [key for key in info["missing_keys"] if key.startswith(tokenizer_prefix)]
+        if missing_tokenizer:
             raise ValueError(
-                f"Checkpoint {pretrained_model_name_or_path!r} lacks the VQ image tokenizer weights "
-                f"({len(missing_vq)} tensors, e.g. {missing_vq[0]!r}); save the model with its image tokenizer."
+                f"Checkpoint {pretrained_model_name_or_path!r} lacks the image tokenizer weights "
+                f"({len(missing_tokenizer)} tensors, e.g. {missing_tokenizer[0]!r}); save the model with its image tokenizer."
             )
         missing, unexpected = sorted(info["missing_keys"]), sorted(info["unexpected_keys"])
         if (missing or unexpected) and not allow_missing_weights:
@@ -189,7 +189,7 @@ def _check_processor_matches(config, processor, path) -> None:
 
 
 def _load_processor(path, kwargs, image_tokenizer):
-    """The processor saved with a checkpoint (sharing the model's VQ image tokenizer), or None."""
+    """The processor saved with a checkpoint (sharing the model's image tokenizer), or None."""
     from transformers.utils import PROCESSOR_NAME
 
     download = hub_kwargs(kwargs)

@@ -69,46 +69,6 @@ class UniForkVQImageTokenizer(nn.Module):
         for module in self.vq.modules():
             module._is_hf_initialized = True
 
-    @classmethod
-    def from_checkpoint(cls, path, **hub_kwargs) -> "UniForkVQImageTokenizer | None":
-        """Load only the VQ image tokenizer out of a UniFork checkpoint (its one copy of the VQ weights), found
-        by the VQ's own parameter names wherever the model keeps it.
-
-        Returns None when `path` holds no UniFork model weights (e.g. a processor-only directory).
-        """
-        config_file = optional_file(path, CONFIG_NAME, hub_kwargs)
-        config = {}
-        if config_file is not None:
-            with open(config_file) as f:
-                config = json.load(f)
-        weight_file = optional_file(path, SAFE_WEIGHTS_NAME, hub_kwargs)
-        index_file = None if weight_file else optional_file(path, SAFE_WEIGHTS_INDEX_NAME, hub_kwargs)
-        if config.get("vq_config") is None or (weight_file is None and index_file is None):
-            return None
-        tokenizer = cls(config["vq_config"], tile_size=config.get("vq_tile_size"))
-        if weight_file is not None:
-            with safe_open(weight_file, framework="pt") as weights:
-                file_of = dict.fromkeys(weights.keys(), weight_file)
-        else:
-            with open(index_file) as f:
-                file_of = {
-                    key: cached_file(path, shard, **hub_kwargs) for key, shard in json.load(f)["weight_map"].items()
-                }
-        anchor = next(iter(tokenizer.state_dict()))  # e.g. "vq.encoder.conv_in.weight"
-        prefixes = {key.removesuffix(anchor) for key in file_of if key == anchor or key.endswith("." + anchor)}
-        if len(prefixes) != 1:
-            raise ValueError(f"Checkpoint {path!r} lacks the VQ image tokenizer weights (*{anchor}, ...).")
-        prefix = prefixes.pop()
-        state = {}
-        for file in sorted({file for key, file in file_of.items() if key.startswith(prefix)}):
-            file = file if weight_file is not None else cached_file(path, file, **hub_kwargs)
-            with safe_open(file, framework="pt") as weights:
-                for key in weights.keys():
-                    if key.startswith(prefix):
-                        state[key.removeprefix(prefix)] = weights.get_tensor(key)
-        tokenizer.load_state_dict(state)
-        return tokenizer
-
     @property
     def codebook_size(self) -> int:
         return self.vq.config.num_vq_embeddings
@@ -201,3 +161,52 @@ class UniForkVQImageTokenizer(nn.Module):
         images = self.vq.decode(latents, force_not_quantize=True).sample.clamp(-1, 1)
         factor = self.downsampling_factor
         return self.from_tiles(images, batch, rows * factor, columns * factor)
+
+
+def image_tokenizer_from_config(vq_config: dict | None, rq_config: dict | None, vq_tile_size: int | None) -> nn.Module:
+    """The image tokenizer a UniFork config's fields describe: the RQ tokenizer if it has an `rq_config`, else the VQ."""
+    if rq_config is not None:
+        from .rq_unifork import UniForkRQImageTokenizer
+
+        return UniForkRQImageTokenizer(rq_config)
+    return UniForkVQImageTokenizer(vq_config, tile_size=vq_tile_size)
+
+
+def image_tokenizer_from_checkpoint(path, **hub_kwargs) -> nn.Module | None:
+    """Load only the image tokenizer out of a UniFork checkpoint (its one copy of the tokenizer's weights), found
+    by the tokenizer's own parameter names wherever the model keeps it.
+
+    Returns None when `path` holds no UniFork model weights (e.g. a processor-only directory).
+    """
+    config_file = optional_file(path, CONFIG_NAME, hub_kwargs)
+    config = {}
+    if config_file is not None:
+        with open(config_file) as f:
+            config = json.load(f)
+    weight_file = optional_file(path, SAFE_WEIGHTS_NAME, hub_kwargs)
+    index_file = None if weight_file else optional_file(path, SAFE_WEIGHTS_INDEX_NAME, hub_kwargs)
+    has_tokenizer = config.get("vq_config") is not None or config.get("rq_config") is not None
+    if not has_tokenizer or (weight_file is None and index_file is None):
+        return None
+    tokenizer = image_tokenizer_from_config(
+        config.get("vq_config"), config.get("rq_config"), config.get("vq_tile_size")
+    )
+    if weight_file is not None:
+        with safe_open(weight_file, framework="pt") as weights:
+            file_of = dict.fromkeys(weights.keys(), weight_file)
+    else:
+        with open(index_file) as f:
+            file_of = {key: cached_file(path, shard, **hub_kwargs) for key, shard in json.load(f)["weight_map"].items()}
+    anchor = next(iter(tokenizer.state_dict()))  # e.g. "vq.encoder.conv_in.weight"
+    prefixes = {key.removesuffix(anchor) for key in file_of if key == anchor or key.endswith("." + anchor)}
+    if len(prefixes) != 1:
+        raise ValueError(f"Checkpoint {path!r} lacks the image tokenizer weights (*{anchor}, ...).")
+    prefix = prefixes.pop()
+    state = {}
+    for file in sorted({file for key, file in file_of.items() if key.startswith(prefix)}):
+        with safe_open(file, framework="pt") as weights:
+            for key in weights.keys():
+                if key.startswith(prefix):
+                    state[key.removeprefix(prefix)] = weights.get_tensor(key)
+    tokenizer.load_state_dict(state)
+    return tokenizer

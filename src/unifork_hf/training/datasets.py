@@ -185,14 +185,17 @@ def mix_tasks(understanding, generation, generation_ratio: float = 0.5, seed: in
 
 
 def pretokenize_images(dataset, processor, batch_size: int = 64):
-    """Replace the `images` column of prepared rows by `image_ids` (VQ codes), computed once.
+    """Replace the `images` column of prepared rows by `image_ids` (the image tokenizer's codes), computed once.
 
     On a `Dataset` the result is an Arrow table (cached on disk when the dataset is), fingerprinted by
     all the VQ's weights, its tile size and the image processing, so a changed tokenizer never reuses stale codes.
     """
     image_tokenizer = processor.require_image_tokenizer()
+    codes_per_image = List(Value("int64"))  # a VQ's one code per position; the RQ tokenizer's `depth` codes
+    if getattr(image_tokenizer, "depth", None) is not None:
+        codes_per_image = List(codes_per_image)
     features = Features(
-        {**{k: v for k, v in PREPARED_FEATURES.items() if k != "images"}, "image_ids": List(List(Value("int64")))}
+        {**{k: v for k, v in PREPARED_FEATURES.items() if k != "images"}, "image_ids": List(codes_per_image)}
     )
 
     def encode(batch):
@@ -207,14 +210,14 @@ def pretokenize_images(dataset, processor, batch_size: int = 64):
 
     kwargs = dict(batched=True, batch_size=batch_size, features=features, remove_columns=["images"])
     if isinstance(dataset, Dataset):
-        # Everything the codes depend on: all VQ weights and buffers (the encoder as much as the codebook),
+        # Everything the codes depend on: all the tokenizer's weights and buffers (the encoder as much as the codebook),
         # the tile size (the same weights give other codes with and without tiling), the image processing.
         digest = hashlib.sha256(
-            f"tile{image_tokenizer.tile_size}-{processor.image_processor.to_json_string()}".encode()
+            f"tile{getattr(image_tokenizer, 'tile_size', None)}-{processor.image_processor.to_json_string()}".encode()
         )
         for name, tensor in sorted(image_tokenizer.state_dict().items()):
             digest.update(name.encode())
             digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
         fingerprint = f"{dataset._fingerprint}-vq-{digest.hexdigest()[:16]}"
-        kwargs.update(desc="Encoding images with the VQ", new_fingerprint=fingerprint)
+        kwargs.update(desc="Encoding images", new_fingerprint=fingerprint)
     return dataset.map(encode, **kwargs)

@@ -52,6 +52,12 @@ def cmd_build(args) -> None:
     )
 
 
+def cmd_convert(args) -> None:
+    from unifork_hf.conversion.convert_official_unifork import run
+
+    print(run(args))
+
+
 def cmd_generate_image(args) -> None:
     import torch
 
@@ -278,10 +284,22 @@ def _add_decoding_flags(parser) -> None:
 def _add_model_commands(commands) -> None:
     build = commands.add_parser("build", help="fork a pretrained LLM + VQ tokenizer into a UniFork checkpoint")
     build.add_argument("--llm", required=True, help="path or Hub id of a decoder-only causal LM (with tokenizer)")
-    build.add_argument("--vq", required=True, help="path or Hub id of a diffusers VQModel")
+    build.add_argument(
+        "--vq",
+        required=True,
+        help="path or Hub id of the image tokenizer: a diffusers VQModel or a UniForkRQImageTokenizer",
+    )
     build.add_argument("--num-shared-layers", type=int, default=None, help="K, the fork point (default L/2)")
     build.add_argument("--out", required=True, help="output directory")
     build.set_defaults(run=cmd_build)
+
+    convert = commands.add_parser(
+        "convert", help="an official UniFork checkpoint (or VILA-U vision tower) -> a checkpoint of this package"
+    )
+    convert.set_defaults(run=cmd_convert)
+    from unifork_hf.conversion.convert_official_unifork import add_arguments
+
+    add_arguments(convert)
 
     generate = commands.add_parser("generate-image", help="text -> image(s), written as one PNG grid")
     generate.add_argument("--model", required=True)

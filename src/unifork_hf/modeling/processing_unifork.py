@@ -144,7 +144,9 @@ class UniForkProcessor(ProcessorMixin):
         """The text the model continues with image tokens: a user turn holding `prompt`, then
         the assistant turn opened with `<begin_of_image>`. An empty prompt is the unconditional one."""
         conversation = [{"role": "user", "content": [{"type": "text", "text": prompt}]}]
-        return self.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False) + self.boi_token
+        # `image_generation=True` lets a template write image requests its own way (the official UniFork one does)
+        text = self.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False, image_generation=True)
+        return text + self.boi_token
 
     def image_generation_sequence(self, prompt: str) -> str:
         """A whole generation sample as text: the prompt (ending in `<begin_of_image>`), the image's

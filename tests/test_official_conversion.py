@@ -238,3 +238,16 @@ def test_unifork_convert_cli_whole_model_and_tower_alone(official, records, tmp_
     with pytest.raises(SystemExit):
         main(["convert", "--out", str(tmp_path / "x")])
     assert "pass --checkpoint (a whole official model) or --vision-tower alone" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["unifork-base", "no-such-org/unifork-7b"])
+def test_a_name_that_is_no_checkpoint_says_how_to_get_a_model(name):
+
+    for load in (UniForkForConditionalGeneration.from_pretrained, UniForkConfig.from_pretrained):
+        with pytest.raises(OSError) as raised:
+            load(name)
+        message = str(raised.value)
+        assert f"{name!r}" in message and "No official UniFork weights are published" in message
+        assert "from_pretrained_llm(" in message and "unifork convert --checkpoint" in message
+        assert message.count("No official UniFork weights") == 1  # the config's error is not wrapped twice
+        assert ("a preset name" in message) == (name == "unifork-base")

@@ -34,7 +34,14 @@ def _load(model_dir: str):
     ):
         raise OSError(f"--model {model_dir}: no such directory (a Hub model is named 'owner/name')")
 
-    return AutoModel.from_pretrained(model_dir).eval()
+    try:
+        return AutoModel.from_pretrained(model_dir).eval()
+    except OSError as error:
+        if os.path.isdir(model_dir):
+            raise
+        from unifork_hf.modeling.configuration_unifork import missing_checkpoint_error
+
+        raise missing_checkpoint_error(model_dir, error) from error
 
 
 def cmd_build(args) -> None:

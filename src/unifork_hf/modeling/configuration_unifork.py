@@ -1,6 +1,7 @@
 """Configuration of UniFork, the Y-shaped unified model for image understanding and generation."""
 
 import copy
+import os
 
 from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, PreTrainedConfig
@@ -130,6 +131,27 @@ RQ_CONFIG_KEYS = ("vision_config", "codebook_size", "depth", "latent_channels", 
 def vq_downsampling_factor(vq_config: dict) -> int:
     """Spatial downsampling of a diffusers `VQModel`: every encoder block but the last halves the size."""
     return 2 ** (len(vq_config["block_out_channels"]) - 1)
+
+
+class MissingCheckpointError(OSError):
+    """`from_pretrained` found no checkpoint under a name; says how to get a model."""
+
+
+def missing_checkpoint_error(name, error: OSError) -> OSError:
+    """What to do when `from_pretrained(name)` finds nothing: `name` is no local folder and not reachable on the Hub
+    (a preset name such as "unifork-base", a typo, or offline)."""
+    presets = " (a preset name: the architecture, not weights)" if str(name) in PRESETS else ""
+    return MissingCheckpointError(
+        f"{name!r}{presets} is neither a local folder nor a checkpoint reachable on the Hub ({error}).\n"
+        "No official UniFork weights are published. Two ways to get a model:\n"
+        "  1. build one from a pretrained LLM and an image tokenizer, the paper's way:\n"
+        "     UniForkForConditionalGeneration.from_pretrained_llm('Qwen/Qwen2.5-0.5B', TOKENIZER_DIR) "
+        "(or `unifork build --llm ... --vq ... --out DIR`), then train it;\n"
+        "  2. convert a checkpoint trained with the official UniFork code (github tliby/UniFork):\n"
+        "     `unifork convert --checkpoint DIR --out DIR` (unifork_hf.conversion.convert_official_checkpoint).\n"
+        "An untrained model of a preset's architecture: "
+        "UniForkForConditionalGeneration(UniForkConfig.from_preset('unifork-base'))."
+    )
 
 
 @strict
@@ -423,6 +445,16 @@ class UniForkConfig(PreTrainedConfig):
     def num_branch_layers(self) -> int:
         """Depth of each branch of the Y: L - K."""
         return self.text_config.num_hidden_layers - self.num_shared_layers
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> "UniForkConfig":
+        """transformers' `from_pretrained`, with an error that says how to get a model when nothing is found."""
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        except OSError as error:
+            if os.path.isdir(str(pretrained_model_name_or_path)):
+                raise
+            raise missing_checkpoint_error(pretrained_model_name_or_path, error) from error
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "UniForkConfig":

@@ -14,6 +14,7 @@ import tempfile
 
 from transformers import AutoProcessor
 
+from .configuration_unifork import MissingCheckpointError, missing_checkpoint_error
 from .modelcard_unifork import write_model_card
 from .vq_unifork import hub_kwargs, optional_file
 
@@ -110,7 +111,14 @@ class UniForkSavingMixin:
         output_loading_info = kwargs.pop("output_loading_info", False)
         allow_missing_weights = kwargs.pop("allow_missing_weights", False)
         verify_weight_checksums(pretrained_model_name_or_path)
-        model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
+        try:
+            model, info = super().from_pretrained(
+                pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs
+            )
+        except OSError as error:
+            if os.path.isdir(str(pretrained_model_name_or_path)) or isinstance(error, MissingCheckpointError):
+                raise  # (the config's from_pretrained raises the latter, with its advice)
+            raise missing_checkpoint_error(pretrained_model_name_or_path, error) from error
         tokenizer_prefix = model.y_part_names()["image_tokenizer"] + "."
         missing_tokenizer = [key for key in info["missing_keys"] if key.startswith(tokenizer_prefix)]
         if missing_tokenizer:

@@ -121,9 +121,10 @@ class UniForkRQImageTokenizer(nn.Module, PyTorchModelHubMixin, library_name="uni
                 f"pixel_values must have shape (batch, 3, height, width) with sides multiples of {patch} (the patch), "
                 f"got {tuple(pixel_values.shape)}."
             )
-        output = self.encoder(
-            pixel_values.to(self.codebook.dtype), output_hidden_states=True, interpolate_pos_encoding=True
-        )
+        pixel_values = pixel_values.to(self.codebook.dtype)
+        if not self.encoder.config.num_hidden_layers:  # patch embeddings only: a code depends on its own patch
+            return self.encoder.embeddings(pixel_values, interpolate_pos_encoding=True)
+        output = self.encoder(pixel_values, output_hidden_states=True, interpolate_pos_encoding=True)
         return output.hidden_states[-1]  # the last layer run, before post_layernorm (which the tokenizer skips)
 
     def quantize(self, features: torch.Tensor, depth: int | None = None) -> torch.Tensor:

@@ -4,7 +4,7 @@ Trainer, freezing stages, LoRA per branch."""
 from ..data.colours import colour_dataset
 from .collator import TaskStratifiedSampler, UniForkDataCollator
 from .datasets import mix_tasks, prepare_generation, prepare_understanding, pretokenize_images
-from .image_tokenizer import reconstruction_metrics, small_vq, train_vq_tokenizer
+from .image_tokenizer import reconstruction_metrics, small_rq_config, small_vq, train_rq_tokenizer, train_vq_tokenizer
 from .peft_utils import lora_config
 from .text_tokenizer import build_text_tokenizer, prepare_text_tokenizer
 from .trainer import FREEZING_POLICIES, UniForkTrainer, UniForkTrainingArguments, apply_freezing
@@ -25,6 +25,8 @@ __all__ = [
     "prepare_text_tokenizer",
     "pretokenize_images",
     "reconstruction_metrics",
+    "small_rq_config",
     "small_vq",
+    "train_rq_tokenizer",
     "train_vq_tokenizer",
 ]

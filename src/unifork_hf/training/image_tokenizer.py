@@ -1,4 +1,4 @@
-"""Train the VQ image tokenizer (a diffusers `VQModel`) on your own images.
+"""Train an image tokenizer on your own images: the VQ (a diffusers `VQModel`) or the residual-quantised one.
 
 The recipe that made the Shapes demo's tokenizer (examples/shapes/train_vq.py), as a library call:
 reconstruction MSE + the VQ commitment loss, Adam with cosine decay, optionally tile by tile (a code then
@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from ..modeling.forking_unifork import VQ_IMAGE_SIZE_KEY, VQ_TILE_SIZE_KEY
 from ..modeling.image_processing_unifork import UniForkImageProcessorPil
+from ..modeling.rq_unifork import UniForkRQImageTokenizer
 from ..modeling.vq_unifork import UniForkVQImageTokenizer
 
 
@@ -176,4 +177,135 @@ def _reseed(vq, train, dead, generator) -> None:
     vq.quantize.embedding.weight[dead] = vectors[choice]
 
 
-__all__ = ["reconstruction_metrics", "small_vq", "train_vq_tokenizer"]
+def small_rq_config(image_size: int, codebook_size: int = 1024, depth: int = 4, patch_size: int = 4) -> dict:
+    """A small `rq_config` (about 0.5M parameters) for images trained from scratch: `patch_size` pixels per position
+    side, `depth` residual codes per position. Its encoder is SigLIP's patch embedding without transformer layers,
+    so a position's codes depend on its own patch only (the Shapes VQ needed that locality: see train_vq.py)."""
+    levels = int(math.log2(patch_size)) + 1
+    if 2 ** (levels - 1) != patch_size:
+        raise ValueError(f"patch_size must be a power of 2, got {patch_size}.")
+    vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 0, "num_attention_heads": 1}
+    return {
+        "vision_config": {**vision, "image_size": image_size, "patch_size": patch_size, "vision_use_head": False},
+        "codebook_size": codebook_size,
+        "depth": depth,
+        "latent_channels": 32,
+        "block_out_channels": [16, 32, 64, 64, 64][:levels],
+        "up_block_types": ["UpDecoderBlock2D"] * levels,
+        "layers_per_block": 1,
+        "norm_num_groups": 1,
+    }
+
+
+def train_rq_tokenizer(
+    images,
+    rq_config: dict | None = None,
+    max_steps: int = 2000,
+    batch_size: int = 64,
+    learning_rate: float = 1e-3,
+    reseed_every: int = 100,
+    eval_images=None,
+    seed: int = 0,
+    progress: bool = True,
+) -> tuple[UniForkRQImageTokenizer, dict]:
+    """Train a residual-quantised image tokenizer on `images`; returns it (frozen, in eval mode) and its metrics.
+
+    The loss is RQ-VAE's: reconstruction MSE through the straight-through sum of the codes, a codebook term pulling
+    every partial sum (codes 0..d) towards the feature, and 0.25 x the commitment of the feature to them. Adam with
+    cosine decay; codes no batch used over `reseed_every` steps are re-seeded onto residuals (of any depth) that the
+    codebook quantises badly; the whole codebook starts that way. A zero position table stays zero (frozen): with a
+    layer-less encoder the codes then depend on the patch's content only, wherever it is.
+
+    Args:
+        images: PIL images (a list or a `datasets` image column), resized to the config's `image_size`.
+        rq_config: default `small_rq_config(first image's width)`.
+
+    Returns:
+        `(tokenizer, metrics)`: `mse`, `psnr`, `codes_used`, `codebook_size` (eval images, all depths),
+        `mse_by_depth` (decoding the first d depths), `dead_codes_reseeded`, `train_loss` (last 100 steps).
+    """
+    torch.manual_seed(seed)
+    images = list(images)
+    if not images:
+        raise ValueError("images is empty: pass at least one image.")
+    rq_config = rq_config or small_rq_config(images[0].size[0])
+    tokenizer = UniForkRQImageTokenizer(rq_config)
+    size = rq_config["vision_config"]["image_size"]
+    image_processor = UniForkImageProcessorPil(size={"height": size, "width": size})
+    pixels = images_to_tensor(images, image_processor)
+    positions = tokenizer.encoder.embeddings.position_embedding.weight
+    if not rq_config["vision_config"].get("num_hidden_layers", 1):
+        torch.nn.init.zeros_(positions)
+    tokenizer.requires_grad_(True)
+    positions.requires_grad_(bool(positions.abs().sum()))
+    losses, reseeded = _train_rq(tokenizer, pixels, max_steps, batch_size, learning_rate, reseed_every, seed, progress)
+    tokenizer.eval().requires_grad_(False)
+    eval_pixels = images_to_tensor(eval_images, image_processor) if eval_images is not None else pixels[:512]
+    metrics = reconstruction_metrics(tokenizer, eval_pixels)
+    with torch.no_grad():
+        codes = tokenizer.encode(eval_pixels)
+        metrics["mse_by_depth"] = [
+            torch.nn.functional.mse_loss(tokenizer.decode(codes[..., :d]), eval_pixels).item()
+            for d in range(1, tokenizer.depth + 1)
+        ]
+    metrics.update(dead_codes_reseeded=reseeded, train_loss=sum(losses[-100:]) / max(len(losses[-100:]), 1))
+    return tokenizer, metrics
+
+
+def _train_rq(tokenizer, pixels, max_steps, batch_size, learning_rate, reseed_every, seed, progress):
+    optimizer = torch.optim.Adam([p for p in tokenizer.parameters() if p.requires_grad], lr=learning_rate)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max_steps)
+    used = torch.zeros(tokenizer.codebook_size, dtype=torch.bool)
+    generator = torch.Generator().manual_seed(seed)
+    _reseed_rq(tokenizer, pixels, torch.arange(len(used)), generator)
+    losses, reseeded = [], 0
+    bar = tqdm(range(1, max_steps + 1), desc="Training the RQ tokenizer", disable=not progress)
+    tokenizer.train()
+    for step in bar:
+        batch = pixels[torch.randint(0, len(pixels), (batch_size,), generator=generator)]
+        features = tokenizer.features(batch)  # (B, n, dim)
+        codes = tokenizer.quantize(features.detach())
+        partial = tokenizer.codebook[codes].cumsum(-2)  # (B, n, depth, dim): the sums of codes 0..d
+        codebook_loss = torch.nn.functional.mse_loss(partial, features.detach().unsqueeze(-2).expand_as(partial))
+        commitment = torch.nn.functional.mse_loss(features.unsqueeze(-2).expand_as(partial), partial.detach())
+        quantized = features + (partial[..., -1, :] - features).detach()  # straight through
+        side = int(round(quantized.shape[1] ** 0.5))
+        latents = quantized.transpose(1, 2).reshape(len(batch), -1, side, side)
+        reconstruction = tokenizer.decoder(tokenizer.post_quant_conv(latents))
+        loss = torch.nn.functional.mse_loss(reconstruction, batch) + codebook_loss + 0.25 * commitment
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        losses.append(loss.item())
+        used[codes.flatten()] = True
+        if step % reseed_every == 0:
+            dead = (~used).nonzero().squeeze(1)
+            if len(dead):
+                _reseed_rq(tokenizer, pixels, dead, generator)
+                reseeded += len(dead)
+            bar.set_postfix(loss=f"{loss.item():.4f}", dead=len(dead))
+            used.zero_()
+    return losses, reseeded
+
+
+@torch.no_grad()
+def _reseed_rq(tokenizer, pixels, dead, generator) -> None:
+    """Move the `dead` codes onto residuals (what codes 0..d-1 leave of a feature, any d) of up to 2048 training
+    images, drawn with probability growing with their squared distance to the codebook."""
+    features = torch.cat([tokenizer.features(part) for part in pixels[:2048].split(256)]).flatten(0, 1)
+    codes = tokenizer.quantize(features)
+    partial = tokenizer.codebook[codes].cumsum(-2)[..., :-1, :]
+    residuals = torch.cat([features.unsqueeze(1), features.unsqueeze(1) - partial], 1).flatten(0, 1)
+    error = torch.cdist(residuals, tokenizer.codebook).min(dim=1).values ** 2
+    choice = torch.multinomial(error + 1e-12, len(dead), replacement=True, generator=generator)
+    tokenizer.codebook_embedding.weight[dead] = residuals[choice]
+
+
+__all__ = [
+    "reconstruction_metrics",
+    "small_rq_config",
+    "small_vq",
+    "train_rq_tokenizer",
+    "train_vq_tokenizer",
+]

@@ -13,6 +13,7 @@ from transformers.utils import logging as hf_logging
 from unifork_hf import UniForkForConditionalGeneration
 from unifork_hf.data.tiny import tiny_llm, tiny_tokenizer, tiny_vq
 from unifork_hf.evaluation import copy_report
+from unifork_hf.modeling.rq_unifork import UniForkRQImageTokenizer
 from unifork_hf.modeling.vq_unifork import UniForkVQImageTokenizer
 from unifork_hf.training import (
     build_text_tokenizer,
@@ -223,3 +224,27 @@ def test_copy_report_flags_copies_and_not_new_images():
     assert fresh["copy_share"] <= 0.25  # new draws from the same distribution: about `quantile` of them
     with pytest.raises(ValueError, match="quantile"):
         copy_report(train[:2], train, held_out, quantile=0.7)
+
+
+def test_train_rq_tokenizer_learns_codes_that_refine_with_depth_and_stay_local():
+    from unifork_hf.training import small_rq_config, train_rq_tokenizer
+    from unifork_hf.training.image_tokenizer import UniForkImageProcessorPil, images_to_tensor
+
+    config = small_rq_config(16, codebook_size=32, depth=3, patch_size=4)
+    tokenizer, metrics = train_rq_tokenizer(
+        quadrant_images(64), config, max_steps=150, batch_size=16, reseed_every=50,
+        eval_images=quadrant_images(16, seed=1), progress=False,
+    )  # fmt: skip
+    untrained = UniForkRQImageTokenizer(config)
+    pixels = images_to_tensor(quadrant_images(16, seed=1), UniForkImageProcessorPil(size={"height": 16, "width": 16}))
+    assert metrics["mse"] < reconstruction_metrics(untrained, pixels)["mse"] / 5
+    assert metrics["mse_by_depth"][-1] == pytest.approx(metrics["mse"])
+    assert metrics["mse_by_depth"][-1] < metrics["mse_by_depth"][0]  # later codes refine the first
+    assert metrics["dead_codes_reseeded"] > 0 and 2 <= metrics["codes_used"] <= 32
+    assert not tokenizer.training and not any(p.requires_grad for p in tokenizer.parameters())
+    # a layer-less encoder with its zero position table: a position's codes depend on its own patch only
+    assert not tokenizer.encoder.embeddings.position_embedding.weight.any()
+    changed = pixels.clone()
+    changed[:, :, :4, :4] = -changed[:, :, :4, :4]  # the top-left patch
+    a, b = tokenizer.encode(pixels), tokenizer.encode(changed)
+    assert torch.equal(a[:, 1:], b[:, 1:])

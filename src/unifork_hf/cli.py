@@ -300,14 +300,6 @@ def _add_model_commands(commands) -> None:
     build.add_argument("--out", required=True, help="output directory")
     build.set_defaults(run=cmd_build)
 
-    convert = commands.add_parser(
-        "convert", help="an official UniFork checkpoint (or VILA-U vision tower) -> a checkpoint of this package"
-    )
-    convert.set_defaults(run=cmd_convert)
-    from unifork_hf.conversion.convert_official_unifork import add_arguments
-
-    add_arguments(convert)
-
     generate = commands.add_parser("generate-image", help="text -> image(s), written as one PNG grid")
     generate.add_argument("--model", required=True)
     generate.add_argument("--prompt", required=True, action="append", help="repeat for several prompts")
@@ -352,6 +344,15 @@ def _add_model_commands(commands) -> None:
     train.add_argument("--max-steps", type=_positive_int, default=None, help="override training.max_steps")
     train.add_argument("--resume", default=None, help="checkpoint directory to resume from, or 'true' for the last")
     train.set_defaults(run=cmd_train)
+
+
+def _add_conversion_commands(commands) -> None:
+    from unifork_hf.conversion.convert_official_unifork import add_arguments
+
+    convert = commands.add_parser(
+        "convert", help="an official UniFork checkpoint (or VILA-U vision tower) -> a checkpoint of this package"
+    )
+    add_arguments(convert).set_defaults(run=cmd_convert)
 
 
 def _add_benchmark_commands(commands) -> None:
@@ -400,6 +401,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="unifork", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     _add_model_commands(commands)
+    _add_conversion_commands(commands)
     _add_benchmark_commands(commands)
     args = parser.parse_args(argv)
     try:

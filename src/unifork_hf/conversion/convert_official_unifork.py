@@ -7,9 +7,13 @@ codebook, which must equal its first copy). A key that is neither, or one of our
 error that names it.
 """
 
+import glob
+import json
+import os
 import re
 
 import torch
+from safetensors.torch import load_file
 
 # Official tensors the official forward never reads (regexes on the key without its tower prefix).
 UNUSED_TOKENIZER_KEYS = (
@@ -318,18 +322,12 @@ def rq_configs_from_official(tower_config: dict, siglip_vision_config: dict | No
 
 
 def _read_json(path):
-    import json
-
     with open(path) as f:
         return json.load(f)
 
 
 def load_state_dict(directory) -> dict:
     """All tensors of a checkpoint folder: `model.safetensors`, its shards, or `pytorch_model*.bin`."""
-    import glob
-    import os
-
-    from safetensors.torch import load_file
 
     files = sorted(glob.glob(os.path.join(directory, "*.safetensors")))
     binaries = sorted(glob.glob(os.path.join(directory, "pytorch_model*.bin")))
@@ -379,8 +377,6 @@ def convert_official_checkpoint(
         siglip_vision_config: the SigLIP encoder's vision config, when it is not `google/siglip-large-patch16-256`.
         image_size: default: the checkpoint's `preprocessor_config.json` `image_size`, else 384 (the official one).
     """
-    import os
-
     from transformers import AutoTokenizer, Qwen2Config
 
     from ..modeling.configuration_unifork import UniForkConfig
@@ -392,19 +388,7 @@ def convert_official_checkpoint(
     checkpoint = str(checkpoint)
     llm_config = _read_json(os.path.join(checkpoint, "config.json"))
     state = load_state_dict(checkpoint)
-    vision_tower = vision_tower or llm_config.get("mm_vision_tower")
-    has_tower_dir = vision_tower is not None and os.path.isfile(os.path.join(str(vision_tower), "config.json"))
-    tower_config = (
-        _read_json(os.path.join(str(vision_tower), "config.json")) if has_tower_dir else OFFICIAL_TOWER_CONFIG
-    )
-    tower_state = {k.removeprefix(TOWER_KEY): v for k, v in state.items() if k.startswith(TOWER_KEY)}
-    if not tower_state:
-        if not has_tower_dir:
-            raise FileNotFoundError(
-                f"{checkpoint} holds no vision tower weights ({TOWER_KEY}*) and no vision tower folder was found "
-                f"(mm_vision_tower = {llm_config.get('mm_vision_tower')!r}): pass vision_tower=DIR."
-            )
-        tower_state = load_state_dict(str(vision_tower))
+    tower_config, tower_state = _vision_tower(checkpoint, llm_config, state, vision_tower)
     rq_config, depth_head_config = rq_configs_from_official(tower_config, siglip_vision_config)
 
     qwen2_fields = set(Qwen2Config().to_dict()) | {"rope_theta"}
@@ -434,7 +418,8 @@ def convert_official_checkpoint(
     model = UniForkForConditionalGeneration(config)
     model.load_state_dict(official_model_state_dict(state, tower_state, model), strict=False, assign=False)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    vocab = tokenizer.get_vocab()  # the official replies end in <|im_end|>
+    model.generation_config.eos_token_id = vocab.get("<|im_end|>", tokenizer.eos_token_id)
     model.generation_config.suppress_tokens = [image_token_id, boi_token_id, eoi_token_id]
     model.generation_config.image_generation = dict(OFFICIAL_IMAGE_GENERATION)
     size = {"height": image_size, "width": image_size}
@@ -444,6 +429,24 @@ def convert_official_checkpoint(
     if output_dir is not None:
         model.save_pretrained(output_dir)
     return model
+
+
+def _vision_tower(checkpoint, llm_config, state, vision_tower) -> tuple[dict, dict]:
+    """The tower's config (its folder's, else the official one) and weights (in the checkpoint, else its folder's)."""
+    vision_tower = vision_tower or llm_config.get("mm_vision_tower")
+    has_tower_dir = vision_tower is not None and os.path.isfile(os.path.join(str(vision_tower), "config.json"))
+    tower_config = (
+        _read_json(os.path.join(str(vision_tower), "config.json")) if has_tower_dir else OFFICIAL_TOWER_CONFIG
+    )
+    tower_state = {k.removeprefix(TOWER_KEY): v for k, v in state.items() if k.startswith(TOWER_KEY)}
+    if not tower_state:
+        if not has_tower_dir:
+            raise FileNotFoundError(
+                f"{checkpoint} holds no vision tower weights ({TOWER_KEY}*) and no vision tower folder was found "
+                f"(mm_vision_tower = {llm_config.get('mm_vision_tower')!r}): pass vision_tower=DIR."
+            )
+        tower_state = load_state_dict(str(vision_tower))
+    return tower_config, tower_state
 
 
 def official_model_state_dict(llm_state: dict, tower_state: dict, model) -> dict:
@@ -469,8 +472,6 @@ def convert_official_vision_tower(vision_tower, output_dir=None, siglip_vision_c
     `UniForkRQImageTokenizer`, saved to `output_dir` when given; `unifork build --vq OUTPUT_DIR` (or
     `from_pretrained_llm(llm, OUTPUT_DIR)`) then builds a UniFork on it. The tower's depth head is not kept: a new
     model trains its own (`convert_official_checkpoint` converts a trained one)."""
-    import os
-
     from ..modeling.rq_unifork import UniForkRQImageTokenizer
 
     tower_config = _read_json(os.path.join(str(vision_tower), "config.json"))

@@ -101,7 +101,9 @@ class LearningCurve(TrainerCallback):
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--vq", required=True)
+    parser.add_argument(
+        "--vq", required=True, help="the image tokenizer: train_vq.py's VQModel or train_rq.py's RQ tokenizer"
+    )
     parser.add_argument("--tokenizer", required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--max-steps", type=int, default=6000)
@@ -187,15 +189,17 @@ def main():
             eos_token_id=tokenizer.eos_token_id,
         )
     )
+    with open(os.path.join(args.vq, "config.json")) as f:
+        residual = "rq_config" in json.load(f)  # train_rq.py's tokenizer: no tiles, no per-code input table
     model = UniForkForConditionalGeneration.from_pretrained_llm(
         llm,
         args.vq,
         tokenizer=tokenizer,
         num_shared_layers=args.num_shared_layers,
-        learn_image_code_embeddings=args.learn_code_embeddings,
+        learn_image_code_embeddings=args.learn_code_embeddings and not residual,
         learn_image_position_embeddings=args.learn_position_embeddings,
         image_size=32,
-        vq_tile_size=args.vq_tile_size,
+        vq_tile_size=None if residual else args.vq_tile_size,
     )
     model.card_data.update(
         datasets=[f"unifork_hf.data.shapes (procedural, seed {args.data_seed})"], license="apache-2.0"

@@ -1,8 +1,9 @@
 """Image generation for UniFork: the sampling loop over the generation path of the Y.
 
 `UniForkImageGenerationMixin.generate_image` tokenizes prompts with the processor, prefills them, then samples
-one VQ code per cached forward (or several, with speculative Jacobi decoding), with classifier-free guidance and
-transformers' logits warpers, and decodes the codes to pixels with the model's VQ. The mixin needs of the model
+one image position per cached forward (a VQ code, or several with speculative Jacobi decoding; with the RQ tokenizer
+the depth head's `depth` codes), with classifier-free guidance and transformers' logits warpers, and decodes the
+codes to pixels with the model's image tokenizer. The mixin needs of the model
 only `model` (the backbone: `embed_image_codes`, `image_projector`, `image_tokenizer`, `layer_types`),
 `generation_head`, `config`, `generation_config` and `processor`.
 """

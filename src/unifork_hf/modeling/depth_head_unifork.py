@@ -95,10 +95,12 @@ class UniForkDepthHead(nn.Module):
 
     def teacher_forced(self, hidden: torch.Tensor, codes: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
         """Training's logits `(..., depth, codebook_size)`: slot d given the true codes 0..d-1 of `codes` `(..., depth)`,
-        the position `hidden` predicts (-100 where there is none: zero vectors, e.g. after an image's last position)."""
-        prefix = codes[..., :-1]
-        vectors = nn.functional.embedding(prefix.clamp(min=0), codebook.to(hidden.dtype))
-        return self(hidden, vectors * (prefix >= 0).unsqueeze(-1))
+        the position `hidden` predicts. Computed only where there is one (codes >= 0): elsewhere (text, an image's
+        last place) the logits are 0, since nothing is predicted there; the head costs about as much as the LLM."""
+        known = codes[..., 0] >= 0
+        vectors = nn.functional.embedding(codes[known][:, :-1], codebook.to(hidden.dtype))
+        logits = hidden.new_zeros(*codes.shape, self.classifier.out_features)
+        return logits.index_put((known,), self(hidden[known], vectors))
 
     def sample(self, hidden: torch.Tensor, codebook: torch.Tensor, pick) -> torch.Tensor:
         """Codes `(..., depth)` for `hidden` `(..., hidden_size)`: at each depth `pick(logits (..., codebook_size),

@@ -73,7 +73,7 @@ class UniForkCausalLMOutputWithPast(ModelOutput):
         logits: text logits `(B_und, T, vocab)` of the understanding samples, in batch order.
         image_logits: image-code logits of the generation samples, position t predicting position t+1's codes:
             `(B_gen, T, codebook_size)` for a VQ; `(B_gen, T, depth, codebook_size)` for the RQ tokenizer, depth d
-            given the true codes 0..d-1 of position t+1 (teacher forcing; zero vectors where t+1 is no image token).
+            given the true codes 0..d-1 of position t+1 (teacher forcing; 0 where t+1 is no image position).
     """
 
     loss: torch.FloatTensor | None = None

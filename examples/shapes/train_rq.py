@@ -12,40 +12,17 @@ of codes away from an object that change when the object is removed). Writes `me
 import argparse
 import json
 import os
-import random
 import sys
 import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from train_vq import to_pil, to_tensor  # noqa: E402
+from train_vq import code_locality, to_pil, to_tensor  # noqa: E402
 
-from unifork_hf.data.shapes import IMAGE_SIZE, bounding_box, render, shapes_dataset  # noqa: E402
+from unifork_hf.data.shapes import IMAGE_SIZE, shapes_dataset  # noqa: E402
 from unifork_hf.evaluation import score_images  # noqa: E402
 from unifork_hf.training import small_rq_config, train_rq_tokenizer  # noqa: E402
-
-
-def code_locality(tokenizer, scenes, seed=0) -> float:
-    """Share of the positions away from an object (outside its box widened by one position) whose codes (any
-    depth) change when that object is removed: 0 when a position's codes depend on its own patch only."""
-    rng = random.Random(seed)
-    factor, side = tokenizer.downsampling_factor, IMAGE_SIZE // tokenizer.downsampling_factor
-    reduced, far = [], []
-    for objects in scenes:
-        removed = rng.randrange(len(objects))
-        reduced.append(render([obj for i, obj in enumerate(objects) if i != removed]))
-        mask = torch.ones(side, side)
-        left, top, right, bottom = (value // factor for value in bounding_box(objects[removed]))
-        mask[max(top - 1, 0) : bottom + 2, max(left - 1, 0) : right + 2] = 0
-        far.append(mask)
-    with torch.no_grad():
-        codes = [
-            tokenizer.encode(images).reshape(len(scenes), side, side, -1)
-            for images in (to_tensor([render(objects) for objects in scenes]), to_tensor(reduced))
-        ]
-    far = torch.stack(far)
-    return float(((codes[0] != codes[1]).any(-1) * far).sum() / far.sum())
 
 
 def main():

@@ -47,8 +47,8 @@ def to_pil(tensor):
 
 
 def code_locality(tokenizer: UniForkVQImageTokenizer, scenes, seed=0) -> float:
-    """Share of the codes away from an object (outside its code box widened by one code) that change
-    when that object is removed from the scene: 0 when each code depends on its own patch only."""
+    """Share of the positions away from an object (outside its code box widened by one code) whose codes change
+    when that object is removed from the scene: 0 when each code depends on its own patch only (VQ or RQ)."""
     rng = random.Random(seed)
     factor = tokenizer.downsampling_factor  # pixels per code
     side = IMAGE_SIZE // factor
@@ -62,11 +62,11 @@ def code_locality(tokenizer: UniForkVQImageTokenizer, scenes, seed=0) -> float:
         far.append(mask)
     with torch.no_grad():
         codes = [
-            tokenizer.encode(images).reshape(-1, side, side)
+            tokenizer.encode(images).reshape(len(scenes), side, side, -1)  # (-1: an RQ position's codes)
             for images in (to_tensor([render(objects) for objects in scenes]), to_tensor(reduced))
         ]
     far = torch.stack(far)
-    return float(((codes[0] != codes[1]) * far).sum() / far.sum())
+    return float(((codes[0] != codes[1]).any(-1) * far).sum() / far.sum())
 
 
 def code_colour_purity(tokenizer: UniForkVQImageTokenizer, images: torch.Tensor) -> float:

@@ -137,6 +137,16 @@ class MissingCheckpointError(OSError):
     """`from_pretrained` found no checkpoint under a name; says how to get a model."""
 
 
+def _check_norm_groups(name: str, decoder_config: dict) -> None:
+    """GroupNorm needs every level's channels to split into `norm_num_groups` groups (VQModel and the RQ decoder)."""
+    groups = decoder_config.get("norm_num_groups", 32)
+    if any(channels % groups for channels in decoder_config["block_out_channels"]):
+        raise ValueError(
+            f"{name}: every block_out_channels entry {decoder_config['block_out_channels']} must be a multiple "
+            f"of norm_num_groups ({groups})."
+        )
+
+
 def missing_checkpoint_error(name, error: OSError) -> OSError:
     """What to do when `from_pretrained(name)` finds nothing: `name` is no local folder and not reachable on the Hub
     (a preset name such as "unifork-base", a typo, or offline)."""
@@ -323,12 +333,7 @@ class UniForkConfig(PreTrainedConfig):
                 f"rq_config: the decoder's {levels} levels (block_out_channels, up_block_types: {len(rq['up_block_types'])}) "
                 f"must upsample x{patch}, the encoder's patch size: {patch.bit_length()} levels."
             )
-        groups = rq.get("norm_num_groups", 32)
-        if any(channels % groups for channels in rq["block_out_channels"]):
-            raise ValueError(
-                f"rq_config: every block_out_channels entry {rq['block_out_channels']} must be a multiple of "
-                f"norm_num_groups ({groups})."
-            )
+        _check_norm_groups("rq_config", rq)
         if self.image_size is None:
             self.image_size = vision.get("image_size", 224)
         if self.image_size < patch or self.image_size % patch:
@@ -410,12 +415,7 @@ class UniForkConfig(PreTrainedConfig):
                 f"vq_config: num_vq_embeddings and vq_embed_dim must be positive, got "
                 f"{vq['num_vq_embeddings']} and {vq['vq_embed_dim']}."
             )
-        groups = vq.get("norm_num_groups", 32)
-        if any(channels % groups for channels in vq["block_out_channels"]):
-            raise ValueError(
-                f"vq_config: every block_out_channels entry {vq['block_out_channels']} must be a multiple "
-                f"of norm_num_groups ({groups})."
-            )
+        _check_norm_groups("vq_config", vq)
         for where, name in (
             ("projector_hidden_act", self.projector_hidden_act),
             ("vq_config act_fn", vq.get("act_fn", "silu")),

@@ -8,6 +8,7 @@ from transformers import CompileConfig
 
 from unifork_hf import UniForkConfig, UniForkForConditionalGeneration, UniForkProcessor
 from unifork_hf.data.tiny import tiny_llm, tiny_tokenizer
+from unifork_hf.modeling import generation_unifork, packing_unifork
 from unifork_hf.modeling.rq_unifork import DEFAULT_RQ_CONFIG, UniForkRQImageTokenizer
 from unifork_hf.training import (
     UniForkDataCollator,
@@ -141,6 +142,16 @@ def test_compiled_decoding_equals_eager_and_jacobi_is_refused(model):
     assert torch.equal(model.generate_image(prompts, compile=config, **kwargs), eager)
     with pytest.raises(NotImplementedError, match="draws 4 residual codes per position"):
         model.generate_image(prompts, jacobi_window=4, **kwargs)
+
+
+def test_packed_decoding_equals_eager_and_packs_the_depth_head(model, monkeypatch):
+    kwargs = dict(guidance_scale=3.0, top_k=1, output_type="tokens", progress_bar=False)
+    prompts = ["a red circle", "blue"]
+    plain = model.generate_image(prompts, **kwargs)
+    monkeypatch.setattr(packing_unifork, "MIN_PACKED_ELEMENTS", 0)
+    assert torch.equal(model.generate_image(prompts, **kwargs), plain)
+    packed = generation_unifork._PACKED_LINEARS[model].linears
+    assert {id(m) for m in model.generation_head.modules() if type(m) is nn.Linear} <= {id(m) for m in packed}
 
 
 def test_bad_image_ids_name_the_expected_shape(model):

@@ -8,8 +8,10 @@ only `model` (the backbone: `embed_image_codes`, `image_projector`, `image_token
 `generation_head`, `config`, `generation_config` and `processor`.
 """
 
+import contextlib
 import functools
 import itertools
+import weakref
 
 import torch
 from torch import nn
@@ -24,11 +26,17 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
+from .packing_unifork import PackedLinears, weights_fingerprint
+
 # What `generate_image` samples with when neither the call nor the checkpoint's
 # `generation_config.image_generation` says otherwise: the usual settings of large autoregressive image
 # models (Janus, LlamaGen). Small models trained from scratch often want less guidance and a lower
 # temperature: their training recipes write what they measured into the checkpoint.
 DEFAULT_IMAGE_GENERATION = {"guidance_scale": 5.0, "temperature": 1.0, "top_k": None, "top_p": None}
+
+# Each model's packed generation-path weights for eager decoding on CPU (`_packed_generation_path`). Held beside the
+# model, not in it, so that copying, pickling or saving a model never meets oneDNN's opaque tensors.
+_PACKED_LINEARS = weakref.WeakKeyDictionary()
 
 
 def _multinomial(probs, generator, rows_per_image=1):
@@ -304,24 +312,30 @@ class UniForkImageGenerationMixin:
         chunks = range(0, len(prompts), batch)
         steps = tqdm(total=len(prompts) * self.config.num_image_tokens, desc="image tokens", disable=not progress_bar)
         codes = []
-        for start in chunks:
-            stop = start + batch
-            texts = prompts[start:stop] + (negatives[start:stop] if guided else [])
-            inputs = processor.image_generation_inputs(texts, return_tensors="pt").to(self.device)
-            generators = generator[start:stop] if isinstance(generator, (list, tuple)) else generator
-            codes.append(
-                self._sample_image_tokens(
-                    inputs.input_ids,
-                    inputs.attention_mask,
-                    processors,
-                    generators,
-                    steps,
-                    guided=guided,
-                    window=jacobi_window or 1,
-                    compile=compile,
-                    callback=callback,
+        # eager steps on CPU run the large linears on packed weights; compiled ones have inductor's frozen copy
+        with (
+            contextlib.nullcontext()
+            if compile
+            else self._packed_generation_path(min(batch, len(prompts)) * (1 + guided))
+        ):
+            for start in chunks:
+                stop = start + batch
+                texts = prompts[start:stop] + (negatives[start:stop] if guided else [])
+                inputs = processor.image_generation_inputs(texts, return_tensors="pt").to(self.device)
+                generators = generator[start:stop] if isinstance(generator, (list, tuple)) else generator
+                codes.append(
+                    self._sample_image_tokens(
+                        inputs.input_ids,
+                        inputs.attention_mask,
+                        processors,
+                        generators,
+                        steps,
+                        guided=guided,
+                        window=jacobi_window or 1,
+                        compile=compile,
+                        callback=callback,
+                    )
                 )
-            )
         steps.close()
         codes = torch.cat(codes)
         if output_type == "tokens":
@@ -580,21 +594,23 @@ class UniForkImageGenerationMixin:
         state["cache"].reset()
         return state["forward"], state["cache"]
 
-    @torch.no_grad()
     def _weights_fingerprint(self):
-        """One number per parameter and buffer, u^T W v with fixed random u, v (W as rows x columns): any
-        change to the content beyond float32 rounding moves it, swapped rows or columns included (a plain
-        sum would miss those), at the cost of one read of the weights."""
-        vectors = self.__dict__.setdefault("_fingerprint_vectors", {})
-        values = []
-        for tensor in itertools.chain(self.parameters(), self.buffers()):
-            matrix = tensor.detach().reshape(tensor.shape[0] if tensor.ndim else 1, -1).float()
-            if matrix.shape not in vectors:
-                generator = torch.Generator().manual_seed(sum(matrix.shape) * 1_000_003 + matrix.shape[0])
-                vectors[matrix.shape] = tuple(torch.rand(n, generator=generator) + 0.5 for n in matrix.shape)
-            u, v = (x.to(matrix.device) for x in vectors[matrix.shape])
-            values.append(u @ matrix @ v)
-        return torch.stack(values)
+        """A fingerprint of every parameter and buffer (`weights_fingerprint`), to tell when compiled code with
+        frozen weights is out of date."""
+        return weights_fingerprint(
+            itertools.chain(self.parameters(), self.buffers()), self.__dict__.setdefault("_fingerprint_vectors", {})
+        )
+
+    def _packed_generation_path(self, rows: int):
+        """A context in which the generation path's large linears run on weights packed for oneDNN (`PackedLinears`:
+        1.4-3x faster eager decoding steps on CPU at ~100M). The packed copy is kept for later calls while the
+        weights stay the same (checked with a fingerprint, one read of them per call), and packed anew otherwise."""
+        parts = (self.model.shared_layers, self.model.generation_layers, self.generation_head)
+        packed = _PACKED_LINEARS.get(self)
+        if packed is None or not packed.is_current(parts):
+            _PACKED_LINEARS.pop(self, None)  # free the old copy before packing anew
+            packed = _PACKED_LINEARS[self] = PackedLinears(parts, rows)
+        return packed.active()
 
     def _default_decoding_compile_config(self):
         if self.device.type == "cpu":

@@ -1,0 +1,89 @@
+"""Eager decoding's matmuls on CPU through oneDNN, with the weights packed once.
+
+A decoding step multiplies a few rows (2 x batch with CFG) by every weight of the generation path. torch's
+eager CPU kernel for `x @ W.T` reads the weights at a quarter of the machine's bandwidth at those shapes,
+while oneDNN's linear on a weight reordered once into its blocked layout (`mkldnn._reorder_linear_weight`,
+what inductor's weight freezing packs with) runs 1.4-3x faster (`benchmarks/bench_skinny_matmul.py`).
+Packing costs a copy of the packed weights (kept for later calls until they change) and a per-call overhead
+that loses on small weights, so only linears of at least `MIN_PACKED_ELEMENTS` weights are packed.
+"""
+
+import contextlib
+import itertools
+
+import torch
+from torch import nn
+
+# Below this many weights (1 MiB in float32) oneDNN's per-call overhead costs more than its faster reads save.
+MIN_PACKED_ELEMENTS = 2**18
+
+
+def weights_fingerprint(tensors, vectors: dict) -> torch.Tensor:
+    """One number per tensor, u^T W v with fixed random u, v (W as rows x columns; `vectors` caches them per
+    shape): any change to the content beyond float32 rounding moves it, swapped rows or columns included (a
+    plain sum would miss those), at the cost of one read of the tensors."""
+    values = []
+    for tensor in tensors:
+        matrix = tensor.detach().reshape(tensor.shape[0] if tensor.ndim else 1, -1).float()
+        if matrix.shape not in vectors:
+            generator = torch.Generator().manual_seed(sum(matrix.shape) * 1_000_003 + matrix.shape[0])
+            vectors[matrix.shape] = tuple(torch.rand(n, generator=generator) + 0.5 for n in matrix.shape)
+        u, v = (x.to(matrix.device) for x in vectors[matrix.shape])
+        values.append(u @ matrix @ v)
+    return torch.stack(values) if values else torch.zeros(0)
+
+
+def packable(module: nn.Module) -> bool:
+    """A plain float32 `nn.Linear` on the CPU, large enough for packing to pay (see `MIN_PACKED_ELEMENTS`)."""
+    return (
+        type(module) is nn.Linear  # not a subclass (quantized, LoRA-wrapped ...): its forward may do more
+        and module.weight.device.type == "cpu"
+        and module.weight.dtype == torch.float32
+        and module.weight.numel() >= MIN_PACKED_ELEMENTS
+        and torch.backends.mkldnn.is_available()
+    )
+
+
+class PackedLinears:
+    """The large linears of `modules` with their weights packed for oneDNN; `with packed.active():` their forwards
+    use the packed copy. `rows` is the number of input rows the layout is tuned for (any number works)."""
+
+    def __init__(self, modules, rows: int):
+        self.linears = [m for m in itertools.chain.from_iterable(x.modules() for x in modules) if packable(m)]
+        self._vectors = {}
+        self.fingerprint = self._fingerprint()
+        self.rows = rows
+        self.packed = [torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), rows) for m in self.linears]
+
+    def _fingerprint(self):
+        return weights_fingerprint(
+            [t for m in self.linears for t in (m.weight, m.bias) if t is not None], self._vectors
+        )
+
+    def is_current(self, modules) -> bool:
+        """Whether the packed copy still holds the weights of `modules` (the same linears, the same values)."""
+        linears = [m for m in itertools.chain.from_iterable(x.modules() for x in modules) if packable(m)]
+        return (
+            len(linears) == len(self.linears)
+            and all(a is b for a, b in zip(linears, self.linears))
+            and torch.equal(self._fingerprint(), self.fingerprint)
+        )
+
+    @contextlib.contextmanager
+    def active(self):
+        """Within it, each packed linear's `forward` (an instance attribute over `nn.Linear.forward`) runs
+        oneDNN on the packed weight; the class's forward is back on exit, whatever happens inside."""
+        for linear, packed in zip(self.linears, self.packed):
+            linear.forward = _packed_forward(linear, packed)
+        try:
+            yield self
+        finally:
+            for linear in self.linears:
+                linear.__dict__.pop("forward", None)
+
+
+def _packed_forward(linear, packed):
+    def forward(x):
+        return torch.ops.mkldnn._linear_pointwise(x, packed, linear.bias, "none", [], "")
+
+    return forward

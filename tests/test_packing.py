@@ -1,0 +1,94 @@
+"""Eager decoding on packed oneDNN weights (`modeling/packing_unifork.py`): same codes, current weights, clean exit."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from unifork_hf.modeling import generation_unifork, packing_unifork
+from unifork_hf.modeling.packing_unifork import PackedLinears
+
+
+def test_packed_linear_equals_the_plain_one_and_restores_its_forward(monkeypatch):
+    monkeypatch.setattr(packing_unifork, "MIN_PACKED_ELEMENTS", 0)
+    torch.manual_seed(0)
+    block = nn.Sequential(nn.Linear(48, 80), nn.GELU(), nn.Linear(80, 32, bias=False), nn.LayerNorm(32))
+    x = torch.randn(3, 5, 64)[..., 7:55]  # 3-d and not contiguous, as a layer's input can be
+    expected = block(x)
+    packed = PackedLinears([block], rows=3)
+    assert packed.linears == [block[0], block[2]]  # linears only, bias or not
+    with torch.no_grad(), packed.active():
+        assert all("forward" in linear.__dict__ for linear in packed.linears)
+        torch.testing.assert_close(block(x), expected, atol=1e-5, rtol=1e-5)
+    assert not any("forward" in linear.__dict__ for linear in packed.linears)
+    with pytest.raises(RuntimeError, match="inside"), packed.active():
+        raise RuntimeError("inside")
+    assert not any("forward" in linear.__dict__ for linear in packed.linears)
+    assert packed.is_current([block])
+    with torch.no_grad():
+        block[2].weight[[0, 1]] = block[2].weight[[1, 0]]  # the same values, two rows swapped
+    assert not packed.is_current([block])
+
+
+def test_only_large_float32_cpu_linears_are_packed():
+    small, large = nn.Linear(16, 16), nn.Linear(1024, 256)
+    assert not packing_unifork.packable(small) and packing_unifork.packable(large)
+    assert not packing_unifork.packable(large.to(torch.bfloat16))
+    assert not packing_unifork.packable(nn.Conv1d(1024, 256, 1))
+
+
+def generation_linears(model):
+    parts = (model.model.shared_layers, model.model.generation_layers, model.generation_head)
+    return [m for part in parts for m in part.modules() if type(m) is nn.Linear]
+
+
+def test_packed_decoding_gives_eagers_codes_and_follows_weight_changes(built_model, monkeypatch):
+    model = built_model
+    kwargs = dict(guidance_scale=3.0, top_k=1, output_type="tokens", progress_bar=False)
+    prompts = ["a red circle", "two blue squares at the bottom right and a green triangle"]  # left padding
+    plain = model.generate_image(prompts, **kwargs)  # the tiny model's linears are too small to be packed
+    assert model not in generation_unifork._PACKED_LINEARS or not generation_unifork._PACKED_LINEARS[model].linears
+
+    monkeypatch.setattr(packing_unifork, "MIN_PACKED_ELEMENTS", 0)
+    linears = generation_linears(model)
+    seen = []
+    packed = model.generate_image(
+        prompts, callback=lambda n, c: seen.append(all("forward" in m.__dict__ for m in linears)), **kwargs
+    )
+    assert torch.equal(packed, plain)
+    state = generation_unifork._PACKED_LINEARS[model]
+    assert state.linears == linears and len(linears) == 7 * model.config.text_config.num_hidden_layers + 1
+    assert all(seen) and len(seen) == model.config.num_image_tokens  # every step ran on packed weights...
+    assert not any("forward" in m.__dict__ for m in linears)  # ...and the linears are plain again after
+    assert not any("forward" in m.__dict__ for m in model.model.understanding_layers.modules())
+    model.generate_image(prompts, **kwargs)
+    assert generation_unifork._PACKED_LINEARS[model] is state  # the same weights: packed once
+
+    # Two rows of the head swapped in place behind autograd's back: the packed copy is out of date and redone.
+    code = int(plain.flatten().mode().values)
+    with torch.no_grad():
+        weight = model.generation_head.weight.data
+        weight[[code, code + 1]] = weight[[code + 1, code]]
+    changed = model.generate_image(prompts, **kwargs)
+    assert not torch.equal(changed, plain)
+    assert generation_unifork._PACKED_LINEARS[model] is not state
+    monkeypatch.setattr(packing_unifork, "MIN_PACKED_ELEMENTS", 2**62)
+    assert torch.equal(model.generate_image(prompts, **kwargs), changed)  # as the plain linears give
+
+    copy.deepcopy(model)  # the packed copy lives beside the model, not in it
+
+
+def test_a_failing_step_leaves_plain_linears(built_model, monkeypatch):
+    monkeypatch.setattr(packing_unifork, "MIN_PACKED_ELEMENTS", 0)
+
+    def stop(n, codes):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        built_model.generate_image("a red circle", callback=stop, progress_bar=False)
+    assert not any("forward" in m.__dict__ for m in generation_linears(built_model))
+    head = built_model.generation_head
+    x = torch.randn(2, head.in_features)
+    assert torch.equal(head(x), F.linear(x, head.weight))  # torch's own kernel again, bit for bit

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import CompileConfig
 
 from unifork_hf.modeling import generation_unifork, packing_unifork
 from unifork_hf.modeling.packing_unifork import PackedLinears
@@ -92,3 +93,44 @@ def test_a_failing_step_leaves_plain_linears(built_model, monkeypatch):
     head = built_model.generation_head
     x = torch.randn(2, head.in_features)
     assert torch.equal(head(x), F.linear(x, head.weight))  # torch's own kernel again, bit for bit
+
+
+def test_compiled_decoding_runs_the_packed_linears_as_one_op_each(built_model, monkeypatch):
+    model = built_model
+    monkeypatch.setattr(packing_unifork, "MIN_PACKED_ELEMENTS", 0)
+    kwargs = dict(guidance_scale=3.0, top_k=1, output_type="tokens", progress_bar=False)
+    prompts = ["a red circle", "two blue squares at the bottom right and a green triangle"]
+    eager = model.generate_image(prompts, **kwargs)
+    calls = []
+    monkeypatch.setattr(packing_unifork, "_ACTIVE", CountingDict(calls))
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    config = CompileConfig(fullgraph=True, dynamic=False, mode=None)  # as compile=True on CPU, no graph break allowed
+    assert model._decoding_compile_config(True) == CompileConfig(dynamic=False, mode=None)
+    assert torch.equal(model.generate_image(prompts, compile=config, **kwargs), eager)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs + 1
+    # every linear of every step (the prefill's and the compiled ones) found its packed weight
+    linears = len(generation_linears(model))
+    assert calls == [True] * linears * model.config.num_image_tokens
+    assert not packing_unifork._ACTIVE and not any("forward" in m.__dict__ for m in generation_linears(model))
+
+    # The weights are inputs of the compiled graph, not frozen into it: after a change the packed copy is redone
+    # and the same compiled step runs on it.
+    code = int(eager.flatten().mode().values)
+    with torch.no_grad():
+        weight = model.generation_head.weight.data
+        weight[[code, code + 1]] = weight[[code + 1, code]]
+    changed = model.generate_image(prompts, **kwargs)
+    assert not torch.equal(changed, eager)
+    assert torch.equal(model.generate_image(prompts, compile=config, **kwargs), changed)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs + 1
+
+
+class CountingDict(dict):
+    def __init__(self, calls):
+        super().__init__()
+        self.calls = calls
+
+    def get(self, key, default=None):
+        value = super().get(key, default)
+        self.calls.append(value is not None)
+        return value

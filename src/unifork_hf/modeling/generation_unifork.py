@@ -312,12 +312,15 @@ class UniForkImageGenerationMixin:
         chunks = range(0, len(prompts), batch)
         steps = tqdm(total=len(prompts) * self.config.num_image_tokens, desc="image tokens", disable=not progress_bar)
         codes = []
-        # eager steps on CPU run the large linears on packed weights; compiled ones have inductor's frozen copy
-        with (
+        # On CPU the large linears of the generation path run on packed weights, eager or compiled, unless the compile
+        # config freezes the weights (inductor then packs its own copy).
+        config = self._decoding_compile_config(compile) if compile else None
+        packing = (
             contextlib.nullcontext()
-            if compile
-            else self._packed_generation_path(min(batch, len(prompts)) * (1 + guided))
-        ):
+            if config is not None and (config.options or {}).get("freezing")
+            else self._packed_generation_path(min(batch, len(prompts)) * (1 + guided), traceable=config is not None)
+        )
+        with packing:
             for start in chunks:
                 stop = start + batch
                 texts = prompts[start:stop] + (negatives[start:stop] if guided else [])
@@ -567,12 +570,14 @@ class UniForkImageGenerationMixin:
 
     def _compiled_decoding(self, compile, batch_rows, cache_length):
         """`torch.compile`d `_generation_step` and the `StaticCache` it runs with, reused while the compile
-        config, the batch shape and the weights stay the same (`_weights_fingerprint`)."""
-        config = compile if isinstance(compile, CompileConfig) else self._default_decoding_compile_config()
-        fingerprint = self._weights_fingerprint()
+        config and the batch shape stay the same, and for a config that freezes the weights into the compiled code,
+        the weights too (`_weights_fingerprint`)."""
+        config = self._decoding_compile_config(compile)
+        frozen = bool((config.options or {}).get("freezing"))  # else the weights are inputs of the compiled graph
+        fingerprint = self._weights_fingerprint() if frozen else None
         key = (config, batch_rows, cache_length, self.device, self.dtype)
         state = getattr(self, "_decoding_state", None)
-        if state is None or state["key"] != key or not torch.equal(state["fingerprint"], fingerprint):
+        if state is None or state["key"] != key or (frozen and not torch.equal(state["fingerprint"], fingerprint)):
             if state is not None:  # drop the compiled code of older weights (it holds a frozen copy of them)
                 torch._dynamo.eval_frame.reset_code(self._generation_step.__code__)
             compiled = torch.compile(self._generation_step, **config.to_dict())
@@ -580,7 +585,7 @@ class UniForkImageGenerationMixin:
             # so `options` alone does not freeze; and inductor would print every GEMM autotuning table.
             # The patch is built once: entering a ready one costs ~10 us a step, building one ~70.
             patch = torch._inductor.config.patch(
-                freezing=bool((config.options or {}).get("freezing")),
+                freezing=frozen,
                 autotune_num_choices_displayed=0,
                 max_autotune_report_choices_stats=False,
             )
@@ -601,7 +606,7 @@ class UniForkImageGenerationMixin:
             itertools.chain(self.parameters(), self.buffers()), self.__dict__.setdefault("_fingerprint_vectors", {})
         )
 
-    def _packed_generation_path(self, rows: int):
+    def _packed_generation_path(self, rows: int, traceable: bool = False):
         """A context in which the generation path's large linears run on weights packed for oneDNN (`PackedLinears`:
         1.4-3x faster eager decoding steps on CPU at ~100M). The packed copy is kept for later calls while the
         weights stay the same (checked with a fingerprint, one read of them per call), and packed anew otherwise."""
@@ -610,9 +615,11 @@ class UniForkImageGenerationMixin:
         if packed is None or not packed.is_current(parts):
             _PACKED_LINEARS.pop(self, None)  # free the old copy before packing anew
             packed = _PACKED_LINEARS[self] = PackedLinears(parts, rows)
-        return packed.active()
+        return packed.active(traceable)
 
-    def _default_decoding_compile_config(self):
-        if self.device.type == "cpu":
-            return CompileConfig(dynamic=False, mode=None, options={"max_autotune": True, "freezing": True})
-        return CompileConfig(dynamic=False)
+    def _decoding_compile_config(self, compile):
+        """`compile` if a `CompileConfig`; for True the device's default: on CPU inductor without freezing (the linears
+        run on `PackedLinears`' weights through one op each), elsewhere transformers' default (CUDA graphs)."""
+        if isinstance(compile, CompileConfig):
+            return compile
+        return CompileConfig(dynamic=False, mode=None) if self.device.type == "cpu" else CompileConfig(dynamic=False)

@@ -54,6 +54,9 @@ class PackedLinears:
         self.fingerprint = self._fingerprint()
         self.rows = rows
         self.packed = [torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), rows) for m in self.linears]
+        # made once, so that a compiled step's guards on the modules' `forward` hold from one call to the next
+        self._forwards = [_packed_forward(m, p) for m, p in zip(self.linears, self.packed)]
+        self._traceable_forwards = [_traceable_packed_forward(m) for m in self.linears]
 
     def _fingerprint(self):
         return weights_fingerprint(
@@ -70,16 +73,19 @@ class PackedLinears:
         )
 
     @contextlib.contextmanager
-    def active(self):
+    def active(self, traceable: bool = False):
         """Within it, each packed linear's `forward` (an instance attribute over `nn.Linear.forward`) runs
-        oneDNN on the packed weight; the class's forward is back on exit, whatever happens inside."""
-        for linear, packed in zip(self.linears, self.packed):
-            linear.forward = _packed_forward(linear, packed)
+        oneDNN on the packed weight; the class's forward is back on exit, whatever happens inside. `traceable`:
+        through the `unifork::packed_linear` op, which `torch.compile` keeps as one call in its graph."""
+        _ACTIVE.update({_key(m.weight): p for m, p in zip(self.linears, self.packed)} if traceable else {})
+        for linear, forward in zip(self.linears, self._traceable_forwards if traceable else self._forwards):
+            linear.forward = forward
         try:
             yield self
         finally:
             for linear in self.linears:
                 linear.__dict__.pop("forward", None)
+            _ACTIVE.clear()
 
 
 def _packed_forward(linear, packed):
@@ -87,3 +93,33 @@ def _packed_forward(linear, packed):
         return torch.ops.mkldnn._linear_pointwise(x, packed, linear.bias, "none", [], "")
 
     return forward
+
+
+def _traceable_packed_forward(linear):
+    def forward(x):
+        return packed_linear(x, linear.weight, linear.bias)
+
+    return forward
+
+
+# The packed weights of the `PackedLinears` active for compiled steps, by their weight's storage (the op sees the
+# weight a compiled graph passes it, not the module).
+_ACTIVE = {}
+
+
+def _key(weight):
+    return weight.data_ptr(), tuple(weight.shape)
+
+
+@torch.library.custom_op("unifork::packed_linear", mutates_args=())
+def packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """`F.linear(x, weight, bias)`, on the packed copy of `weight` where an active `PackedLinears` holds one."""
+    packed = _ACTIVE.get(_key(weight))
+    if packed is None:
+        return nn.functional.linear(x, weight, bias)
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+@packed_linear.register_fake
+def _(x, weight, bias):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))

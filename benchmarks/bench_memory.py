@@ -24,9 +24,10 @@ image generation reads (not the understanding branch or the LM head). The RSS af
 of the decoding loop is sampled too (prefill, then one cached step per image token), to show
 whether the KV cache makes it grow. Sizes: "100m" is bench_generate_image.py's ~100M-parameter
 generation path (hidden 768, 12 layers, K=6: 157M parameters in the whole Y), "tiny" is unifork-tiny.
-`--compile` runs `generate_image(compile=True)` instead, its compilation included (on CPU inductor
-freezes the weights into packed copies, so expect about one more generation path; the compiled steps
-are not sampled: a hook inside them would split the compiled graph).
+On CPU both paths run the generation path's large linears on a oneDNN-packed copy of their weights
+(`PackedLinears`), so expect about one more generation path than the weights read. `--compile` runs
+`generate_image(compile=True)` instead, its compilation included (the compiled steps are not sampled: a hook
+inside them would split the compiled graph); its RESULT line adds `compiled_peak_mb=` and `compiled_bound_mb=`.
 """
 
 import argparse
@@ -219,6 +220,7 @@ def main():
     print(
         f"RESULT peak_rss_mb={peak / MB:.1f} weights_mb={weights / MB:.1f} limit_mb={limit / MB:.1f} "
         f"peak_over_weights={peak / weights:.2f} within_goal={str(peak <= limit).lower()}"
+        + (f" compiled_peak_mb={peak / MB:.1f} compiled_bound_mb={limit / MB:.1f}" if args.compile else "")
     )
 
 

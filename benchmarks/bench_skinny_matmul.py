@@ -13,8 +13,10 @@ fp32, far beyond any cache), for each way torch offers to store and multiply the
 - `int8_weight_only`: `torch._weight_int8pack_mm` on per-row int8 weights (a quarter of the bytes):
   the CPU kernel behind weight-only int8;
 - `int8_dequantize`: dequantize each int8 weight to fp32, then `F.linear`;
+- `onednn_packed`: oneDNN's linear on weights reordered once into its blocked layout
+  (`mkldnn._reorder_linear_weight`): what `generate_image` runs on CPU (`PackedLinears`), eager or compiled;
 - `inductor_frozen`: all the `F.linear`s as one function through `torch.compile` with inductor's
-  weight freezing and `max_autotune` (what `generate_image(compile=True)` uses on CPU): its C++ GEMM
+  weight freezing and `max_autotune` (what `generate_image(compile=True)` used on CPU until 2026-12-02): its C++ GEMM
   templates run on weights packed once at compile time (compiled before timing; `--no-compile` skips it).
 
 Each prints the weight bytes it reads divided by its time, next to the bandwidth of a large copy
@@ -86,9 +88,11 @@ def main():
     result = {"copy_gb_s": copy / 1e9}
     for rows in (int(r) for r in args.rows.split(",")):
         inputs = {inp: torch.randn(rows, inp) for inp in (HIDDEN, MLP)}
+        packed = [torch.ops.mkldnn._reorder_linear_weight(w, rows) for w in weights]
+        onednn = lambda x, i: torch.ops.mkldnn._linear_pointwise(x, packed[i], None, "none", [], "")  # noqa: E731
         passes = {
             name: (lambda m=multiply: [m(inputs[w.shape[1]], i) for i, w in enumerate(weights)], nbytes)
-            for name, (multiply, nbytes) in contenders.items()
+            for name, (multiply, nbytes) in {**contenders, "onednn_packed": (onednn, fp32_bytes)}.items()
         }
         if not args.no_compile:
             frozen = compile_frozen(weights)

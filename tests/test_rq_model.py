@@ -178,6 +178,11 @@ def test_save_load_and_the_processor_reads_the_rq_tokenizer(model, tmp_path):
     codes = processor.encode_images(list(processor.to_pil(image)))
     assert codes.shape == (2, POSITIONS, DEPTH)
     assert torch.equal(codes, model.processor.encode_images(list(processor.to_pil(image))))
+    # the loaded model's own tokenizer too: SigLIP's position ids are a buffer no checkpoint holds
+    embeddings = loaded.model.image_tokenizer.encoder.embeddings
+    assert torch.equal(embeddings.position_ids, torch.arange(POSITIONS)[None])
+    assert embeddings.position_embedding.weight.abs().amin(-1).gt(0).all()  # a table where the ids matter
+    assert torch.equal(loaded.processor.encode_images(list(processor.to_pil(image))), codes)
     assert processor.decode_image_tokens(codes[:, :, :2], output_type="pt").shape == (2, 3, 32, 32)
 
 

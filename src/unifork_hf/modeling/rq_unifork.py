@@ -11,11 +11,14 @@ official one for grids larger than the position table) and diffusers' VAE `Decod
 `ResnetBlock2D`, single-head `Attention`, `Upsample2D`). The quantiser is the one part written here.
 """
 
+import itertools
+
 import torch
 from diffusers.models.autoencoders.vae import Decoder
 from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 from transformers import SiglipVisionConfig, SiglipVisionModel
+from transformers.models.siglip.modeling_siglip import SiglipVisionEmbeddings
 
 from .configuration_unifork import DEFAULT_RQ_CONFIG, UNIFORK_BASE_RQ_CONFIG  # noqa: F401  (re-exported)
 
@@ -73,8 +76,11 @@ class UniForkRQImageTokenizer(nn.Module, PyTorchModelHubMixin, library_name="uni
                 f"encoder's patches are {vision.patch_size} px; they must agree."
             )
         self.requires_grad_(False)
-        for module in self.modules():  # trained weights: transformers' post_init must not re-initialise them
-            module._is_hf_initialized = True
+        # Trained weights: transformers' initialisation must not redo them. It still runs on SigLIP's embeddings,
+        # whose position ids are a buffer no checkpoint holds: from_pretrained leaves it as allocated until then.
+        for part in itertools.chain(self.modules(), self.parameters()):
+            if not isinstance(part, SiglipVisionEmbeddings):
+                part._is_hf_initialized = True
 
     @property
     def codebook_size(self) -> int:

@@ -317,15 +317,7 @@ class UniForkImageGenerationMixin:
         chunks = range(0, len(prompts), batch)
         steps = tqdm(total=len(prompts) * self.config.num_image_tokens, desc="image tokens", disable=not progress_bar)
         codes = []
-        # On CPU the large linears of the generation path run on packed weights, eager or compiled, unless the compile
-        # config freezes the weights (inductor then packs its own copy).
-        config = self._decoding_compile_config(compile) if compile else None
-        packing = (
-            contextlib.nullcontext()
-            if config is not None and (config.options or {}).get("freezing")
-            else self._packed_generation_path(min(batch, len(prompts)) * (1 + guided), traceable=config is not None)
-        )
-        with packing:
+        with self._packed_generation_path(min(batch, len(prompts)) * (1 + guided), compile):
             for start in chunks:
                 stop = start + batch
                 texts = prompts[start:stop] + (negatives[start:stop] if guided else [])
@@ -611,16 +603,20 @@ class UniForkImageGenerationMixin:
             itertools.chain(self.parameters(), self.buffers()), self.__dict__.setdefault("_fingerprint_vectors", {})
         )
 
-    def _packed_generation_path(self, rows: int, traceable: bool = False):
+    def _packed_generation_path(self, rows: int, compile):
         """A context in which the generation path's large linears run on weights packed for oneDNN (`PackedLinears`:
-        1.4-3x faster eager decoding steps on CPU at ~100M). The packed copy is kept for later calls while the
+        2-2.7x faster matmuls on CPU at decoding's `rows`), eager or compiled (`compile`), unless the compile config
+        freezes the weights (inductor then packs its own copy). The packed copy is kept for later calls while the
         weights stay the same (checked with a fingerprint, one read of them per call), and packed anew otherwise."""
+        config = self._decoding_compile_config(compile) if compile else None
+        if config is not None and (config.options or {}).get("freezing"):
+            return contextlib.nullcontext()
         parts = (self.model.shared_layers, self.model.generation_layers, self.generation_head)
         packed = _PACKED_LINEARS.get(self)
         if packed is None or not packed.is_current(parts):
             _PACKED_LINEARS.pop(self, None)  # free the old copy before packing anew
             packed = _PACKED_LINEARS[self] = PackedLinears(parts, rows)
-        return packed.active(traceable)
+        return packed.active(traceable=config is not None)
 
     def _decoding_compile_config(self, compile):
         """`compile` if a `CompileConfig`; for True the device's default: on CPU inductor without freezing (the linears

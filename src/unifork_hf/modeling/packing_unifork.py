@@ -45,15 +45,19 @@ def packable(module: nn.Module) -> bool:
     )
 
 
+def packable_linears(modules) -> list[nn.Linear]:
+    """The `packable` linears inside `modules`, in module order."""
+    return [m for m in itertools.chain.from_iterable(x.modules() for x in modules) if packable(m)]
+
+
 class PackedLinears:
     """The large linears of `modules` with their weights packed for oneDNN; `with packed.active():` their forwards
     use the packed copy. `rows` is the number of input rows the layout is tuned for (any number works)."""
 
     def __init__(self, modules, rows: int):
-        self.linears = [m for m in itertools.chain.from_iterable(x.modules() for x in modules) if packable(m)]
+        self.linears = packable_linears(modules)
         self._vectors = {}
         self.fingerprint = self._fingerprint()
-        self.rows = rows
         self.packed = [torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), rows) for m in self.linears]
         # made once, so that a compiled step's guards on the modules' `forward` hold from one call to the next
         self._forwards = [_packed_forward(m, p) for m, p in zip(self.linears, self.packed)]
@@ -66,7 +70,7 @@ class PackedLinears:
 
     def is_current(self, modules) -> bool:
         """Whether the packed copy still holds the weights of `modules` (the same linears, the same values)."""
-        linears = [m for m in itertools.chain.from_iterable(x.modules() for x in modules) if packable(m)]
+        linears = packable_linears(modules)
         return (
             len(linears) == len(self.linears)
             and all(a is b for a, b in zip(linears, self.linears))

@@ -18,7 +18,6 @@ from diffusers.models.autoencoders.vae import Decoder
 from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 from transformers import SiglipVisionConfig, SiglipVisionModel
-from transformers.models.siglip.modeling_siglip import SiglipVisionEmbeddings
 
 from .configuration_unifork import DEFAULT_RQ_CONFIG, UNIFORK_BASE_RQ_CONFIG  # noqa: F401  (re-exported)
 
@@ -76,10 +75,11 @@ class UniForkRQImageTokenizer(nn.Module, PyTorchModelHubMixin, library_name="uni
                 f"encoder's patches are {vision.patch_size} px; they must agree."
             )
         self.requires_grad_(False)
-        # Trained weights: transformers' initialisation must not redo them. It still runs on SigLIP's embeddings,
-        # whose position ids are a buffer no checkpoint holds: from_pretrained leaves it as allocated until then.
-        for part in itertools.chain(self.modules(), self.parameters()):
-            if not isinstance(part, SiglipVisionEmbeddings):
+        # Trained weights: transformers' initialisation must not redo them. It must still run on a module that owns
+        # a non-persistent buffer (SigLIP's position ids): no checkpoint holds one, so from_pretrained leaves it as
+        # allocated until that module's init makes it; the flagged weights beside it are left alone.
+        for part in itertools.chain(self.parameters(), self.modules()):
+            if not getattr(part, "_non_persistent_buffers_set", None):
                 part._is_hf_initialized = True
 
     @property

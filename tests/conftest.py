@@ -42,3 +42,12 @@ def built_dir(tiny_parts, tmp_path_factory):
 @pytest.fixture()
 def built_model(built_dir):
     return UniForkForConditionalGeneration.from_pretrained(built_dir).eval()
+
+
+def swap_head_rows(model, codes: torch.Tensor) -> None:
+    """Swap, in place and behind autograd's back, the generation head's rows of the most drawn code and the next: the
+    weights' sums stay the same, and greedy decoding of `codes`' prompts changes."""
+    code = int(codes.flatten().mode().values)
+    with torch.no_grad():
+        weight = model.generation_head.weight.data
+        weight[[code, code + 1]] = weight[[code + 1, code]]

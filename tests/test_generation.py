@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 import torch
+from conftest import swap_head_rows
 from PIL import Image
 from transformers import CompileConfig
 
@@ -241,12 +242,8 @@ def test_compiled_decoding_equals_eager_reuses_its_compilation_and_follows_weigh
     assert model._decoding_state["forward"] is compiled_step
     assert torch.equal(model.generate_image(prompts, compile=config, jacobi_window=4, **kwargs), eager)
 
-    # Two rows of the head swapped in place behind autograd's back (each tensor's sum stays the same).
     fingerprint = model._decoding_state["fingerprint"]
-    code = int(eager.flatten().mode().values)
-    with torch.no_grad():
-        weight = model.generation_head.weight.data
-        weight[[code, code + 1]] = weight[[code + 1, code]]
+    swap_head_rows(model, eager)  # behind autograd's back; each tensor's sum stays the same
     changed = model.generate_image(prompts, **kwargs)
     assert not torch.equal(changed, eager)
     # The compiled step holds a frozen copy of the weights (where its speed comes from): had the change gone

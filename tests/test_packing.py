@@ -5,6 +5,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import swap_head_rows
 from torch import nn
 from transformers import CompileConfig
 
@@ -54,11 +55,14 @@ def test_packed_decoding_gives_eagers_codes_and_follows_weight_changes(built_mod
 
     monkeypatch.setattr(packing_unifork, "MIN_PACKED_ELEMENTS", 0)
     linears = generation_linears(model)
-    seen = []
+    seen, onednn_calls = [], []
+    onednn = torch.ops.mkldnn._linear_pointwise
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", lambda *a: onednn_calls.append(1) or onednn(*a))
     packed = model.generate_image(
         prompts, callback=lambda n, c: seen.append(all("forward" in m.__dict__ for m in linears)), **kwargs
     )
     assert torch.equal(packed, plain)
+    assert len(onednn_calls) == len(linears) * model.config.num_image_tokens  # each linear, each forward: oneDNN's
     state = generation_unifork._PACKED_LINEARS[model]
     assert state.linears == linears and len(linears) == 7 * model.config.text_config.num_hidden_layers + 1
     assert all(seen) and len(seen) == model.config.num_image_tokens  # every step ran on packed weights...
@@ -67,11 +71,7 @@ def test_packed_decoding_gives_eagers_codes_and_follows_weight_changes(built_mod
     model.generate_image(prompts, **kwargs)
     assert generation_unifork._PACKED_LINEARS[model] is state  # the same weights: packed once
 
-    # Two rows of the head swapped in place behind autograd's back: the packed copy is out of date and redone.
-    code = int(plain.flatten().mode().values)
-    with torch.no_grad():
-        weight = model.generation_head.weight.data
-        weight[[code, code + 1]] = weight[[code + 1, code]]
+    swap_head_rows(model, plain)  # the packed copy is out of date and redone
     changed = model.generate_image(prompts, **kwargs)
     assert not torch.equal(changed, plain)
     assert generation_unifork._PACKED_LINEARS[model] is not state
@@ -115,10 +115,7 @@ def test_compiled_decoding_runs_the_packed_linears_as_one_op_each(built_model, m
 
     # The weights are inputs of the compiled graph, not frozen into it: after a change the packed copy is redone
     # and the same compiled step runs on it.
-    code = int(eager.flatten().mode().values)
-    with torch.no_grad():
-        weight = model.generation_head.weight.data
-        weight[[code, code + 1]] = weight[[code + 1, code]]
+    swap_head_rows(model, eager)
     changed = model.generate_image(prompts, **kwargs)
     assert not torch.equal(changed, eager)
     assert torch.equal(model.generate_image(prompts, compile=config, **kwargs), changed)

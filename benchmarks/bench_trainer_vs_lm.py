@@ -157,19 +157,19 @@ def main():
     collators = {"plain": pad_collator(pad_id)}
     collators["shared"] = collators["y"] = UniForkDataCollator(probe.processor, cfg_dropout=0.0)
 
-    best, tokens = {}, {}
+    best, tokens, params = {}, {}, {}
     with tempfile.TemporaryDirectory() as out:
         for _ in range(args.repeats):
             for kind in ("plain", "shared", "y"):
                 torch.manual_seed(0)
+                model = models[kind]()
+                params[kind] = sum(p.numel() for p in model.parameters() if p.requires_grad)
                 step, mean_tokens, seen = train(
-                    kind, models[kind](), plain_rows if kind == "plain" else rows, collators[kind], args, out
+                    kind, model, plain_rows if kind == "plain" else rows, collators[kind], args, out
                 )
                 best[kind] = min(best.get(kind, float("inf")), step)
                 tokens[kind] = (mean_tokens, seen)
     assert tokens["plain"][1] == tokens["shared"][1] == tokens["y"][1], "the runs must see the same tokens"
-    count = lambda m: sum(p.numel() for p in m.parameters() if p.requires_grad)  # noqa: E731
-    params = {kind: count(models[kind]()) for kind in ("plain", "shared", "y")}
     throughput = {kind: tokens[kind][0] / best[kind] for kind in best}
     print(
         f"size {args.size}: Llama layers hidden {text['hidden_size']} x {layers}, batch {args.batch}, "

@@ -68,6 +68,13 @@ def test_config_of_the_rq_side():
             UniForkConfig.from_preset("unifork-tiny-rq", **overrides)
     with pytest.raises(ValueError, match="depth_head_config is for the RQ image tokenizer"):
         UniForkConfig.from_preset("unifork-tiny", depth_head_config={"num_layers": 1})
+    with pytest.raises(ValueError, match="image_depth_loss_weights is for the RQ image tokenizer"):
+        UniForkConfig.from_preset("unifork-tiny", image_depth_loss_weights=[1.0])
+    for weights in ([1, 1, 1], [1, -1, 1, 1], [0, 0, 0, 0]):
+        with pytest.raises(ValueError, match=r"image_depth_loss_weights must be 4 non-negative numbers .* got"):
+            UniForkConfig.from_preset("unifork-tiny-rq", image_depth_loss_weights=weights)
+    weighted = UniForkConfig.from_preset("unifork-tiny-rq", image_depth_loss_weights=[3, 1, 1, 1])
+    assert UniForkConfig.from_dict(weighted.to_dict()).image_depth_loss_weights == [3.0, 1.0, 1.0, 1.0]
 
 
 def test_teacher_forced_logits_and_loss_position_by_position(model):
@@ -86,6 +93,24 @@ def test_teacher_forced_logits_and_loss_position_by_position(model):
         torch.testing.assert_close(out.image_logits[0, place - 1], head, atol=1e-5, rtol=1e-5)
         losses.append(nn.functional.cross_entropy(head, codes[0, i]))  # mean over the 4 depths
     torch.testing.assert_close(out.loss_generation, torch.stack(losses).mean(), atol=1e-5, rtol=1e-5)
+    # weighted depths: each position's codes weighed [3, 0, 1, 0] / 4, independently of the mean above
+    per_depth = torch.stack(
+        [
+            torch.stack(
+                [nn.functional.cross_entropy(out.image_logits[0, place - 1, d], codes[0, i, d]) for d in range(DEPTH)]
+            )
+            for i, place in enumerate(places.tolist())
+        ]
+    )
+    try:
+        model.config.image_depth_loss_weights = [3.0, 0.0, 1.0, 0.0]
+        with torch.no_grad():
+            weighted = model(**inputs, labels=inputs["input_ids"]).loss_generation
+    finally:
+        model.config.image_depth_loss_weights = None
+    expected = (per_depth[:, 0] * 0.75 + per_depth[:, 2] * 0.25).mean()
+    torch.testing.assert_close(weighted, expected, atol=1e-5, rtol=1e-5)
+    assert not torch.isclose(weighted, out.loss_generation, rtol=1e-3)
     assert out.image_logits.shape == (1, inputs["input_ids"].shape[1], DEPTH, 256)
     # places that predict no image position (text, the image's last place) get no logits, and no loss
     predicts_image = torch.zeros(inputs["input_ids"].shape[1], dtype=torch.bool)

@@ -170,6 +170,13 @@ def main():
         help="keep the VQ-encoded training rows here and reuse them in runs with the same data",
     )
     parser.add_argument("--torch-compile", action="store_true", help="train through torch.compile (TrainingArguments)")
+    parser.add_argument(
+        "--depth-loss-weights",
+        type=float,
+        nargs="+",
+        default=None,
+        help="RQ tokenizer only: the generation loss's weight of each depth code (image_depth_loss_weights)",
+    )
     args = parser.parse_args()
     start = time.time()
 
@@ -191,6 +198,8 @@ def main():
     )
     with open(os.path.join(args.vq, "config.json")) as f:
         residual = "rq_config" in json.load(f)  # train_rq.py's tokenizer: no tiles, no per-code input table
+    if args.depth_loss_weights and not residual:
+        parser.error(f"--depth-loss-weights is for an RQ tokenizer; {args.vq} is a VQModel.")
     model = UniForkForConditionalGeneration.from_pretrained_llm(
         llm,
         args.vq,
@@ -200,6 +209,7 @@ def main():
         learn_image_position_embeddings=args.learn_position_embeddings,
         image_size=32,
         vq_tile_size=None if residual else args.vq_tile_size,
+        image_depth_loss_weights=args.depth_loss_weights,
     )
     model.card_data.update(
         datasets=[f"unifork_hf.data.shapes (procedural, seed {args.data_seed})"], license="apache-2.0"

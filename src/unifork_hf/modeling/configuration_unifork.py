@@ -188,6 +188,11 @@ class UniForkConfig(PreTrainedConfig):
         depth_head_config (`dict`, *optional*):
             With `rq_config`: the depth head's `width`, `attention_width`, `num_heads` and `num_layers`.
             Missing keys: the LLM's hidden size (both widths) and attention heads, 2 layers.
+        image_depth_loss_weights (`list[float]`, *optional*):
+            With `rq_config`: how a position's generation loss weighs its `depth` codes, normalised to sum to 1
+            (a position still counts once). None (default): the plain mean over depth, as the official code's
+            cross-entropy over all codes. Depth 0 decides most of the image (the deeper codes refine it), so
+            weighing it more, e.g. `[3, 1, 1, 1]`, trades the deeper codes' fit for the first's.
         num_shared_layers (`int`, *optional*):
             K, the fork point, in 0..L. Defaults to L // 2. K = L is a fully shared model, K = 0 two
             task-specific stacks that share only the embeddings.
@@ -239,6 +244,7 @@ class UniForkConfig(PreTrainedConfig):
     vq_config: dict | None = None
     rq_config: dict | None = None
     depth_head_config: dict | None = None
+    image_depth_loss_weights: list[int | float] | None = None
     num_shared_layers: int | None = None
     vq_tile_size: int | None = None
     image_size: int | None = None
@@ -280,10 +286,9 @@ class UniForkConfig(PreTrainedConfig):
         if self.rq_config is not None:
             self._resolve_rq()
         else:
-            if self.depth_head_config is not None:
-                raise ValueError(
-                    "depth_head_config is for the RQ image tokenizer: pass rq_config too, or leave it out."
-                )
+            for name in ("depth_head_config", "image_depth_loss_weights"):
+                if getattr(self, name) is not None:
+                    raise ValueError(f"{name} is for the RQ image tokenizer: pass rq_config too, or leave it out.")
             self.vq_config = {k: v for k, v in (self.vq_config or DEFAULT_VQ_CONFIG).items() if not k.startswith("_")}
             self._resolve_image_geometry()
             self._check_shapes_divide()
@@ -343,6 +348,14 @@ class UniForkConfig(PreTrainedConfig):
         self._check_derived("image_grid_size", self.image_size // patch, f"image_size // {patch} (the patch size)")
         self._check_derived("codebook_size", rq["codebook_size"], "rq_config['codebook_size']")
         self._resolve_depth_head()
+        weights = self.image_depth_loss_weights
+        if weights is not None:
+            weights = self.image_depth_loss_weights = [float(w) for w in weights]
+            if len(weights) != rq["depth"] or min(weights) < 0 or sum(weights) <= 0:
+                raise ValueError(
+                    f"image_depth_loss_weights must be {rq['depth']} non-negative numbers (one per depth code, "
+                    f"rq_config['depth']) with a positive sum, got {weights}."
+                )
 
     def _resolve_depth_head(self):
         text = self.text_config

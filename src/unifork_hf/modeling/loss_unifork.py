@@ -14,11 +14,12 @@ def image_codes_at_positions(input_ids, image_ids, hidden_states, config) -> tor
     return codes
 
 
-def shifted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor):
+def shifted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, depth_weights: list[float] | None = None):
     """Summed next-token cross-entropy (position t predicts label t+1) and the number of labelled positions.
 
-    With labels `(B, T, depth)` (RQ codes) a position's loss is the mean over its depth codes, so a position
-    counts once, as a token does (and as `Trainer` counts `num_items_in_batch` from the `(B, T)` labels)."""
+    With labels `(B, T, depth)` (RQ codes) a position's loss is the mean over its depth codes, weighted by
+    `depth_weights` if given (normalised to sum to 1), so a position counts once, as a token does (and as
+    `Trainer` counts `num_items_in_batch` from the `(B, T)` labels)."""
     shift_labels = labels[:, 1:].to(logits.device)
     losses = nn.functional.cross_entropy(
         logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
@@ -27,5 +28,10 @@ def shifted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor):
         reduction="none",
     ).view(shift_labels.shape)
     if labels.ndim == 3:
-        losses, shift_labels = losses.mean(-1), shift_labels[..., 0]
+        if depth_weights is None:
+            losses = losses.mean(-1)
+        else:
+            weights = torch.tensor(depth_weights, dtype=losses.dtype, device=losses.device)
+            losses = losses @ (weights / weights.sum())
+        shift_labels = shift_labels[..., 0]
     return losses.sum(), (shift_labels != -100).sum()

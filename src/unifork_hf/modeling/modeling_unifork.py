@@ -462,7 +462,7 @@ class UniForkForConditionalGeneration(
             if image_logits is not None:
                 unlabelled = (labels == -100).view(*labels.shape, *[1] * (image_codes.ndim - 2))
                 gen_targets = select_rows(image_codes.masked_fill(unlabelled, -100), gen_rows)
-                total, count = shifted_cross_entropy(image_logits, gen_targets)
+                total, count = shifted_cross_entropy(image_logits, gen_targets, self.config.image_depth_loss_weights)
                 loss_generation = total / count.clamp(min=1)
                 totals.append(total), counts.append(count)
             loss = sum(totals) / (num_items_in_batch if num_items_in_batch is not None else sum(counts).clamp(min=1))

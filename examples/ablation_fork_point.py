@@ -196,14 +196,20 @@ def spread(values):
     return f"{mean:.1f} ± {100 * statistics.stdev(values):.1f}" if len(values) > 1 else f"{mean:.1f}"
 
 
+SPREAD_VERDICT = {True: "yes", False: "no", None: "not known (one seed)"}
+
+
 def verdict(rows, reference, other, task):
     """Whether `reference` and `other` differ on `task` (test split, all-correct / exact match) by more than
-    the seed spread: their seed ranges do not overlap."""
+    the seed spread: their seed ranges do not overlap. None (not known) while either arm has one seed, which
+    has no spread."""
     score = {arm: [r["metrics"]["test"][task]["all"] for r in rows if r["arm"] == arm] for arm in (reference, other)}
     if not score[reference] or not score[other]:
         return None
     difference = statistics.mean(score[reference]) - statistics.mean(score[other])
     apart = min(score[reference]) > max(score[other]) or max(score[reference]) < min(score[other])
+    if min(len(values) for values in score.values()) < 2:
+        apart = None
     return {
         "task": task,
         "reference": reference,
@@ -299,7 +305,7 @@ def report(args):
     for v in verdicts:
         lines.append(
             f"| {v['other']} | {v['task']} | {100 * v['difference']:+.1f} | "
-            f"{v['seeds'][v['reference']]} vs {v['seeds'][v['other']]} | {'yes' if v['exceeds_seed_spread'] else 'no'} |"
+            f"{v['seeds'][v['reference']]} vs {v['seeds'][v['other']]} | {SPREAD_VERDICT[v['exceeds_seed_spread']]} |"
         )
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write("\n".join(lines) + "\n")

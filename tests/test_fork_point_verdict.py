@@ -1,0 +1,29 @@
+"""The fork-point sweep's verdict (examples/ablation_fork_point.py): a difference counts as beyond the seed
+spread only when both arms have seeds and their ranges do not overlap."""
+
+import importlib.util
+import os
+
+spec = importlib.util.spec_from_file_location(
+    "ablation_fork_point", os.path.join(os.path.dirname(__file__), "..", "examples", "ablation_fork_point.py")
+)
+ablation = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(ablation)
+
+
+def runs(arm, scores):
+    return [{"arm": arm, "metrics": {"test": {"generation": {"all": s}}}} for s in scores]
+
+
+def test_one_seed_has_no_spread_so_the_verdict_is_not_known():
+    v = ablation.verdict(runs("K2", [0.9]) + runs("K0", [0.5]), "K2", "K0", "generation")
+    assert v["exceeds_seed_spread"] is None and v["difference"] == 0.4
+    assert ablation.SPREAD_VERDICT[v["exceeds_seed_spread"]] == "not known (one seed)"
+
+
+def test_ranges_apart_or_overlapping():
+    apart = ablation.verdict(runs("K2", [0.8, 0.82, 0.85]) + runs("K0", [0.7, 0.75, 0.79]), "K2", "K0", "generation")
+    assert apart["exceeds_seed_spread"] is True and apart["seeds"] == {"K2": 3, "K0": 3}
+    overlap = ablation.verdict(runs("K2", [0.8, 0.82, 0.85]) + runs("K0", [0.7, 0.81, 0.79]), "K2", "K0", "generation")
+    assert overlap["exceeds_seed_spread"] is False
+    assert ablation.verdict(runs("K2", [0.8]), "K2", "K0", "generation") is None  # nothing to compare with yet

@@ -68,9 +68,13 @@ def arms(layers: int) -> list[dict]:
     ]
 
 
+def run_dir(args, spec, seed) -> str:
+    return os.path.join(args.out, f"{spec[0]}-seed{seed}")
+
+
 def train(args, spec, seed, threads):
     name, layers, k, ratio = spec
-    out = os.path.join(args.out, f"{name}-seed{seed}")
+    out = run_dir(args, spec, seed)
     if not os.path.exists(os.path.join(out, "metrics.json")):
         command = [
             sys.executable,
@@ -133,12 +137,19 @@ def main():
     parser.add_argument("--eval-n", type=int, default=500)
     parser.add_argument("--num-train", type=int, default=25000, help="training scenes")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--runs", nargs="+", help="only these runs, by name (e.g. K4 generation-only3); default all")
     parser.add_argument("--parallel", type=int, default=1, help="runs at a time (one thread each when > 1)")
     parser.add_argument("--report-only", action="store_true", help="rewrite the tables and plots from finished runs")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
 
     jobs = [(spec, seed) for seed in args.seeds for arm in arms(args.layers) for spec in arm["runs"].values()]
+    unknown = set(args.runs or ()) - {spec[0] for spec, _ in jobs}
+    if unknown:
+        parser.error(f"--runs: unknown {sorted(unknown)}; the runs are {sorted({spec[0] for spec, _ in jobs})}")
+    jobs = [job for job in jobs if not args.runs or job[0][0] in args.runs]
+    # unfinished runs first (stable: seed-major order kept), so the first job is one that writes the data cache
+    jobs.sort(key=lambda job: os.path.exists(os.path.join(run_dir(args, *job), "metrics.json")))
     if not args.report_only:
         threads = os.cpu_count() if args.parallel == 1 else 1
         cache = os.path.join(args.out, "data", "key.json")

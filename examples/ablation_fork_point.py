@@ -170,7 +170,7 @@ def finished(args) -> list[dict]:
     rows = []
     for arm in arms(args.layers):
         for seed in args.seeds:
-            outs = {task: os.path.join(args.out, f"{spec[0]}-seed{seed}") for task, spec in arm["runs"].items()}
+            outs = {task: run_dir(args, spec, seed) for task, spec in arm["runs"].items()}
             if not all(os.path.exists(os.path.join(out, "alignment.csv")) for out in outs.values()):
                 continue
             results = {task: json.load(open(os.path.join(out, "metrics.json"))) for task, out in outs.items()}

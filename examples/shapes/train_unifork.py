@@ -11,6 +11,7 @@ writing the metrics into the model card.
 """
 
 import argparse
+import hashlib
 import json
 import os
 import time
@@ -32,9 +33,22 @@ from unifork_hf.training import (
 )
 
 
+def folder_digest(path: str) -> str:
+    """sha256 over a folder's file names and contents: the cache key of a VQ or tokenizer, so that one
+    retrained in place (same path, new weights) is not served rows encoded by its predecessor."""
+    digest = hashlib.sha256()
+    for root, dirs, files in sorted(os.walk(path)):
+        dirs.sort()
+        for name in sorted(files):
+            digest.update(os.path.relpath(os.path.join(root, name), path).encode())
+            with open(os.path.join(root, name), "rb") as f:
+                digest.update(f.read())
+    return digest.hexdigest()
+
+
 def encoded_training_rows(scenes, processor, args):
     """Both tasks' training rows, tokenized and VQ-encoded (minutes of work); with `--data-cache`
-    saved there once and loaded by later runs whose data, VQ and tokenizer are the same."""
+    saved there once and loaded by later runs whose data, VQ and tokenizer (by content) are the same."""
     key = {
         name: getattr(args, name)
         for name in (
@@ -48,11 +62,14 @@ def encoded_training_rows(scenes, processor, args):
             "ask_every_position",
         )
     }
-    key["vq"], key["tokenizer"] = os.path.abspath(args.vq), os.path.abspath(args.tokenizer)
+    key["vq"], key["tokenizer"] = folder_digest(args.vq), folder_digest(args.tokenizer)
     if args.data_cache and os.path.exists(os.path.join(args.data_cache, "key.json")):
         cached = json.load(open(os.path.join(args.data_cache, "key.json")))
         if cached != key:
-            raise SystemExit(f"--data-cache {args.data_cache} holds rows made with {cached}, not {key}.")
+            raise SystemExit(
+                f"--data-cache {args.data_cache} holds rows made with {cached}, not {key} (VQ and tokenizer by "
+                "content digest); give another folder or delete this one."
+            )
         return [load_from_disk(os.path.join(args.data_cache, task)) for task in ("understanding", "generation")]
     # VQ-encode each part before mixing: the mix cycles the smaller part, so it holds many more rows.
     # Questions as multi-turn rows (about two per scene): the image tokens are paid for once per row.

@@ -5,6 +5,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from transformers.testing_utils import CaptureLogger
+from transformers.utils import logging
 
 from unifork_hf import UniForkImageProcessorPil, UniForkProcessor
 from unifork_hf.data.tiny import tiny_tokenizer
@@ -98,6 +100,22 @@ def test_generation_prompts_are_left_padded_and_end_with_boi():
     assert (batch.input_ids[:, -1] == processor.boi_token_id).all()
     assert batch.attention_mask[0, 0] == 0 and batch.attention_mask[:, -1].all()
     assert processor.image_generation_prompt("cat") == "<|user|>\ncat\n<|assistant|>\n<begin_of_image>"
+
+
+def test_generation_prompt_passes_image_generation_only_to_a_template_that_reads_it():
+    processor = make_processor()
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_warning()  # conftest quiets transformers to errors
+    try:
+        with CaptureLogger(logging.get_logger("transformers.processing_utils")) as log:
+            processor.image_generation_prompt("cat")  # the default template ignores the flag: no warning per prompt
+            turn = [{"role": "user", "content": [{"type": "text", "text": "cat"}]}]
+            processor.apply_chat_template(turn, tokenize=False, unused_flag=True)  # the capture does see such a warning
+    finally:
+        logging.set_verbosity(verbosity)
+    assert log.out.count("processor_kwargs") == 1
+    processor.chat_template = "{{ 'IMG ' if image_generation else 'TXT ' }}{{ messages[0]['content'][0]['text'] }}"
+    assert processor.image_generation_prompt("cat") == "IMG cat<begin_of_image>"
 
 
 def test_tokenizer_without_image_tokens_is_rejected():

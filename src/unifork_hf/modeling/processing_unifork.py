@@ -144,8 +144,11 @@ class UniForkProcessor(ProcessorMixin):
         """The text the model continues with image tokens: a user turn holding `prompt`, then
         the assistant turn opened with `<begin_of_image>`. An empty prompt is the unconditional one."""
         conversation = [{"role": "user", "content": [{"type": "text", "text": prompt}]}]
-        # `image_generation=True` lets a template write image requests its own way (the official UniFork one does)
-        text = self.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False, image_generation=True)
+        # `image_generation=True` lets a template write image requests its own way (the official UniFork one does);
+        # only a template that reads it gets it, as transformers warns about every extra kwarg a template ignores
+        templates = self.chat_template.values() if isinstance(self.chat_template, dict) else [self.chat_template or ""]
+        flags = {"image_generation": True} if any("image_generation" in t for t in templates) else {}
+        text = self.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False, **flags)
         return text + self.boi_token
 
     def image_generation_sequence(self, prompt: str) -> str:

@@ -24,7 +24,8 @@ covers every arm before repeating. A run that already has its `metrics.json` is 
 resumes from its last trainer checkpoint, so the command can simply be started again. After every run the
 image-caption alignment of each task's path is measured (Finding 1) and `OUT/summary.json`, `OUT/results.md`
 (mean and seed spread per cell, majority answers beside the questions, the verdict on Finding 2),
-`OUT/tradeoff.png` and `OUT/alignment-*.png` are rewritten. Keep each run's metrics.json and alignment.csv
+`OUT/tradeoff.png`, `OUT/loss-curves.png` (each task's training loss per run) and `OUT/alignment-*.png` are
+rewritten. Keep each run's metrics.json and alignment.csv
 in git (OUT/.gitignore keeps out the weights).
 """
 
@@ -323,6 +324,7 @@ def report(args):
     print("\n".join(lines), flush=True)
     if rows:
         plot_tradeoff(rows, os.path.join(args.out, "tradeoff.png"))
+        plot_loss_curves(rows, os.path.join(args.out, "loss-curves.png"))
         for task in ("understanding", "generation"):
             curves = {}
             for row in rows:
@@ -359,6 +361,40 @@ def plot_tradeoff(rows, path):
     axes.set_ylabel("test questions exact match (%)")
     axes.set_title("Fork point: understanding vs generation, one point per run")
     axes.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def plot_loss_curves(rows, path):
+    """Each task's training loss against the step, one line per run (the budget's evidence: flat by the end?)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, panels = plt.subplots(1, 2, figsize=(11, 4.2), sharex=True)
+    arms_seen = list(dict.fromkeys(row["arm"] for row in rows))
+    for axes, task in zip(panels, ("understanding", "generation")):
+        for row in rows:
+            curve = row["loss_curves"].get(task) or row["loss_curves"].get("both") or []
+            points = [(p["step"], p[f"loss_{task}"]) for p in curve if p.get(f"loss_{task}") is not None]
+            if not points:  # a task-specific model's curve has its own task only
+                points = [(p["step"], p["loss"]) for p in curve if "loss" in p]
+            if points:
+                axes.plot(
+                    *zip(*points),
+                    color=f"C{arms_seen.index(row['arm'])}",
+                    linestyle=("-", "--", ":")[row["seed"] % 3],
+                    linewidth=1,
+                    label=f"{row['arm']} seed {row['seed']}",
+                )
+        axes.set_yscale("log")
+        axes.set_xlabel("step")
+        axes.set_title(f"{task} loss (training batches)")
+        axes.grid(alpha=0.3)
+    panels[0].set_ylabel("cross-entropy")
+    panels[1].legend(fontsize=6, ncol=2)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)

@@ -25,8 +25,7 @@ resumes from its last trainer checkpoint, so the command can simply be started a
 image-caption alignment of each task's path is measured (Finding 1) and `OUT/summary.json`, `OUT/results.md`
 (mean and seed spread per cell, majority answers beside the questions, the verdict on Finding 2),
 `OUT/tradeoff.png`, `OUT/loss-curves.png` (each task's training loss per run) and `OUT/alignment-*.png` are
-rewritten. Keep each run's metrics.json and alignment.csv
-in git (OUT/.gitignore keeps out the weights).
+rewritten. Keep each run's metrics.json and alignment.csv in git (OUT/.gitignore keeps out the weights).
 """
 
 import argparse

@@ -192,7 +192,9 @@ def main():
         type=float,
         nargs="+",
         default=None,
-        help="RQ tokenizer only: the generation loss's weight of each depth code (image_depth_loss_weights)",
+        help="RQ tokenizer only: the generation loss's weight of each depth code (image_depth_loss_weights); "
+        "default: the first code three quarters of a position's loss ([9, 1, 1, 1] at depth 4), as the plain "
+        "mean (`1 1 1 1`, the official loss) drew 1.0%% of Shapes test captions right against 81.6%% (README)",
     )
     args = parser.parse_args()
     start = time.time()
@@ -214,9 +216,12 @@ def main():
         )
     )
     with open(os.path.join(args.vq, "config.json")) as f:
-        residual = "rq_config" in json.load(f)  # train_rq.py's tokenizer: no tiles, no per-code input table
+        rq_config = json.load(f).get("rq_config")  # train_rq.py's tokenizer: no tiles, no per-code input table
+    residual = rq_config is not None
     if args.depth_loss_weights and not residual:
         parser.error(f"--depth-loss-weights is for an RQ tokenizer; {args.vq} is a VQModel.")
+    if residual and args.depth_loss_weights is None and rq_config["depth"] > 1:
+        args.depth_loss_weights = [3.0 * (rq_config["depth"] - 1)] + [1.0] * (rq_config["depth"] - 1)
     model = UniForkForConditionalGeneration.from_pretrained_llm(
         llm,
         args.vq,

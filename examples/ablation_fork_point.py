@@ -318,6 +318,7 @@ def report(args):
             f"| {v['other']} | {v['task']} | {100 * v['difference']:+.1f} | "
             f"{v['seeds'][v['reference']]} vs {v['seeds'][v['other']]} | {SPREAD_VERDICT[v['exceeds_seed_spread']]} |"
         )
+    lines += alignment_table(rows, present)
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines), flush=True)
@@ -334,6 +335,41 @@ def report(args):
                 os.path.join(args.out, f"alignment-{task}.png"),
                 title=f"{task}: image-caption alignment along the path",
             )
+
+
+def alignment_table(rows, present) -> list[str]:
+    """Markdown lines: each arm's alignment along each task's path, layer by layer, mean ± sd over seeds (in
+    italics: layers of a task branch; plain: the embeddings and shared layers)."""
+    cells = {}  # (arm, task) -> layer -> (values, branch)
+    for row in rows:
+        for task in ("understanding", "generation"):
+            for point in row["alignment"].get(task, row["alignment"].get("both")):
+                if point["task"] == task:
+                    cell = cells.setdefault((row["arm"], task), {}).setdefault(point["layer"], ([], point["branch"]))
+                    cell[0].append(point["alignment"])
+    depth = max((max(layers) for layers in cells.values()), default=0)
+    lines = [
+        "",
+        "### Alignment along each task's path (mutual k-NN, k = 10, test; mean ± sd over seeds; *italic*: branch layers)",
+        "",
+        "| arm | path | emb. | " + " | ".join(f"layer {i}" for i in range(1, depth + 1)) + " |",
+        "| --- | --- |" + " ---: |" * (depth + 1),
+    ]
+    for arm in present:
+        for task in ("understanding", "generation"):
+            layers = cells.get((arm, task), {})
+            row = []
+            for layer in range(depth + 1):
+                if layer not in layers:
+                    row.append("")
+                    continue
+                values, branch = layers[layer]
+                text = f"{statistics.mean(values):.3f}" + (
+                    f" ± {statistics.stdev(values):.3f}" if len(values) > 1 else ""
+                )
+                row.append(f"*{text}*" if branch != "shared" else text)
+            lines.append(f"| {arm} | {task} | " + " | ".join(row) + " |")
+    return lines
 
 
 def plot_tradeoff(rows, path):

@@ -27,3 +27,22 @@ def test_ranges_apart_or_overlapping():
     overlap = ablation.verdict(runs("K2", [0.8, 0.82, 0.85]) + runs("K0", [0.7, 0.81, 0.79]), "K2", "K0", "generation")
     assert overlap["exceeds_seed_spread"] is False
     assert ablation.verdict(runs("K2", [0.8]), "K2", "K0", "generation") is None  # nothing to compare with yet
+
+
+def test_alignment_table_averages_seeds_and_marks_branch_layers():
+    def alignment(values):
+        return {
+            "both": [
+                {"task": task, "layer": layer, "branch": "shared" if layer < 2 else task, "alignment": value}
+                for task in ("understanding", "generation")
+                for layer, value in enumerate(values)
+            ]
+        }
+
+    rows = [{"arm": "K2", "alignment": alignment(v)} for v in ([0.1, 0.2, 0.3], [0.3, 0.2, 0.5])]
+    rows.append({"arm": "shared6", "alignment": alignment([0.1, 0.2, 0.3, 0.4])})
+    lines = ablation.alignment_table(rows, ["K2", "shared6"])
+    assert "| arm | path | emb. | layer 1 | layer 2 | layer 3 |" in lines
+    # mean and sample sd of (0.1, 0.3) is 0.2 ± 0.141; layer 2 lies in the branch
+    assert "| K2 | understanding | 0.200 ± 0.141 | 0.200 ± 0.000 | *0.400 ± 0.141* |  |" in lines
+    assert "| shared6 | generation | 0.100 | 0.200 | *0.300* | *0.400* |" in lines

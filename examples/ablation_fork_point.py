@@ -412,10 +412,9 @@ def plot_loss_curves(rows, path):
     arms_seen = list(dict.fromkeys(row["arm"] for row in rows))
     for axes, task in zip(panels, ("understanding", "generation")):
         for row in rows:
+            # (a task-specific model logs its own task's loss by name too: UniForkTrainer's per-task logs)
             curve = row["loss_curves"].get(task) or row["loss_curves"].get("both") or []
             points = [(p["step"], p[f"loss_{task}"]) for p in curve if p.get(f"loss_{task}") is not None]
-            if not points:  # a task-specific model's curve has its own task only
-                points = [(p["step"], p["loss"]) for p in curve if "loss" in p]
             if points:
                 axes.plot(
                     *zip(*points),

@@ -37,8 +37,7 @@ def folder_digest(path: str) -> str:
     """sha256 over a folder's file names and contents: the cache key of a VQ or tokenizer, so that one
     retrained in place (same path, new weights) is not served rows encoded by its predecessor."""
     digest = hashlib.sha256()
-    for root, dirs, files in sorted(os.walk(path)):
-        dirs.sort()
+    for root, _, files in sorted(os.walk(path)):  # (sorted by folder: the walk's own order is the file system's)
         for name in sorted(files):
             digest.update(os.path.relpath(os.path.join(root, name), path).encode())
             with open(os.path.join(root, name), "rb") as f:

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from conftest import swap_head_rows
 from torch import nn
-from transformers import CompileConfig
+from transformers import AttentionInterface, CompileConfig
 
 from unifork_hf.modeling import generation_unifork, packing_unifork
 from unifork_hf.modeling.packing_unifork import PackedLinears
@@ -108,6 +108,7 @@ def test_compiled_decoding_runs_the_packed_linears_as_one_op_each(built_model, m
     assert model._decoding_compile_config(True) == CompileConfig(dynamic=False, mode=None)
     assert torch.equal(model.generate_image(prompts, compile=config, **kwargs), eager)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs + 1
+    assert model.config.text_config._attn_implementation == "sdpa"  # only the compiled steps ran on `one_token_sdpa`
     # every linear of every step (the prefill's and the compiled ones) found its packed weight
     linears = len(generation_linears(model))
     assert calls == [True] * linears * model.config.num_image_tokens
@@ -121,6 +122,12 @@ def test_compiled_decoding_runs_the_packed_linears_as_one_op_each(built_model, m
     assert torch.equal(model.generate_image(prompts, compile=config, **kwargs), changed)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs + 1
 
+    # The compiled steps attend with `one_token_sdpa`: a version of it that attends to nothing changes their codes.
+    attention = AttentionInterface._global_mapping["unifork_one_token_sdpa"]
+    blind = lambda *args, **kwargs: (attention(*args, **kwargs)[0] * 0, None)  # noqa: E731
+    monkeypatch.setitem(AttentionInterface._global_mapping, "unifork_one_token_sdpa", blind)
+    assert not torch.equal(model.generate_image(prompts, compile=config, **kwargs), changed)
+
 
 class CountingDict(dict):
     def __init__(self, calls):
@@ -131,3 +138,42 @@ class CountingDict(dict):
         value = super().get(key, default)
         self.calls.append(value is not None)
         return value
+
+
+class Attention(nn.Module):
+    """What transformers' attention functions read of their module."""
+
+    def __init__(self, num_key_value_groups):
+        super().__init__()
+        self.num_key_value_groups, self.is_causal = num_key_value_groups, True
+
+
+def test_one_token_sdpa_equals_attention_by_hand_and_copies_no_cache_when_compiled():
+    from torch._dynamo.testing import EagerAndRecordGraphs
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    torch.manual_seed(0)
+    module = Attention(num_key_value_groups=3)
+    query, key, value = torch.randn(2, 6, 1, 8), torch.randn(2, 2, 10, 8), torch.randn(2, 2, 10, 8)
+    mask = torch.ones(2, 1, 1, 10, dtype=torch.bool)
+    mask[1, ..., :4] = False  # a left-padded row
+    # by hand: query head h reads key/value head h // 3
+    scores = query @ key.repeat_interleave(3, dim=1).transpose(-1, -2) * 0.3
+    weights = scores.masked_fill(~mask, float("-inf")).softmax(-1)
+    expected = (weights @ value.repeat_interleave(3, dim=1)).transpose(1, 2)
+    output, _ = generation_unifork.one_token_sdpa(module, query, key, value, mask, scaling=0.3)
+    torch.testing.assert_close(output, expected)
+    longer = torch.randn(2, 6, 3, 8)  # more than one token: transformers' own function
+    torch.testing.assert_close(
+        generation_unifork.one_token_sdpa(module, longer, key, value, None, scaling=0.3)[0],
+        sdpa_attention_forward(module, longer, key, value, None, scaling=0.3)[0],
+    )
+
+    def expands(function):
+        backend = EagerAndRecordGraphs()
+        compiled = torch.compile(function, backend=backend, fullgraph=True, dynamic=False)
+        torch.testing.assert_close(compiled(module, query, key, value, mask, scaling=0.3)[0], expected)
+        return sum("expand" in str(node.target) for node in backend.graphs[0].graph.nodes)
+
+    assert expands(sdpa_attention_forward) > 0  # transformers' function copies the cache's heads when compiled
+    assert expands(generation_unifork.one_token_sdpa) == 0

@@ -16,7 +16,7 @@ import weakref
 import torch
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import CompileConfig
+from transformers import AttentionInterface, CompileConfig
 from transformers.cache_utils import StaticCache
 from transformers.generation.logits_process import (
     ClassifierFreeGuidanceLogitsProcessor,
@@ -25,6 +25,8 @@ from transformers.generation.logits_process import (
     TopKLogitsWarper,
     TopPLogitsWarper,
 )
+from transformers.integrations.sdpa_attention import pack_gqa, sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .packing_unifork import PackedLinears, weights_fingerprint
 
@@ -37,6 +39,36 @@ DEFAULT_IMAGE_GENERATION = {"guidance_scale": 5.0, "temperature": 1.0, "top_k": 
 # Each model's packed generation-path weights for eager decoding on CPU (`_packed_generation_path`). Held beside the
 # model, not in it, so that copying, pickling or saving a model never meets oneDNN's opaque tensors.
 _PACKED_LINEARS = weakref.WeakKeyDictionary()
+
+
+def one_token_sdpa(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """transformers' SDPA attention, with its eager path for a one-token query (`pack_gqa`: the query heads of one
+    key/value head attend as one group of rows, and the cache is read as it is) also under `torch.compile`, where
+    transformers copies the whole cache to every query head instead (`repeat_kv`). The compiled decoding step on CPU
+    runs with it, as attention implementation "unifork_one_token_sdpa" (`_compiled_decoding`)."""
+    if query.shape[2] != 1 or dropout or kwargs.get("position_bias") is not None:
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+        )
+    groups = getattr(module, "num_key_value_groups", 1)
+    output = nn.functional.scaled_dot_product_attention(
+        pack_gqa(query, groups), key, value, attn_mask=pack_gqa(attention_mask, groups), scale=scaling
+    )
+    return output.reshape(query.shape).transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register("unifork_one_token_sdpa", one_token_sdpa)
+AttentionMaskInterface.register("unifork_one_token_sdpa", sdpa_mask)
+
+
+@contextlib.contextmanager
+def _attention_implementation(config, name: str):
+    previous = config._attn_implementation
+    config._attn_implementation = name
+    try:
+        yield
+    finally:
+        config._attn_implementation = previous
 
 
 def _multinomial(probs, generator, rows_per_image=1):
@@ -258,7 +290,8 @@ class UniForkImageGenerationMixin:
                 with one generator per image. None (default) decodes one code per forward.
             compile: run the decoding steps through `torch.compile` (the prompt's prefill stays eager).
                 True picks a config for the device: on CPU, inductor without weight freezing, the linears kept
-                as one call each on their packed weights (below); elsewhere transformers' default
+                as one call each on their packed weights (below), attention reading the KV cache in place
+                (`one_token_sdpa`); elsewhere transformers' default
                 `CompileConfig` (CUDA graphs). Or pass a `CompileConfig`. The first call of a batch size
                 compiles (torch caches the result on disk, so later processes start faster); later calls
                 reuse it. A config with `freezing` bakes the weights into the compiled code: a change to them
@@ -572,7 +605,8 @@ class UniForkImageGenerationMixin:
         config = self._decoding_compile_config(compile)
         frozen = bool((config.options or {}).get("freezing"))  # else the weights are inputs of the compiled graph
         fingerprint = self._weights_fingerprint() if frozen else None
-        key = (config, batch_rows, cache_length, self.device, self.dtype)
+        text = self.config.text_config
+        key = (config, batch_rows, cache_length, self.device, self.dtype, text._attn_implementation)
         state = getattr(self, "_decoding_state", None)
         if state is None or state["key"] != key or (frozen and not torch.equal(state["fingerprint"], fingerprint)):
             if state is not None:  # drop the compiled code of older weights (it holds a frozen copy of them)
@@ -587,8 +621,12 @@ class UniForkImageGenerationMixin:
                 max_autotune_report_choices_stats=False,
             )
 
+            # On CPU, SDPA reads the cache's key/value heads without copying them (`one_token_sdpa`).
+            cpu_sdpa = self.device.type == "cpu" and text._attn_implementation == "sdpa"
+            attention = "unifork_one_token_sdpa" if cpu_sdpa else text._attn_implementation
+
             def forward(*args):
-                with patch:
+                with patch, _attention_implementation(text, attention):
                     return compiled(*args)
 
             cache = StaticCache(config=self.config.text_config, max_cache_len=cache_length)

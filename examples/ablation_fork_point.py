@@ -165,6 +165,11 @@ def main():
     report(args)
 
 
+def of_task(by_run: dict, task: str):
+    """An arm's value for `task` (e.g. its metrics): its `task`-specific run's, else its one run's for "both"."""
+    return by_run.get(task, by_run.get("both"))
+
+
 def finished(args) -> list[dict]:
     """One row per (arm, seed) whose runs have all finished: its metrics, losses and alignment."""
     rows = []
@@ -174,10 +179,7 @@ def finished(args) -> list[dict]:
             if not all(os.path.exists(os.path.join(out, "alignment.csv")) for out in outs.values()):
                 continue
             results = {task: json.load(open(os.path.join(out, "metrics.json"))) for task, out in outs.items()}
-            source = {
-                "understanding": results.get("understanding", results.get("both")),
-                "generation": results.get("generation", results.get("both")),
-            }
+            source = {task: of_task(results, task) for task in ("understanding", "generation")}
             metrics = {
                 split: {task: source[task]["metrics"][split][task] for task in source}
                 | {"understanding_baselines": source["understanding"]["metrics"][split]["understanding_baselines"]}
@@ -328,7 +330,7 @@ def report(args):
         for task in ("understanding", "generation"):
             curves = {}
             for row in rows:
-                table = pd.DataFrame(row["alignment"].get(task, row["alignment"].get("both")))
+                table = pd.DataFrame(of_task(row["alignment"], task))
                 curves[f"{row['arm']} seed {row['seed']}"] = table[table["task"] == task].reset_index(drop=True)
             plot_alignment(
                 curves,
@@ -343,7 +345,7 @@ def alignment_table(rows, present) -> list[str]:
     cells = {}  # (arm, task) -> layer -> (values, branch)
     for row in rows:
         for task in ("understanding", "generation"):
-            for point in row["alignment"].get(task, row["alignment"].get("both")):
+            for point in of_task(row["alignment"], task):
                 if point["task"] == task:
                     cell = cells.setdefault((row["arm"], task), {}).setdefault(point["layer"], ([], point["branch"]))
                     cell[0].append(point["alignment"])
@@ -413,7 +415,7 @@ def plot_loss_curves(rows, path):
     for axes, task in zip(panels, ("understanding", "generation")):
         for row in rows:
             # (a task-specific model logs its own task's loss by name too: UniForkTrainer's per-task logs)
-            curve = row["loss_curves"].get(task) or row["loss_curves"].get("both") or []
+            curve = of_task(row["loss_curves"], task) or []
             points = [(p["step"], p[f"loss_{task}"]) for p in curve if p.get(f"loss_{task}") is not None]
             if points:
                 axes.plot(

@@ -138,7 +138,10 @@ def main():
     parser.add_argument("--num-train", type=int, default=25000, help="training scenes")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--runs", nargs="+", help="only these runs, by name (e.g. K4 generation-only3); default all")
-    parser.add_argument("--parallel", type=int, default=1, help="runs at a time (one thread each when > 1)")
+    parser.add_argument("--parallel", type=int, default=1, help="runs at a time")
+    parser.add_argument(
+        "--threads", type=int, help="torch threads per run (default: all cores for one run at a time, else 1)"
+    )
     parser.add_argument("--report-only", action="store_true", help="rewrite the tables and plots from finished runs")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
@@ -151,7 +154,7 @@ def main():
     # unfinished runs first (stable: seed-major order kept), so the first job is one that writes the data cache
     jobs.sort(key=lambda job: os.path.exists(os.path.join(run_dir(args, *job), "metrics.json")))
     if not args.report_only:
-        threads = os.cpu_count() if args.parallel == 1 else 1
+        threads = args.threads or (os.cpu_count() if args.parallel == 1 else 1)
         cache = os.path.join(args.out, "data", "key.json")
         with ThreadPoolExecutor(args.parallel) as pool:
             # the first run writes the shared data cache that the others read: start them once it exists

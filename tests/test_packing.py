@@ -108,7 +108,7 @@ def test_compiled_decoding_runs_the_packed_linears_as_one_op_each(built_model, m
     assert model._decoding_compile_config(True) == CompileConfig(dynamic=False, mode=None)
     assert torch.equal(model.generate_image(prompts, compile=config, **kwargs), eager)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs + 1
-    assert model.config.text_config._attn_implementation == "sdpa"  # only the compiled steps ran on `one_token_sdpa`
+    assert model.config.text_config._attn_implementation == "sdpa"  # `one_token_sdpa` only within the call
     # every linear of every step (the prefill's and the compiled ones) found its packed weight
     linears = len(generation_linears(model))
     assert calls == [True] * linears * model.config.num_image_tokens
@@ -122,9 +122,14 @@ def test_compiled_decoding_runs_the_packed_linears_as_one_op_each(built_model, m
     assert torch.equal(model.generate_image(prompts, compile=config, **kwargs), changed)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs + 1
 
-    # The compiled steps attend with `one_token_sdpa`: a version of it that attends to nothing changes their codes.
+    # The compiled steps attend with `one_token_sdpa`: a version of it that is blind for one token (the compiled
+    # steps' queries; the eager prefill's are longer) changes their codes.
     attention = AttentionInterface._global_mapping["unifork_one_token_sdpa"]
-    blind = lambda *args, **kwargs: (attention(*args, **kwargs)[0] * 0, None)  # noqa: E731
+
+    def blind(module, query, *args, **kwargs):
+        output, _ = attention(module, query, *args, **kwargs)
+        return (output * 0 if query.shape[2] == 1 else output), None
+
     monkeypatch.setitem(AttentionInterface._global_mapping, "unifork_one_token_sdpa", blind)
     assert not torch.equal(model.generate_image(prompts, compile=config, **kwargs), changed)
 

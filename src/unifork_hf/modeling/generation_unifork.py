@@ -44,8 +44,8 @@ _PACKED_LINEARS = weakref.WeakKeyDictionary()
 def one_token_sdpa(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """transformers' SDPA attention, with its eager path for a one-token query (`pack_gqa`: the query heads of one
     key/value head attend as one group of rows, and the cache is read as it is) also under `torch.compile`, where
-    transformers copies the whole cache to every query head instead (`repeat_kv`). The compiled decoding step on CPU
-    runs with it, as attention implementation "unifork_one_token_sdpa" (`_compiled_decoding`)."""
+    transformers copies the whole cache to every query head instead (`repeat_kv`). Compiled decoding on CPU runs with
+    it, as attention implementation "unifork_one_token_sdpa" (`_decoding_attention`)."""
     if query.shape[2] != 1 or dropout or kwargs.get("position_bias") is not None:
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
@@ -59,16 +59,6 @@ def one_token_sdpa(module, query, key, value, attention_mask, scaling=None, drop
 
 AttentionInterface.register("unifork_one_token_sdpa", one_token_sdpa)
 AttentionMaskInterface.register("unifork_one_token_sdpa", sdpa_mask)
-
-
-@contextlib.contextmanager
-def _attention_implementation(config, name: str):
-    previous = config._attn_implementation
-    config._attn_implementation = name
-    try:
-        yield
-    finally:
-        config._attn_implementation = previous
 
 
 def _multinomial(probs, generator, rows_per_image=1):
@@ -350,7 +340,8 @@ class UniForkImageGenerationMixin:
         chunks = range(0, len(prompts), batch)
         steps = tqdm(total=len(prompts) * self.config.num_image_tokens, desc="image tokens", disable=not progress_bar)
         codes = []
-        with self._packed_generation_path(min(batch, len(prompts)) * (1 + guided), compile):
+        rows = min(batch, len(prompts)) * (1 + guided)
+        with self._packed_generation_path(rows, compile), self._decoding_attention(compile):
             for start in chunks:
                 stop = start + batch
                 texts = prompts[start:stop] + (negatives[start:stop] if guided else [])
@@ -605,8 +596,7 @@ class UniForkImageGenerationMixin:
         config = self._decoding_compile_config(compile)
         frozen = bool((config.options or {}).get("freezing"))  # else the weights are inputs of the compiled graph
         fingerprint = self._weights_fingerprint() if frozen else None
-        text = self.config.text_config
-        key = (config, batch_rows, cache_length, self.device, self.dtype, text._attn_implementation)
+        key = (config, batch_rows, cache_length, self.device, self.dtype, self.config.text_config._attn_implementation)
         state = getattr(self, "_decoding_state", None)
         if state is None or state["key"] != key or (frozen and not torch.equal(state["fingerprint"], fingerprint)):
             if state is not None:  # drop the compiled code of older weights (it holds a frozen copy of them)
@@ -621,12 +611,8 @@ class UniForkImageGenerationMixin:
                 max_autotune_report_choices_stats=False,
             )
 
-            # On CPU, SDPA reads the cache's key/value heads without copying them (`one_token_sdpa`).
-            cpu_sdpa = self.device.type == "cpu" and text._attn_implementation == "sdpa"
-            attention = "unifork_one_token_sdpa" if cpu_sdpa else text._attn_implementation
-
             def forward(*args):
-                with patch, _attention_implementation(text, attention):
+                with patch:
                     return compiled(*args)
 
             cache = StaticCache(config=self.config.text_config, max_cache_len=cache_length)
@@ -655,6 +641,20 @@ class UniForkImageGenerationMixin:
             _PACKED_LINEARS.pop(self, None)  # free the old copy before packing anew
             packed = _PACKED_LINEARS[self] = PackedLinears(parts, rows)
         return packed.active(traceable=config is not None)
+
+    @contextlib.contextmanager
+    def _decoding_attention(self, compile):
+        """A context in which compiled decoding on CPU with SDPA attends with `one_token_sdpa`, which reads the KV
+        cache in place; set once per call, not per step. The prefill and any eager step run on it too: for more
+        than one token it is transformers' SDPA, for one token transformers' own eager path."""
+        text = self.config.text_config
+        previous = text._attn_implementation
+        if compile and self.device.type == "cpu" and previous == "sdpa":
+            text._attn_implementation = "unifork_one_token_sdpa"
+        try:
+            yield
+        finally:
+            text._attn_implementation = previous
 
     def _decoding_compile_config(self, compile):
         """`compile` if a `CompileConfig`; for True the device's default: on CPU inductor without freezing (the linears

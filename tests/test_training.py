@@ -597,6 +597,44 @@ def test_resume_refuses_a_checkpoint_it_cannot_continue(prepared, tmp_path):
     assert resumed.state.global_step == 4
 
 
+def test_resuming_a_tied_head_warns_only_of_weights_really_missing(prepared, tmp_path):
+    from transformers.testing_utils import CaptureLogger
+    from transformers.utils import logging
+
+    und, gen, _ = prepared
+
+    def trainer(max_steps):
+        torch.manual_seed(0)
+        model = UniForkForConditionalGeneration.from_pretrained_llm(
+            tiny_llm(tie_word_embeddings=True), tiny_vq(), tokenizer=tiny_tokenizer()
+        )
+        assert model.lm_head.weight is model.get_input_embeddings().weight  # the premise: one tensor, saved once
+        return UniForkTrainer(
+            model=model,
+            args=training_args(tmp_path, save_strategy="steps", save_steps=2, max_steps=max_steps),
+            train_dataset=mix_tasks(und, gen, 0.5),
+            processing_class=model.processor,
+        )
+
+    trainer(2).train()
+    resumed = trainer(4)
+    state = resumed.model.state_dict()
+    norm = next(name for name, _ in resumed.model.named_parameters() if name.endswith("norm.weight"))
+    partial = {name: value for name, value in state.items() if name not in ("lm_head.weight", norm)}
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_warning()  # conftest quiets transformers to errors
+    try:
+        with CaptureLogger(logging.get_logger("transformers.trainer")) as resume_log:
+            resumed.train(resume_from_checkpoint=True)
+        with CaptureLogger(logging.get_logger("transformers.trainer")) as partial_log:
+            resumed._issue_warnings_after_load(resumed.model.load_state_dict(partial, strict=False))
+    finally:
+        logging.set_verbosity(verbosity)
+    assert resumed.state.global_step == 4
+    assert "missing keys" not in resume_log.out  # Trainer alone: "missing keys ... ['lm_head.weight']"
+    assert f"missing keys in the checkpoint model loaded: ['{norm}']" in partial_log.out  # a real gap is still named
+
+
 def test_trainer_writes_the_unifork_card_with_a_training_summary(model, prepared, tmp_path):
     from huggingface_hub import ModelCard
 

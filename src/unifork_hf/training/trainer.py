@@ -226,6 +226,18 @@ class UniForkTrainer(Trainer):
                 "learning-rate schedule would start over. Pass resume_without_optimizer_state=True to accept that."
             )
 
+    def _issue_warnings_after_load(self, load_result) -> None:
+        # A tied head is saved once, under the embeddings' name; torch's load_state_dict still lists its alias as
+        # missing and Trainer warns "missing keys ['lm_head.weight']" on every resume, though the tie loaded it.
+        # Keep the warning for parameters that really were not loaded.
+        params = dict(self.model.named_parameters(remove_duplicate=False))
+        missing = set(load_result.missing_keys)
+        loaded = {param.data_ptr() for name, param in params.items() if name not in missing}
+        really_missing = [
+            name for name in load_result.missing_keys if name not in params or params[name].data_ptr() not in loaded
+        ]
+        super()._issue_warnings_after_load(load_result._replace(missing_keys=really_missing))
+
     def _get_train_sampler(self, train_dataset=None):
         train_dataset = train_dataset if train_dataset is not None else self.train_dataset
         if getattr(self.args, "train_sampling_strategy", None) != "task_stratified":

@@ -3,12 +3,14 @@
     python examples/shapes/compare_generation.py runs/shapes/unifork-rq-d1-6k runs/shapes/unifork-rq-d4-6k \
         --num-scenes 2000 --seeds 0 1
 
-A 500-scene evaluation has a standard error of about 1 point at 97% all-correct, too coarse to tell two good
+A 500-scene evaluation has a standard error of about 0.8 points at 97% all-correct, too coarse to tell two good
 checkpoints apart. Here every checkpoint draws the first `--num-scenes` test scenes (the 500 of `train_unifork.py`
 first; test scenes are distinct, never in training) once per seed, each image from its own seeded generator and
 the checkpoint's sampling settings, and each image is judged by the Shapes judge. Beside each checkpoint's
-all-correct share: its paired difference from the first checkpoint, with the standard error of the mean
-per-image difference (the same caption and generator seed on both sides). Ends with one `RESULT` line.
+all-correct share: its paired difference from the first checkpoint (the same caption and generator seed on both
+sides), with a standard error over scenes: each scene's difference is averaged over the seeds first, since one
+scene's images are not independent of each other (a caption one model gets wrong it may get wrong for every seed).
+Ends with one `RESULT` line.
 """
 
 import argparse
@@ -30,10 +32,10 @@ def main():
     args = parser.parse_args()
     if args.num_scenes < 2:
         raise SystemExit(f"--num-scenes must be at least 2 (a standard error needs two), got {args.num_scenes}.")
-    sizes = {"test": args.num_scenes, "heldout": args.num_scenes if args.split == "heldout" else 0}
-    scenes = shapes_dataset(num_train=0, num_test=sizes["test"], num_heldout=sizes["heldout"], seed=0)[args.split]
+    heldout = args.num_scenes if args.split == "heldout" else 0
+    scenes = shapes_dataset(num_train=0, num_test=args.num_scenes, num_heldout=heldout, seed=0)[args.split]
 
-    correct = {}  # model -> per-image all-correct (0/1), seeds after each other
+    correct = {}  # model -> all-correct (0/1) per image, shape (seeds, scenes)
     for path in args.models:
         model = UniForkForConditionalGeneration.from_pretrained(path).eval()
         outcomes = []
@@ -41,19 +43,20 @@ def main():
             # generator seeds seed * 10**6 + i: disjoint across --seeds, equal across checkpoints
             images = generate_for_captions(model, scenes["caption"], seed=seed * 10**6)
             outcomes += [score_image(asked, detect(image))["all"] for image, asked in zip(images, scenes["asked"])]
-        correct[path] = torch.tensor(outcomes)
+        correct[path] = torch.tensor(outcomes).view(len(args.seeds), -1)
 
     first = args.models[0]
-    n = len(correct[first])
-    print(f"{args.split}: {args.num_scenes} scenes x seeds {args.seeds} = {n} images per checkpoint")
+    print(
+        f"{args.split}: {args.num_scenes} scenes x seeds {args.seeds} = {correct[first].numel()} images per checkpoint"
+    )
     result = {}
     for i, path in enumerate(args.models):
         share = correct[path].mean().item()
         line = f"  {path}: all-correct {100 * share:.2f}%"
         result[f"all_correct_{i}"] = round(100 * share, 2)
         if i:
-            difference = correct[path] - correct[first]
-            se = difference.std().item() / n**0.5
+            difference = (correct[path] - correct[first]).mean(0)  # per scene, over the seeds
+            se = difference.std().item() / len(difference) ** 0.5
             line += f", minus {first}: {100 * difference.mean().item():+.2f} points (SE {100 * se:.2f})"
             result[f"difference_{i}"] = round(100 * difference.mean().item(), 2)
             result[f"difference_se_{i}"] = round(100 * se, 2)

@@ -5,8 +5,9 @@
 For the first `--n` test scenes: the teacher-forced accuracy and cross-entropy of each depth's code (the true
 codes of the image fed in), how often `generate_image`'s codes (the checkpoint's sampling settings, one seeded
 generator per image) equal the image's own codes, and the Shapes judge on decoded images: the true codes, the
-sampled ones, and (depth > 1) the sampled depth-0 codes with the true deeper ones and the reverse; then the sampled
-codes' judgement under greedy decoding, guidance 3 and temperature 1.
+sampled ones, and (depth > 1) the sampled depth-0 codes with the true deeper ones and the reverse; how many of the
+images judged wrong already have a teacher-forced depth-0 miss (the fit) rather than none (decoding from the model's
+own codes); then the sampled codes' judgement under greedy decoding, guidance 3 and temperature 1.
 """
 
 import argparse
@@ -19,11 +20,15 @@ from unifork_hf.data.shapes import shapes_dataset
 from unifork_hf.evaluation import detect
 
 
+def judged_right(processor, originals, codes) -> torch.Tensor:
+    """Per image: whether the Shapes judge finds the same objects in the decoded codes as in the original."""
+    images = processor.decode_image_tokens(codes)
+    return torch.tensor([sorted(map(str, detect(a))) == sorted(map(str, detect(b))) for a, b in zip(images, originals)])
+
+
 def judged_share(processor, originals, codes) -> float:
     """The share of decoded images in which the Shapes judge finds the same objects as in the originals."""
-    images = processor.decode_image_tokens(codes)
-    same = [sorted(map(str, detect(a))) == sorted(map(str, detect(b))) for a, b in zip(images, originals)]
-    return sum(same) / len(same)
+    return judged_right(processor, originals, codes).double().mean().item()
 
 
 def main():
@@ -38,13 +43,16 @@ def main():
         true = processor.encode_images(list(test["image"]))
         depth = true.shape[-1]
         correct, entropy, places = torch.zeros(depth), torch.zeros(depth), 0
+        first_code_slip = torch.zeros(args.n, dtype=torch.bool)  # an image with a teacher-forced depth-0 miss
         for i, caption in enumerate(test["caption"]):
             text = processor.image_generation_sequence(caption)
             ids = processor.tokenizer([text], return_tensors="pt", add_special_tokens=False).input_ids
             with torch.no_grad():
                 logits = model(input_ids=ids, image_ids=true[i : i + 1], task="generation").image_logits
             logits = logits[0, (ids[0] == model.config.image_token_id).nonzero().squeeze(1) - 1]
-            correct += (logits.argmax(-1) == true[i]).float().sum(0)
+            right = logits.argmax(-1) == true[i]
+            correct += right.float().sum(0)
+            first_code_slip[i] = not right[:, 0].all()
             losses = torch.nn.functional.cross_entropy(logits.flatten(0, 1), true[i].flatten(), reduction="none")
             entropy += losses.view(-1, depth).sum(0)
             places += logits.shape[0]
@@ -52,6 +60,7 @@ def main():
         sampled = model.generate_image(
             list(test["caption"]), generator=generators, output_type="tokens", progress_bar=False
         )
+        judged_each = functools.partial(judged_right, processor, test["image"])
         judged = functools.partial(judged_share, processor, test["image"])
 
         print(f"{path}: depth {depth}, {args.n} test scenes")
@@ -59,7 +68,15 @@ def main():
         print(f"  teacher-forced cross-entropy by depth {[round(v, 4) for v in (entropy / places).tolist()]}")
         agreement = (sampled == true).float().mean((0, 1))
         print(f"  sampled code == the image's own, by depth {[round(v, 4) for v in agreement.tolist()]}")
-        print(f"  judged all-correct: true codes {judged(true):.3f}, sampled codes {judged(sampled):.3f}")
+        sampled_right = judged_each(sampled)
+        print(f"  judged all-correct: true codes {judged(true):.3f}, sampled codes {sampled_right.double().mean():.3f}")
+        # the fit or the free-running? If the images whose sampling fails are those with a teacher-forced miss,
+        # the fit explains the loss; failures without one come from decoding from the model's own codes
+        failed = ~sampled_right
+        print(
+            f"  images with a teacher-forced depth-0 miss: {int(first_code_slip.sum())}; sampled images judged "
+            f"wrong: {int(failed.sum())}, of them with such a miss: {int((failed & first_code_slip).sum())}"
+        )
         if depth > 1:
             first = true.clone()
             first[..., 0] = sampled[..., 0]

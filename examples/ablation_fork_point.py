@@ -31,6 +31,7 @@ rewritten. Keep each run's metrics.json and alignment.csv in git (OUT/.gitignore
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -136,7 +137,9 @@ def main():
     parser.add_argument("--max-steps", type=int, default=6000)
     parser.add_argument("--eval-n", type=int, default=500)
     parser.add_argument("--num-train", type=int, default=25000, help="training scenes")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument(
+        "--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds to train (the report covers every finished one)"
+    )
     parser.add_argument("--runs", nargs="+", help="only these runs, by name (e.g. K4 generation-only3); default all")
     parser.add_argument("--parallel", type=int, default=1, help="runs at a time")
     parser.add_argument(
@@ -174,10 +177,12 @@ def of_task(by_run: dict, task: str):
 
 
 def finished(args) -> list[dict]:
-    """One row per (arm, seed) whose runs have all finished: its metrics, losses and alignment."""
+    """One row per (arm, seed) whose runs have all finished: its metrics, losses and alignment. Every seed with a
+    run folder counts, not only this call's `--seeds`: a sweep of seed 1 must not drop seed 0 from the report."""
+    seeds = {int(m.group(1)) for name in os.listdir(args.out) if (m := re.fullmatch(r".+-seed(\d+)", name))}
     rows = []
     for arm in arms(args.layers):
-        for seed in args.seeds:
+        for seed in sorted(seeds):
             outs = {task: run_dir(args, spec, seed) for task, spec in arm["runs"].items()}
             if not all(os.path.exists(os.path.join(out, "alignment.csv")) for out in outs.values()):
                 continue

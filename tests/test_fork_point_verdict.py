@@ -1,7 +1,9 @@
 """The fork-point sweep's verdict (examples/ablation_fork_point.py): a difference counts as beyond the seed
 spread only when both arms have seeds and their ranges do not overlap."""
 
+import argparse
 import importlib.util
+import json
 import os
 
 spec = importlib.util.spec_from_file_location(
@@ -46,3 +48,20 @@ def test_alignment_table_averages_seeds_and_marks_branch_layers():
     # mean and sample sd of (0.1, 0.3) is 0.2 ± 0.141; layer 2 lies in the branch
     assert "| K2 | understanding | 0.200 ± 0.141 | 0.200 ± 0.000 | *0.400 ± 0.141* |  |" in lines
     assert "| shared6 | generation | 0.100 | 0.200 | *0.300* | *0.400* |" in lines
+
+
+def test_the_report_covers_every_finished_seed_not_only_those_being_trained(tmp_path):
+    """A sweep started with `--seeds 1` rewrites the report: seed 0's finished runs must stay in it."""
+    scores = {"all": 0.9}
+    split = {"understanding": scores, "generation": scores, "understanding_baselines": {"majority": scores}}
+    metrics = {"metrics": {"test": split, "heldout": split, "paraphrase": {"generation": scores}}}
+    metrics |= {"num_parameters": 10, "train_minutes": 1.0, "loss_curve": []}
+    for seed in (0, 1):
+        run = tmp_path / f"K2-seed{seed}"
+        run.mkdir()
+        (run / "metrics.json").write_text(json.dumps(metrics))
+        (run / "alignment.csv").write_text("task,layer,branch,alignment\nunderstanding,0,shared,0.1\n")
+    (tmp_path / "K2-seed7.log").write_text("a log, not a run")
+    (tmp_path / "K0-seed2").mkdir()  # a run cut off before it finished
+    args = argparse.Namespace(out=str(tmp_path), layers=4, seeds=[1])
+    assert [(row["arm"], row["seed"]) for row in ablation.finished(args)] == [("K2", 0), ("K2", 1)]

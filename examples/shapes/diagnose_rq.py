@@ -43,7 +43,7 @@ def main():
         true = processor.encode_images(list(test["image"]))
         depth = true.shape[-1]
         correct, entropy, places = torch.zeros(depth), torch.zeros(depth), 0
-        first_code_slip = torch.zeros(args.n, dtype=torch.bool)  # an image with a teacher-forced depth-0 miss
+        first_code_miss = torch.zeros(args.n, dtype=torch.bool)  # an image with a teacher-forced depth-0 miss
         for i, caption in enumerate(test["caption"]):
             text = processor.image_generation_sequence(caption)
             ids = processor.tokenizer([text], return_tensors="pt", add_special_tokens=False).input_ids
@@ -52,7 +52,7 @@ def main():
             logits = logits[0, (ids[0] == model.config.image_token_id).nonzero().squeeze(1) - 1]
             right = logits.argmax(-1) == true[i]
             correct += right.float().sum(0)
-            first_code_slip[i] = not right[:, 0].all()
+            first_code_miss[i] = not right[:, 0].all()
             losses = torch.nn.functional.cross_entropy(logits.flatten(0, 1), true[i].flatten(), reduction="none")
             entropy += losses.view(-1, depth).sum(0)
             places += logits.shape[0]
@@ -74,8 +74,8 @@ def main():
         # the fit explains the loss; failures without one come from decoding from the model's own codes
         failed = ~sampled_right
         print(
-            f"  images with a teacher-forced depth-0 miss: {int(first_code_slip.sum())}; sampled images judged "
-            f"wrong: {int(failed.sum())}, of them with such a miss: {int((failed & first_code_slip).sum())}"
+            f"  images with a teacher-forced depth-0 miss: {int(first_code_miss.sum())}; sampled images judged "
+            f"wrong: {int(failed.sum())}, of them with such a miss: {int((failed & first_code_miss).sum())}"
         )
         if depth > 1:
             first = true.clone()

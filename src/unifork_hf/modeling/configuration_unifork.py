@@ -194,7 +194,8 @@ class UniForkConfig(PreTrainedConfig):
             cross-entropy over all codes. Depth 0 decides most of the image (the deeper codes refine it), so
             weighing it more trades the deeper codes' fit for the first's: on Shapes, trained from scratch for 3000
             steps, `[9, 1, 1, 1]` drew 81.6% of test captions right, `[3, 1, 1, 1]` 52.8%, the plain mean 1.0%
-            (README, "The RQ path on Shapes"; `examples/shapes/train_unifork.py` defaults to `[9, 1, 1, 1]`).
+            (`docs/rq-shapes/README.md`; `examples/shapes/train_unifork.py` defaults to `[9, 1, 1, 1]`, with which
+            depth 4 drew as many right as depth 1 after 9000 steps).
         num_shared_layers (`int`, *optional*):
             K, the fork point, in 0..L. Defaults to L // 2. K = L is a fully shared model, K = 0 two
             task-specific stacks that share only the embeddings.

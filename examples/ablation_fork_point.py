@@ -390,21 +390,26 @@ def plot_tradeoff(rows, path):
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(figsize=(6.5, 4.5))
-    markers = {}
+    points = {}  # arm -> [(generation, understanding)], one per seed
     for row in rows:
-        x, y = (100 * row["metrics"]["test"][task]["all"] for task in ("generation", "understanding"))
-        marker = markers.setdefault(row["arm"], "o" if row["arm"].startswith("K") else "s^"[len(markers) % 2])
-        axes.scatter(
-            x,
-            y,
-            marker=marker,
-            color=f"C{list(markers).index(row['arm'])}",
-            label=row["arm"] if row["seed"] == min(r["seed"] for r in rows if r["arm"] == row["arm"]) else None,
+        points.setdefault(row["arm"], []).append(
+            tuple(100 * row["metrics"]["test"][task]["all"] for task in ("generation", "understanding"))
         )
-        axes.annotate(row["arm"], (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7)
+    for i, (arm, xy) in enumerate(points.items()):
+        marker = "o" if arm.startswith("K") else "s^"[i % 2]
+        axes.scatter(*zip(*xy), marker=marker, color=f"C{i}", label=f"{arm}, {len(xy)} seed{'s' * (len(xy) > 1)}")
+        # one label per arm, at its seeds' mean (a label per point piles up where seeds and arms coincide),
+        # with the seed spread as error bars
+        x, y = (statistics.mean(v) for v in zip(*xy))
+        if len(xy) > 1:
+            x_sd, y_sd = (statistics.stdev(v) for v in zip(*xy))
+            axes.errorbar(x, y, xerr=x_sd, yerr=y_sd, color=f"C{i}", capsize=2, linewidth=0.8)
+        axes.annotate(arm, (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7, color=f"C{i}")
     axes.set_xlabel("test images all correct (%)")
     axes.set_ylabel("test questions exact match (%)")
-    axes.set_title("Fork point: understanding vs generation, one point per run")
+    axes.set_title(
+        "Fork point: understanding vs generation, one point per run\n(bars: mean ± sd over seeds)", fontsize=10
+    )
     axes.legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(path, dpi=120)

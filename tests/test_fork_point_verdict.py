@@ -65,3 +65,35 @@ def test_the_report_covers_every_finished_seed_not_only_those_being_trained(tmp_
     (tmp_path / "K0-seed2").mkdir()  # a run cut off before it finished
     args = argparse.Namespace(out=str(tmp_path), layers=4, seeds=[1])
     assert [(row["arm"], row["seed"]) for row in ablation.finished(args)] == [("K2", 0), ("K2", 1)]
+
+
+def test_the_report_tables_and_plots_carry_the_seed_spread(tmp_path):
+    """Two arms with two seeds each: the summary shows mean ± sd, the verdict reads the ranges, the plots are drawn."""
+    types = ("colour", "shape", "position", "size", "count")
+    for arm, scores in {"K2": (0.90, 0.92), "shared6": (0.96, 0.98)}.items():
+        for seed, score in enumerate(scores):
+            per_type = {t: score for t in types} | {"all": score}
+            split = {
+                "understanding": per_type,
+                "generation": per_type,
+                "understanding_baselines": {"majority": per_type},
+            }
+            metrics = {"metrics": {"test": split, "heldout": split, "paraphrase": {"generation": per_type}}}
+            curve = [{"step": 10, "loss_understanding": 1.0, "loss_generation": 2.0}]
+            metrics |= {"num_parameters": 2_490_000, "train_minutes": 1.0, "loss_curve": curve}
+            run = tmp_path / f"{arm}-seed{seed}"
+            run.mkdir()
+            (run / "metrics.json").write_text(json.dumps(metrics))
+            rows = [
+                f"{task},{layer},shared,{score / (layer + 1)}"
+                for task in ("understanding", "generation")
+                for layer in range(3)
+            ]
+            (run / "alignment.csv").write_text("task,layer,branch,alignment\n" + "\n".join(rows) + "\n")
+    ablation.report(argparse.Namespace(out=str(tmp_path), layers=4, seeds=[0, 1], max_steps=10))
+
+    results = (tmp_path / "results.md").read_text()
+    assert "| K2 | 2.49M | 2 | 91.0 ± 1.4 |" in results
+    assert "| shared6 | understanding | -6.0 | 2 vs 2 | yes |" in results
+    for plot in ("tradeoff.png", "loss-curves.png", "alignment-understanding.png", "alignment-generation.png"):
+        assert (tmp_path / plot).read_bytes().startswith(b"\x89PNG"), plot

@@ -43,7 +43,7 @@ def main():
             # generator seeds seed * 10**6 + i: disjoint across --seeds, equal across checkpoints
             images = generate_for_captions(model, scenes["caption"], seed=seed * 10**6)
             outcomes += [score_image(asked, detect(image))["all"] for image, asked in zip(images, scenes["asked"])]
-        correct[path] = torch.tensor(outcomes).view(len(args.seeds), -1)
+        correct[path] = torch.tensor(outcomes, dtype=torch.float64).view(len(args.seeds), -1)
 
     first = args.models[0]
     print(

@@ -398,17 +398,18 @@ def plot_tradeoff(rows, path):
     for i, (arm, xy) in enumerate(points.items()):
         marker = "o" if arm.startswith("K") else "s^"[i % 2]
         axes.scatter(*zip(*xy), marker=marker, color=f"C{i}", label=f"{arm}, {len(xy)} seed{'s' * (len(xy) > 1)}")
-        # one label per arm, at its seeds' mean (a label per point piles up where seeds and arms coincide),
-        # with the seed spread as error bars
+        # one label per arm, at its seeds' mean (a label per point piles up where seeds and arms coincide), with
+        # bars over the seeds' range: bars that do not overlap are what `verdict` calls beyond the seed spread
         x, y = (statistics.mean(v) for v in zip(*xy))
         if len(xy) > 1:
-            x_sd, y_sd = (statistics.stdev(v) for v in zip(*xy))
-            axes.errorbar(x, y, xerr=x_sd, yerr=y_sd, color=f"C{i}", capsize=2, linewidth=0.8)
+            xerr, yerr = ([[mean - min(v)], [max(v) - mean]] for mean, v in zip((x, y), zip(*xy)))
+            axes.errorbar(x, y, xerr=xerr, yerr=yerr, color=f"C{i}", capsize=2, linewidth=0.8)
         axes.annotate(arm, (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7, color=f"C{i}")
     axes.set_xlabel("test images all correct (%)")
     axes.set_ylabel("test questions exact match (%)")
     axes.set_title(
-        "Fork point: understanding vs generation, one point per run\n(bars: mean ± sd over seeds)", fontsize=10
+        "Fork point: understanding vs generation, one point per run\n(bars: the range over seeds, around their mean)",
+        fontsize=10,
     )
     axes.legend(fontsize=7)
     figure.tight_layout()

@@ -22,10 +22,12 @@ and the same data; only the arm and the seed change. 6000 steps, not fewer: with
 Each arm runs with seeds 0, 1, 2 (model initialisation and data order), seed-major so an interrupted sweep
 covers every arm before repeating. A run that already has its `metrics.json` is skipped and a run cut off
 resumes from its last trainer checkpoint, so the command can simply be started again. After every run the
-image-caption alignment of each task's path is measured (Finding 1) and `OUT/summary.json`, `OUT/results.md`
-(mean and seed spread per cell, majority answers beside the questions, the verdict on Finding 2),
-`OUT/tradeoff.png`, `OUT/loss-curves.png` (each task's training loss per run) and `OUT/alignment-*.png` are
-rewritten. Keep each run's metrics.json and alignment.csv in git (OUT/.gitignore keeps out the weights).
+image-caption alignment of each task's path is measured (Finding 1) and each task's teacher-forced loss on test
+and held-out scenes (`losses.json`: the judge puts every arm's images at 99-100% on test and 0% on held-out, the
+loss still ranks them), and `OUT/summary.json`, `OUT/results.md` (mean and seed spread per cell, majority answers
+beside the questions, the verdict on Finding 2), `OUT/tradeoff.png`, `OUT/loss-curves.png` (each task's training
+loss per run) and `OUT/alignment-*.png` are rewritten. Keep each run's metrics.json, alignment.csv and losses.json
+in git (OUT/.gitignore keeps out the weights).
 """
 
 import argparse
@@ -39,10 +41,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pandas as pd
+import torch
 
 from unifork_hf import UniForkForConditionalGeneration
-from unifork_hf.data.shapes import QUESTION_TYPES, shapes_dataset
+from unifork_hf.data.shapes import QUESTION_TYPES, shapes_dataset, to_generation, to_understanding
 from unifork_hf.evaluation.alignment import modality_alignment, plot_alignment
+from unifork_hf.training import UniForkDataCollator, prepare_generation, prepare_understanding
 
 ATTRIBUTES = ("colour", "shape", "size", "position", "count", "all")
 TRAIN_SCRIPT = os.path.join(os.path.dirname(__file__), "shapes", "train_unifork.py")
@@ -111,8 +115,17 @@ def train(args, spec, seed, threads):
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
         with open(out + ".log", "a") as log:
             subprocess.run(command, check=True, stdout=log, stderr=subprocess.STDOUT, env=env)
-    alignment(out, args.eval_n)
+    measure(args, spec, seed)
     return out
+
+
+def measure(args, spec, seed):
+    """What is measured on a trained run's weights: the alignment along each task's path and the test losses."""
+    out = run_dir(args, spec, seed)
+    alignment(out, args.eval_n)
+    ratio = spec[3]
+    tasks = [task for task, rows in (("understanding", 1 - ratio), ("generation", ratio)) if rows]
+    test_losses(out, args.eval_n, tasks)
 
 
 def alignment(out, n):
@@ -125,6 +138,42 @@ def alignment(out, n):
             for task in ("understanding", "generation")
         ]
         pd.concat(tables).to_csv(path, index=False)
+
+
+def test_losses(out, n, tasks):
+    """`out/losses.json`: each of `tasks`' teacher-forced loss on `n` test and `n` held-out scenes (skipped if the
+    run's weights were not kept). Finer than the judge: images are 99-100% all-correct on test and 0% on held-out
+    for every arm, so the judge cannot rank arms on generation; the loss still can."""
+    path = os.path.join(out, "losses.json")
+    if os.path.exists(path) or not os.path.exists(os.path.join(out, "model.safetensors")):
+        return
+    model = UniForkForConditionalGeneration.from_pretrained(out).eval()
+    splits = shapes_dataset(num_train=0, num_test=n, num_heldout=n, seed=0)
+    losses = {
+        split: {task: teacher_forced_loss(model, splits[split], task) for task in tasks}
+        for split in ("test", "heldout")
+    }
+    with open(path, "w") as f:
+        json.dump(losses, f, indent=1)
+
+
+@torch.no_grad()
+def teacher_forced_loss(model, scenes, task, batch_size=64) -> float:
+    """Mean cross-entropy per target token of `task` on `scenes`, as trained: image codes after the caption, or
+    the answers of the scenes' questions as multi-turn rows, question before the image."""
+    processor = model.processor
+    if task == "generation":
+        rows = prepare_generation(to_generation(scenes), processor)
+    else:
+        rows = prepare_understanding(to_understanding(scenes, conversation=True, seed=0), processor)
+    collate = UniForkDataCollator(processor, cfg_dropout=0.0)
+    total = count = 0.0
+    for start in range(0, len(rows), batch_size):
+        batch = collate([rows[i] for i in range(start, min(start + batch_size, len(rows)))])
+        # num_items_in_batch=1: the summed loss, so batches weigh by their target tokens
+        total += model(**batch, num_items_in_batch=1).loss.item()
+        count += (batch["labels"][:, 1:] != -100).sum().item()
+    return total / count
 
 
 def main():
@@ -145,7 +194,11 @@ def main():
     parser.add_argument(
         "--threads", type=int, help="torch threads per run (default: all cores for one run at a time, else 1)"
     )
-    parser.add_argument("--report-only", action="store_true", help="rewrite the tables and plots from finished runs")
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="train nothing: measure finished runs not yet measured (alignment, losses), rewrite the tables and plots",
+    )
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
 
@@ -156,7 +209,11 @@ def main():
     jobs = [job for job in jobs if not args.runs or job[0][0] in args.runs]
     # unfinished runs first (stable: seed-major order kept), so the first job is one that writes the data cache
     jobs.sort(key=lambda job: os.path.exists(os.path.join(run_dir(args, *job), "metrics.json")))
-    if not args.report_only:
+    if args.report_only:
+        for spec, seed in jobs:
+            if os.path.exists(os.path.join(run_dir(args, spec, seed), "metrics.json")):
+                measure(args, spec, seed)
+    else:
         threads = args.threads or (os.cpu_count() if args.parallel == 1 else 1)
         cache = os.path.join(args.out, "data", "key.json")
         with ThreadPoolExecutor(args.parallel) as pool:
@@ -206,9 +263,27 @@ def finished(args) -> list[dict]:
                         task: pd.read_csv(os.path.join(out, "alignment.csv")).to_dict("records")
                         for task, out in outs.items()
                     },
+                    "losses": test_losses_of(outs),
                 }
             )
     return rows
+
+
+def test_losses_of(outs: dict) -> dict:
+    """{split: {task: loss}} of an arm's runs (`{task scored: run folder}`), from each task's own run; {} while a run
+    has no `losses.json` (weights not kept)."""
+    paths = {task: os.path.join(out, "losses.json") for task, out in outs.items()}
+    if not all(os.path.exists(path) for path in paths.values()):
+        return {}
+    losses = {task: json.load(open(path)) for task, path in paths.items()}
+    return {
+        split: {task: of_task(losses, task)[split][task] for task in ("understanding", "generation")}
+        for split in ("test", "heldout")
+    }
+
+
+def test_loss(row, task, split="test"):
+    return row["losses"].get(split, {}).get(task)
 
 
 def spread(values):
@@ -220,23 +295,24 @@ def spread(values):
 SPREAD_VERDICT = {True: "yes", False: "no", None: "not known (one seed)"}
 
 
-def verdict(rows, reference, other, task):
-    """Whether `reference` and `other` differ on `task` (test split, all-correct / exact match) by more than
-    the seed spread: their seed ranges do not overlap. None (not known) while either arm has one seed, which
-    has no spread."""
-    score = {arm: [r["metrics"]["test"][task]["all"] for r in rows if r["arm"] == arm] for arm in (reference, other)}
-    if not score[reference] or not score[other]:
+def verdict(rows, reference, other, task, score=lambda row, task: row["metrics"]["test"][task]["all"]):
+    """Whether `reference` and `other` differ on `task` by more than the seed spread: their seed ranges do not
+    overlap. `score(row, task)`: a run's value (default: test all-correct / exact match; runs giving None are left
+    out). None (not known) while either arm has one seed, which has no spread."""
+    values = {arm: [score(r, task) for r in rows if r["arm"] == arm] for arm in (reference, other)}
+    values = {arm: [v for v in vs if v is not None] for arm, vs in values.items()}
+    if not values[reference] or not values[other]:
         return None
-    difference = statistics.mean(score[reference]) - statistics.mean(score[other])
-    apart = min(score[reference]) > max(score[other]) or max(score[reference]) < min(score[other])
-    if min(len(values) for values in score.values()) < 2:
+    difference = statistics.mean(values[reference]) - statistics.mean(values[other])
+    apart = min(values[reference]) > max(values[other]) or max(values[reference]) < min(values[other])
+    if min(len(v) for v in values.values()) < 2:
         apart = None
     return {
         "task": task,
         "reference": reference,
         "other": other,
         "difference": round(difference, 4),
-        "seeds": {arm: len(values) for arm, values in score.items()},
+        "seeds": {arm: len(v) for arm, v in values.items()},
         "exceeds_seed_spread": apart,
     }
 
@@ -328,6 +404,7 @@ def report(args):
             f"| {v['other']} | {v['task']} | {100 * v['difference']:+.1f} | "
             f"{v['seeds'][v['reference']]} vs {v['seeds'][v['other']]} | {SPREAD_VERDICT[v['exceeds_seed_spread']]} |"
         )
+    lines += loss_tables(rows, present, reference)
     lines += alignment_table(rows, present)
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
@@ -345,6 +422,46 @@ def report(args):
                 os.path.join(args.out, f"alignment-{task}.png"),
                 title=f"{task}: image-caption alignment along the path",
             )
+
+
+def loss_tables(rows, present, reference) -> list[str]:
+    """Markdown lines: each arm's teacher-forced test and held-out losses (mean ± sd over the seeds that have them),
+    and the verdict on generation by its loss, where the judge cannot separate the arms."""
+    columns = [(split, task) for split in ("test", "heldout") for task in ("understanding", "generation")]
+    lines = [
+        "",
+        "### Teacher-forced loss per target token (500 scenes; mean ± sd over the seeds whose weights were kept)",
+        "",
+        "| arm | seeds | test questions | test images | held-out questions | held-out images |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for arm in present:
+        measured = [r for r in rows if r["arm"] == arm and r["losses"]]
+        if measured:
+            cells = []
+            for split, task in columns:
+                values = [test_loss(r, task, split) for r in measured]
+                sd = f" ± {statistics.stdev(values):.4f}" if len(values) > 1 else ""
+                cells.append(f"{statistics.mean(values):.4f}{sd}")
+            lines.append(f"| {arm} | {len(measured)} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        f"### Verdict on generation by its loss: the Y at K = {reference[1:]} against each arm (negative: the Y lower)",
+        "",
+        "| other arm | split | loss difference | seeds | beyond the seed spread |",
+        "| --- | --- | ---: | --- | --- |",
+    ]
+    for other in present:
+        for split in ("test", "heldout"):
+            v = other != reference and verdict(
+                rows, reference, other, "generation", lambda row, task, s=split: test_loss(row, task, s)
+            )
+            if v:
+                lines.append(
+                    f"| {other} | {split} | {v['difference']:+.4f} | {v['seeds'][reference]} vs {v['seeds'][other]} | "
+                    f"{SPREAD_VERDICT[v['exceeds_seed_spread']]} |"
+                )
+    return lines
 
 
 def alignment_table(rows, present) -> list[str]:

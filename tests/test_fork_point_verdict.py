@@ -90,10 +90,39 @@ def test_the_report_tables_and_plots_carry_the_seed_spread(tmp_path):
                 for layer in range(3)
             ]
             (run / "alignment.csv").write_text("task,layer,branch,alignment\n" + "\n".join(rows) + "\n")
+            if arm == "K2" or seed == 0:  # shared6 seed 1 kept no weights, so no losses
+                losses = {"understanding": 1 - score, "generation": 2 - 2 * score}
+                (run / "losses.json").write_text(json.dumps({"test": losses, "heldout": losses}))
     ablation.report(argparse.Namespace(out=str(tmp_path), layers=4, seeds=[0, 1], max_steps=10))
 
     results = (tmp_path / "results.md").read_text()
     assert "| K2 | 2.49M | 2 | 91.0 ± 1.4 |" in results
     assert "| shared6 | understanding | -6.0 | 2 vs 2 | yes |" in results
+    # losses: K2 from its two seeds (2 - 1.8, 2 - 1.84), shared6 from its one seed with weights
+    assert "| K2 | 2 | 0.0900 ± 0.0141 | 0.1800 ± 0.0283 | 0.0900 ± 0.0141 |" in results
+    assert "| shared6 | 1 | 0.0400 | 0.0800 | 0.0400 | 0.0800 |" in results
+    assert "| shared6 | heldout | +0.1000 | 2 vs 1 | not known (one seed) |" in results
     for plot in ("tradeoff.png", "loss-curves.png", "alignment-understanding.png", "alignment-generation.png"):
         assert (tmp_path / plot).read_bytes().startswith(b"\x89PNG"), plot
+
+
+def test_teacher_forced_loss_weighs_every_target_token_once(built_model):
+    """Batched over rows of different lengths (padded), the loss must equal the token-weighted mean of each row's
+    own loss: a mean of batch means, or padding counted as targets, would not."""
+    from unifork_hf.data.shapes import shapes_dataset, to_understanding
+    from unifork_hf.training import UniForkDataCollator, prepare_understanding
+
+    scenes = shapes_dataset(num_train=0, num_test=5, num_heldout=0, seed=0)["test"]
+    rows = prepare_understanding(to_understanding(scenes, conversation=True, seed=0), built_model.processor)
+    collate = UniForkDataCollator(built_model.processor, cfg_dropout=0.0)
+    total = count = 0.0
+    for row in rows:
+        batch = collate([row])
+        tokens = (batch["labels"][:, 1:] != -100).sum().item()
+        total += built_model(**batch).loss_understanding.item() * tokens
+        count += tokens
+    lengths = {len(row["input_ids"]) for row in rows}
+    assert len(lengths) > 1 and len(rows) > 3  # padding and more than one batch below
+    batched = ablation.teacher_forced_loss(built_model, scenes, "understanding", batch_size=3)
+    assert abs(batched - total / count) < 1e-5
+    assert ablation.teacher_forced_loss(built_model, scenes, "generation", batch_size=2) > 0

@@ -451,11 +451,9 @@ def loss_tables(rows, present, reference) -> list[str]:
         "| other arm | split | loss difference | seeds | beyond the seed spread |",
         "| --- | --- | ---: | --- | --- |",
     ]
-    for other in present:
+    for other in (arm for arm in present if arm != reference):
         for split in ("test", "heldout"):
-            v = other != reference and verdict(
-                rows, reference, other, "generation", lambda row, task, s=split: test_loss(row, task, s)
-            )
+            v = verdict(rows, reference, other, "generation", lambda row, task, s=split: test_loss(row, task, s))
             if v:
                 lines.append(
                     f"| {other} | {split} | {v['difference']:+.4f} | {v['seeds'][reference]} vs {v['seeds'][other]} | "

@@ -125,7 +125,7 @@ def measure(args, spec, seed):
     alignment(out, args.eval_n)
     ratio = spec[3]
     tasks = [task for task, rows in (("understanding", 1 - ratio), ("generation", ratio)) if rows]
-    test_losses(out, args.eval_n, tasks)
+    measure_losses(out, args.eval_n, tasks)
 
 
 def alignment(out, n):
@@ -140,7 +140,7 @@ def alignment(out, n):
         pd.concat(tables).to_csv(path, index=False)
 
 
-def test_losses(out, n, tasks):
+def measure_losses(out, n, tasks):
     """`out/losses.json`: each of `tasks`' teacher-forced loss on `n` test and `n` held-out scenes (skipped if the
     run's weights were not kept). Finer than the judge: images are 99-100% all-correct on test and 0% on held-out
     for every arm, so the judge cannot rank arms on generation; the loss still can."""
@@ -263,13 +263,13 @@ def finished(args) -> list[dict]:
                         task: pd.read_csv(os.path.join(out, "alignment.csv")).to_dict("records")
                         for task, out in outs.items()
                     },
-                    "losses": test_losses_of(outs),
+                    "losses": losses_of(outs),
                 }
             )
     return rows
 
 
-def test_losses_of(outs: dict) -> dict:
+def losses_of(outs: dict) -> dict:
     """{split: {task: loss}} of an arm's runs (`{task scored: run folder}`), from each task's own run; {} while a run
     has no `losses.json` (weights not kept)."""
     paths = {task: os.path.join(out, "losses.json") for task, out in outs.items()}
@@ -282,14 +282,14 @@ def test_losses_of(outs: dict) -> dict:
     }
 
 
-def test_loss(row, task, split="test"):
+def loss_of(row, task, split):
     return row["losses"].get(split, {}).get(task)
 
 
-def spread(values):
-    """'mean ± sd' in percent (sd over seeds; a single seed has none)."""
-    mean = 100 * statistics.mean(values)
-    return f"{mean:.1f} ± {100 * statistics.stdev(values):.1f}" if len(values) > 1 else f"{mean:.1f}"
+def spread(values, scale=100, digits=1):
+    """'mean ± sd' of `values` times `scale` (default: percent; sd over seeds, a single seed has none)."""
+    mean = f"{scale * statistics.mean(values):.{digits}f}"
+    return f"{mean} ± {scale * statistics.stdev(values):.{digits}f}" if len(values) > 1 else mean
 
 
 SPREAD_VERDICT = {True: "yes", False: "no", None: "not known (one seed)"}
@@ -299,8 +299,9 @@ def verdict(rows, reference, other, task, score=lambda row, task: row["metrics"]
     """Whether `reference` and `other` differ on `task` by more than the seed spread: their seed ranges do not
     overlap. `score(row, task)`: a run's value (default: test all-correct / exact match; runs giving None are left
     out). None (not known) while either arm has one seed, which has no spread."""
-    values = {arm: [score(r, task) for r in rows if r["arm"] == arm] for arm in (reference, other)}
-    values = {arm: [v for v in vs if v is not None] for arm, vs in values.items()}
+    values = {
+        arm: [v for r in rows if r["arm"] == arm and (v := score(r, task)) is not None] for arm in (reference, other)
+    }
     if not values[reference] or not values[other]:
         return None
     difference = statistics.mean(values[reference]) - statistics.mean(values[other])
@@ -438,11 +439,7 @@ def loss_tables(rows, present, reference) -> list[str]:
     for arm in present:
         measured = [r for r in rows if r["arm"] == arm and r["losses"]]
         if measured:
-            cells = []
-            for split, task in columns:
-                values = [test_loss(r, task, split) for r in measured]
-                sd = f" ± {statistics.stdev(values):.4f}" if len(values) > 1 else ""
-                cells.append(f"{statistics.mean(values):.4f}{sd}")
+            cells = [spread([loss_of(r, task, split) for r in measured], 1, 4) for split, task in columns]
             lines.append(f"| {arm} | {len(measured)} | " + " | ".join(cells) + " |")
     lines += [
         "",
@@ -453,7 +450,7 @@ def loss_tables(rows, present, reference) -> list[str]:
     ]
     for other in (arm for arm in present if arm != reference):
         for split in ("test", "heldout"):
-            v = verdict(rows, reference, other, "generation", lambda row, task, s=split: test_loss(row, task, s))
+            v = verdict(rows, reference, other, "generation", lambda row, task, s=split: loss_of(row, task, s))
             if v:
                 lines.append(
                     f"| {other} | {split} | {v['difference']:+.4f} | {v['seeds'][reference]} vs {v['seeds'][other]} | "
@@ -489,9 +486,7 @@ def alignment_table(rows, present) -> list[str]:
                     row.append("")
                     continue
                 values, branch = layers[layer]
-                text = f"{statistics.mean(values):.3f}" + (
-                    f" ± {statistics.stdev(values):.3f}" if len(values) > 1 else ""
-                )
+                text = spread(values, 1, 3)
                 row.append(f"*{text}*" if branch != "shared" else text)
             lines.append(f"| {arm} | {task} | " + " | ".join(row) + " |")
     return lines

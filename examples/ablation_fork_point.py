@@ -324,11 +324,12 @@ def report(args):
     present = [name for name in names if any(r["arm"] == name for r in rows)]
     reference = f"K{args.layers // 2}"
     verdicts = [
-        v
+        {**v, "split": split}
         for other in present
         if other != reference
         for task in ("understanding", "generation")
-        if (v := verdict(rows, reference, other, task))
+        for split in ("test", "heldout")
+        if (v := verdict(rows, reference, other, task, lambda row, task, s=split: row["metrics"][s][task]["all"]))
     ]
     with open(os.path.join(args.out, "summary.json"), "w") as f:
         json.dump({"runs": rows, "verdicts": verdicts, "max_steps": args.max_steps}, f, indent=1)
@@ -395,14 +396,14 @@ def report(args):
             )
     lines += [
         "",
-        f"### Verdict: the Y at K = {args.layers // 2} against each arm (test split)",
+        f"### Verdict: the Y at K = {args.layers // 2} against each arm (judge; positive: the Y better)",
         "",
-        "| other arm | task | difference (points) | seeds | beyond the seed spread |",
-        "| --- | --- | ---: | --- | --- |",
+        "| other arm | task | split | difference (points) | seeds | beyond the seed spread |",
+        "| --- | --- | --- | ---: | --- | --- |",
     ]
     for v in verdicts:
         lines.append(
-            f"| {v['other']} | {v['task']} | {100 * v['difference']:+.1f} | "
+            f"| {v['other']} | {v['task']} | {v['split']} | {100 * v['difference']:+.1f} | "
             f"{v['seeds'][v['reference']]} vs {v['seeds'][v['other']]} | {SPREAD_VERDICT[v['exceeds_seed_spread']]} |"
         )
     lines += loss_tables(rows, present, reference)

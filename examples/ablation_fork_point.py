@@ -295,10 +295,15 @@ def spread(values, scale=100, digits=1):
 SPREAD_VERDICT = {True: "yes", False: "no", None: "not known (one seed)"}
 
 
-def verdict(rows, reference, other, task, score=lambda row, task: row["metrics"]["test"][task]["all"]):
+def judged(split):
+    """A run's judge score on `split` for a task (images all-correct, questions exact match), for `verdict`."""
+    return lambda row, task: row["metrics"][split][task]["all"]
+
+
+def verdict(rows, reference, other, task, score):
     """Whether `reference` and `other` differ on `task` by more than the seed spread: their seed ranges do not
-    overlap. `score(row, task)`: a run's value (default: test all-correct / exact match; runs giving None are left
-    out). None (not known) while either arm has one seed, which has no spread."""
+    overlap. `score(row, task)`: a run's value (runs giving None are left out). None (not known) while either arm
+    has one seed, which has no spread."""
     values = {
         arm: [v for r in rows if r["arm"] == arm and (v := score(r, task)) is not None] for arm in (reference, other)
     }
@@ -329,7 +334,7 @@ def report(args):
         if other != reference
         for task in ("understanding", "generation")
         for split in ("test", "heldout")
-        if (v := verdict(rows, reference, other, task, lambda row, task, s=split: row["metrics"][s][task]["all"]))
+        if (v := verdict(rows, reference, other, task, judged(split)))
     ]
     with open(os.path.join(args.out, "summary.json"), "w") as f:
         json.dump({"runs": rows, "verdicts": verdicts, "max_steps": args.max_steps}, f, indent=1)

@@ -18,17 +18,23 @@ def runs(arm, scores):
 
 
 def test_one_seed_has_no_spread_so_the_verdict_is_not_known():
-    v = ablation.verdict(runs("K2", [0.9]) + runs("K0", [0.5]), "K2", "K0", "generation")
+    v = ablation.verdict(runs("K2", [0.9]) + runs("K0", [0.5]), "K2", "K0", "generation", ablation.judged("test"))
     assert v["exceeds_seed_spread"] is None and v["difference"] == 0.4
     assert ablation.SPREAD_VERDICT[v["exceeds_seed_spread"]] == "not known (one seed)"
 
 
 def test_ranges_apart_or_overlapping():
-    apart = ablation.verdict(runs("K2", [0.8, 0.82, 0.85]) + runs("K0", [0.7, 0.75, 0.79]), "K2", "K0", "generation")
+    apart = ablation.verdict(
+        runs("K2", [0.8, 0.82, 0.85]) + runs("K0", [0.7, 0.75, 0.79]), "K2", "K0", "generation", ablation.judged("test")
+    )
     assert apart["exceeds_seed_spread"] is True and apart["seeds"] == {"K2": 3, "K0": 3}
-    overlap = ablation.verdict(runs("K2", [0.8, 0.82, 0.85]) + runs("K0", [0.7, 0.81, 0.79]), "K2", "K0", "generation")
+    overlap = ablation.verdict(
+        runs("K2", [0.8, 0.82, 0.85]) + runs("K0", [0.7, 0.81, 0.79]), "K2", "K0", "generation", ablation.judged("test")
+    )
     assert overlap["exceeds_seed_spread"] is False
-    assert ablation.verdict(runs("K2", [0.8]), "K2", "K0", "generation") is None  # nothing to compare with yet
+    assert (
+        ablation.verdict(runs("K2", [0.8]), "K2", "K0", "generation", ablation.judged("test")) is None
+    )  # nothing to compare with yet
 
 
 def test_alignment_table_averages_seeds_and_marks_branch_layers():

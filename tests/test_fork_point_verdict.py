@@ -32,9 +32,8 @@ def test_ranges_apart_or_overlapping():
         runs("K2", [0.8, 0.82, 0.85]) + runs("K0", [0.7, 0.81, 0.79]), "K2", "K0", "generation", ablation.judged("test")
     )
     assert overlap["exceeds_seed_spread"] is False
-    assert (
-        ablation.verdict(runs("K2", [0.8]), "K2", "K0", "generation", ablation.judged("test")) is None
-    )  # nothing to compare with yet
+    nothing_to_compare_with_yet = ablation.verdict(runs("K2", [0.8]), "K2", "K0", "generation", ablation.judged("test"))
+    assert nothing_to_compare_with_yet is None
 
 
 def test_alignment_table_averages_seeds_and_marks_branch_layers():

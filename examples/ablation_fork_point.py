@@ -108,6 +108,8 @@ def train(args, spec, seed, threads):
             str(args.num_train),
             "--data-cache",
             os.path.join(args.out, "data"),
+            "--device",
+            args.device,
         ]
         if ratio in (0.0, 1.0):  # one task: its own token mean (a share would only rescale its loss)
             command += ["--understanding-loss-share", "tokens"]
@@ -191,6 +193,9 @@ def main():
     )
     parser.add_argument("--runs", nargs="+", help="only these runs, by name (e.g. K4 generation-only3); default all")
     parser.add_argument("--parallel", type=int, default=1, help="runs at a time")
+    parser.add_argument(
+        "--device", choices=("cpu", "cuda"), default="cpu", help="where each run trains (train_unifork.py)"
+    )
     parser.add_argument(
         "--threads", type=int, help="torch threads per run (default: all cores for one run at a time, else 1)"
     )

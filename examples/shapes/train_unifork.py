@@ -187,6 +187,12 @@ def main():
     )
     parser.add_argument("--torch-compile", action="store_true", help="train through torch.compile (TrainingArguments)")
     parser.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="where to train and evaluate (evaluation samples each image from its own seeded CPU generator either way)",
+    )
+    parser.add_argument(
         "--depth-loss-weights",
         type=float,
         nargs="+",
@@ -196,6 +202,8 @@ def main():
         "mean (`1 1 1 1`, the official loss) drew 1.0%% of Shapes test captions right against 81.6%% (README)",
     )
     args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no CUDA device here; use --device cpu")
     start = time.time()
 
     torch.manual_seed(args.seed)
@@ -268,7 +276,7 @@ def main():
         save_steps=250,  # a session cut loses at most 250 steps of a sweep run
         save_total_limit=1,
         seed=args.seed,
-        use_cpu=True,
+        use_cpu=args.device == "cpu",
         report_to=[],
         torch_compile=args.torch_compile,
         **overrides,

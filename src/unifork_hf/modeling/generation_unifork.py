@@ -65,8 +65,15 @@ def _multinomial(probs, generator, rows_per_image=1):
     """One draw per row of `probs`; with a list of generators (one per image), each image's rows use its own."""
     if isinstance(generator, (list, tuple)):
         rows = probs.split(rows_per_image)
-        return torch.cat([torch.multinomial(r, 1, generator=g).squeeze(1) for r, g in zip(rows, generator)])
-    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        return torch.cat([_draw(r, g) for r, g in zip(rows, generator)])
+    return _draw(probs, generator)
+
+
+def _draw(probs, generator):
+    # a generator draws on its own device (as in diffusers, a CPU generator works for a model on the GPU): the same
+    # seed then draws the same codes from the same probabilities wherever the model runs
+    device = probs.device if generator is None else generator.device
+    return torch.multinomial(probs.to(device), 1, generator=generator).squeeze(1).to(probs.device)
 
 
 def _verify_drafts(probs, drafts, draft_probs, generator):
@@ -108,8 +115,8 @@ def _next_drafts(probs, accepted: int, num_drafts: int, generator):
 def _uniform(shape, generator, device):
     """Uniform [0, 1) draws of `(num_images, n)`; with a list of generators, row i from generator i."""
     if isinstance(generator, (list, tuple)):
-        return torch.stack([torch.rand(shape[1:], generator=g, device=device) for g in generator])
-    return torch.rand(shape, generator=generator, device=device)
+        return torch.stack([torch.rand(shape[1:], generator=g, device=g.device) for g in generator]).to(device)
+    return torch.rand(shape, generator=generator, device=device if generator is None else generator.device).to(device)
 
 
 def _check_prompts(prompt, negative_prompt) -> tuple[list[str], list[str]]:

@@ -384,5 +384,7 @@ def test_cpu_generators_draw_the_same_images_on_the_gpu(built_dir, jacobi_window
     on_gpu = gpu.generate_image(prompts, generator=seeds(0, 1, 2), **kwargs).cpu()
     # float32 matmuls differ in the last bits between devices, which may move a draw sitting on a boundary
     assert (on_cpu == on_gpu).float().mean() > 0.95
-    one = gpu.generate_image(prompts[0], generator=torch.Generator().manual_seed(0), **kwargs).cpu()
-    assert (one[0] == on_cpu[0]).float().mean() > 0.95
+    # one generator for the batch (Jacobi decoding accepts drafts batch-wide, so compare batch with batch)
+    one_on_cpu = cpu.generate_image(prompts, generator=torch.Generator().manual_seed(0), **kwargs)
+    one_on_gpu = gpu.generate_image(prompts, generator=torch.Generator().manual_seed(0), **kwargs).cpu()
+    assert (one_on_cpu == one_on_gpu).float().mean() > 0.95

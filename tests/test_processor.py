@@ -10,6 +10,7 @@ from transformers.utils import logging
 
 from unifork_hf import UniForkImageProcessorPil, UniForkProcessor
 from unifork_hf.data.tiny import tiny_tokenizer
+from unifork_hf.modeling.vq_unifork import float32_convolutions
 
 
 def make_processor(image_seq_length=64):
@@ -138,6 +139,26 @@ def test_tokenizer_that_cannot_spell_the_chat_template_is_rejected():
     processor = UniForkProcessor(UniForkImageProcessorPil(), tokenizer)
     ids = processor.tokenizer(processor.image_generation_prompt("red circle"), add_special_tokens=False).input_ids
     assert tokenizer.unk_token_id not in ids
+
+
+def test_the_vq_encoder_runs_its_convolutions_in_float32(built_model, monkeypatch):
+    # cuDNN's default TF32 convolutions swap near-duplicate codebook entries (the Shapes demo: 87.5% of its test
+    # codes, questions 98.4% -> 83.6%); the precision flag is what cuDNN reads, so check it as each conv runs
+    precision = torch.backends.cudnn.conv
+    seen, conv2d = [], torch.nn.functional.conv2d
+
+    def spy(*args, **kwargs):
+        seen.append(precision.fp32_precision)
+        return conv2d(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "conv2d", spy)
+    before = precision.fp32_precision
+    codes = built_model.processor.encode_images([Image.new("RGB", (32, 32), "red")])
+    assert codes.shape == (1, 64) and seen and set(seen) == {"ieee"} and before != "ieee"
+    assert precision.fp32_precision == before  # restored, also when what runs inside fails
+    with pytest.raises(RuntimeError), float32_convolutions():
+        raise RuntimeError
+    assert precision.fp32_precision == before
 
 
 def test_save_load_round_trip(tmp_path):

@@ -1,5 +1,6 @@
 """The VQ image tokenizer of UniFork: a thin, frozen wrapper on diffusers' `VQModel`."""
 
+import contextlib
 import json
 
 import torch
@@ -24,6 +25,24 @@ def optional_file(path, filename: str, hub_kwargs: dict) -> str | None:
         return cached_file(path, filename, **hub_kwargs)
     except OSError:  # transformers' error for a missing file, repo or connection
         return None
+
+
+@contextlib.contextmanager
+def float32_convolutions():
+    """cuDNN runs float32 convolutions in TF32 by default, keeping 10 of the 23 mantissa bits. A VQ's codebook can hold
+    near-duplicate entries (the Shapes VQ: ~1e-6 apart), between which that rounding swaps most codes for ids the
+    model never saw if its training images were encoded in float32: 87.5% of the demo's test codes, and its test
+    questions fall from 98.4% to 83.6% (`examples/shapes/vq_codes_under_tf32.py`). So the encoder runs in float32."""
+    conv = getattr(torch.backends.cudnn, "conv", None)  # the per-operator precision API (torch >= 2.9)
+    owner, name, value = (
+        (conv, "fp32_precision", "ieee") if conv is not None else (torch.backends.cudnn, "allow_tf32", False)
+    )
+    previous = getattr(owner, name)
+    setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        setattr(owner, name, previous)
 
 
 class UniForkVQImageTokenizer(nn.Module):
@@ -114,7 +133,8 @@ class UniForkVQImageTokenizer(nn.Module):
                 f"got {tuple(pixel_values.shape[-2:])}."
             )
         batch, _, height, width = pixel_values.shape
-        latents = self.vq.encode(self.to_tiles(pixel_values.to(self.codebook.dtype), self.tile_size)).latents
+        with float32_convolutions():
+            latents = self.vq.encode(self.to_tiles(pixel_values.to(self.codebook.dtype), self.tile_size)).latents
         _, _, (_, _, indices) = self.vq.quantize(latents)
         factor = self.downsampling_factor
         grid = indices.reshape(latents.shape[0], 1, *latents.shape[-2:])

@@ -70,6 +70,25 @@ def test_train_vq_tokenizer_learns_to_reconstruct(trained_vq):
     assert 2 <= metrics["codes_used"] <= metrics["codebook_size"] == 64
     assert vq.config["_unifork_image_size"] == 16 and vq.config["_unifork_tile_size"] == 8
     assert not any(p.requires_grad for p in vq.parameters()) and not vq.training
+    # flat colours encode alike: a vector drawn for two codes would give one tile two ids, which rounding swaps
+    book = vq.quantize.embedding.weight
+    nearest = torch.cdist(book, book).fill_diagonal_(float("inf")).min(1).values
+    assert nearest.min() > 1e-3 * book.abs().max(), nearest.min()
+
+
+def test_reseeding_draws_distinct_vectors_that_are_not_codes_yet():
+    from unifork_hf.training.image_tokenizer import _distinct_draw
+
+    codebook = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    flat = torch.tensor([[3.0, 3.0]]).expand(50, 2)  # a flat region: one vector, many times
+    twin = torch.tensor([[3.0, 3.0 + 1e-6]])  # the same up to rounding
+    near_far = torch.tensor([[-2.0, 0.0], [0.0, -2.0]])
+    candidates = torch.cat([flat, twin, codebook, near_far, codebook])  # codebook rows: already codes
+    drawn = _distinct_draw(candidates, codebook, 10, torch.Generator().manual_seed(0))
+    assert len(drawn) == 3  # (3, 3) once, the two far ones; never a code, never twice
+    assert {tuple(round(v, 4) for v in row.tolist()) for row in drawn} == {(3.0, 3.0), (-2.0, 0.0), (0.0, -2.0)}
+    assert len(_distinct_draw(candidates, codebook, 1, torch.Generator().manual_seed(0))) == 1
+    assert len(_distinct_draw(codebook, codebook, 4, torch.Generator().manual_seed(0))) == 0
 
 
 def test_tiles_make_codes_local(trained_vq):

@@ -159,22 +159,41 @@ def _train(vq, train, max_steps, batch_size, learning_rate, reseed_every, seed, 
         if step % reseed_every == 0:
             dead = (~used).nonzero().squeeze(1)
             if len(dead):
-                _reseed(vq, train, dead, generator)
-                reseeded += len(dead)
+                reseeded += _reseed(vq, train, dead, generator)
             bar.set_postfix(loss=f"{loss.item():.4f}", dead=len(dead))
             used.zero_()
     return losses, reseeded
 
 
 @torch.no_grad()
-def _reseed(vq, train, dead, generator) -> None:
-    """Move the `dead` codes onto encoder outputs of the training images, drawn with probability growing with
-    their squared distance to the codebook (a uniform draw would spend most codes on copies of the background)."""
+def _reseed(vq, train, dead, generator) -> int:
+    """Move the `dead` codes onto encoder outputs of the training images (see `_distinct_draw`); returns how many
+    moved."""
     vectors = torch.cat([vq.encode(part).latents for part in train.split(1024)])
     vectors = vectors.permute(0, 2, 3, 1).reshape(-1, vectors.shape[1])
-    error = torch.cdist(vectors, vq.quantize.embedding.weight).min(dim=1).values ** 2
-    choice = torch.multinomial(error + 1e-12, len(dead), replacement=True, generator=generator)
-    vq.quantize.embedding.weight[dead] = vectors[choice]
+    new = _distinct_draw(vectors, vq.quantize.embedding.weight, len(dead), generator)
+    vq.quantize.embedding.weight[dead[: len(new)]] = new
+    return len(new)
+
+
+def _distinct_draw(candidates, codebook, count, generator) -> torch.Tensor:
+    """Up to `count` rows of `candidates`, no two alike and none already in `codebook`, drawn with probability
+    growing with their squared distance to the codebook (a uniform draw would spend most codes on copies of the
+    background). Flat image regions encode to the same vector: drawn twice, they would give two codes one vector,
+    ids that float rounding then swaps (the Shapes VQ's near-duplicates: `vq_unifork.float32_convolutions`). So
+    vectors that agree to 1e-4 of the largest value count as one, and when fewer than `count` differ, the rest of
+    the dead codes stay where they are, unused."""
+    scale = candidates.abs().max().clamp_min(1e-12)
+    _, group = torch.unique(torch.round(candidates / scale * 1e4), dim=0, return_inverse=True)
+    first = torch.full((int(group.max()) + 1,), len(candidates), dtype=torch.long, device=group.device)
+    candidates = candidates[first.scatter_reduce(0, group, torch.arange(len(candidates), device=group.device), "amin")]
+    error = torch.cdist(candidates, codebook).min(dim=1).values ** 2
+    keep = error > 1e-8 * scale**2  # not a code already
+    candidates, error = candidates[keep], error[keep]
+    count = min(count, len(candidates))
+    if not count:
+        return candidates[:0]
+    return candidates[torch.multinomial(error, count, replacement=False, generator=generator)]
 
 
 def small_rq_config(image_size: int, codebook_size: int = 1024, depth: int = 4, patch_size: int = 4) -> dict:
@@ -292,7 +311,9 @@ def _train_rq(tokenizer, pixels, max_steps, batch_size, learning_rate, reseed_ev
 @torch.no_grad()
 def _reseed_rq(tokenizer, pixels, dead, generator) -> None:
     """Move the `dead` codes onto residuals (what codes 0..d-1 leave of a feature, any d) of up to 2048 training
-    images, drawn with probability growing with their squared distance to the codebook."""
+    images, drawn with probability growing with their squared distance to the codebook. (With replacement, unlike
+    the VQ's `_distinct_draw`: drawing distinct residuals only left the quadrant test's deeper codes unable to refine
+    the first; whether RQ codebooks get near-duplicates has not been measured.)"""
     features = torch.cat([tokenizer.features(part) for part in pixels[:2048].split(256)]).flatten(0, 1)
     codes = tokenizer.quantize(features)
     partial = tokenizer.codebook[codes].cumsum(-2)[..., :-1, :]

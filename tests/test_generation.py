@@ -6,7 +6,7 @@ from PIL import Image
 from transformers import CompileConfig
 
 from unifork_hf import DEFAULT_IMAGE_GENERATION, UniForkForConditionalGeneration
-from unifork_hf.modeling.generation_unifork import _verify_drafts
+from unifork_hf.modeling.generation_unifork import _draw_device, _uniform, _verify_drafts
 
 
 def seeds(*values):
@@ -370,6 +370,18 @@ def test_benchmark_answers_put_the_question_where_asked(built_model, monkeypatch
     question_id = processor.tokenizer.convert_tokens_to_ids(processor.tokenizer.tokenize("What")[0])
     row = fed[0][0].tolist()
     assert (row.index(question_id) < row.index(image_id)) == question_first
+
+
+def test_draws_happen_on_the_generators_device_and_land_on_the_models():
+    # (the meta device stands in for a GPU here: a CPU generator cannot draw there, only be moved there)
+    meta = torch.device("meta")
+    assert _draw_device(torch.Generator(), meta).type == "cpu"
+    assert _draw_device(seeds(0, 1), meta).type == "cpu"
+    assert _draw_device(None, meta).type == "meta"
+    assert _uniform((2, 3), seeds(0, 1), meta).device.type == "meta"
+    assert _uniform((2, 3), torch.Generator().manual_seed(0), meta).shape == (2, 3)
+    # on the CPU: row i is generator i's own draw
+    assert torch.equal(_uniform((2, 3), seeds(4, 5), torch.device("cpu"))[1], torch.rand(3, generator=seeds(5)[0]))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -61,19 +61,22 @@ AttentionInterface.register("unifork_one_token_sdpa", one_token_sdpa)
 AttentionMaskInterface.register("unifork_one_token_sdpa", sdpa_mask)
 
 
+def _draw_device(generator, device):
+    """Where draws happen: on the generator's device, so that (as in diffusers) a CPU generator seeds a model on the
+    GPU and the same seed draws the same codes from the same probabilities wherever the model runs."""
+    first = generator[0] if isinstance(generator, (list, tuple)) else generator
+    return device if first is None else first.device
+
+
 def _multinomial(probs, generator, rows_per_image=1):
     """One draw per row of `probs`; with a list of generators (one per image), each image's rows use its own."""
+    there = probs.to(_draw_device(generator, probs.device))  # one copy per step, not one per image
     if isinstance(generator, (list, tuple)):
-        rows = probs.split(rows_per_image)
-        return torch.cat([_draw(r, g) for r, g in zip(rows, generator)])
-    return _draw(probs, generator)
-
-
-def _draw(probs, generator):
-    # a generator draws on its own device (as in diffusers, a CPU generator works for a model on the GPU): the same
-    # seed then draws the same codes from the same probabilities wherever the model runs
-    device = probs.device if generator is None else generator.device
-    return torch.multinomial(probs.to(device), 1, generator=generator).squeeze(1).to(probs.device)
+        rows = there.split(rows_per_image)
+        draws = torch.cat([torch.multinomial(r, 1, generator=g) for r, g in zip(rows, generator)])
+    else:
+        draws = torch.multinomial(there, 1, generator=generator)
+    return draws.squeeze(1).to(probs.device)
 
 
 def _verify_drafts(probs, drafts, draft_probs, generator):
@@ -113,10 +116,11 @@ def _next_drafts(probs, accepted: int, num_drafts: int, generator):
 
 
 def _uniform(shape, generator, device):
-    """Uniform [0, 1) draws of `(num_images, n)`; with a list of generators, row i from generator i."""
+    """Uniform [0, 1) draws of `(num_images, n)` on `device`; with a list of generators, row i from generator i."""
+    there = _draw_device(generator, device)
     if isinstance(generator, (list, tuple)):
-        return torch.stack([torch.rand(shape[1:], generator=g, device=g.device) for g in generator]).to(device)
-    return torch.rand(shape, generator=generator, device=device if generator is None else generator.device).to(device)
+        return torch.stack([torch.rand(shape[1:], generator=g, device=there) for g in generator]).to(device)
+    return torch.rand(shape, generator=generator, device=there).to(device)
 
 
 def _check_prompts(prompt, negative_prompt) -> tuple[list[str], list[str]]:
